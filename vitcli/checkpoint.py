@@ -1,0 +1,144 @@
+"""Checkpoints: the one place that knows their keys. Atomic saves; safe loads (weights_only, plain data only)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from vitcli.config import Config, config_from_dict
+from vitcli.errors import VitError
+
+FORMAT = "vitcli-checkpoint"
+VERSION = 1
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Temporary file in the same folder, flush, fsync, rename, fsync the folder: a crash at any moment leaves
+    either the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise VitError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk space or choose a writable "
+                       f"--run-dir") from None
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *map(float, np_state[2:])],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), int(pos), int(has_gauss), float(cached)))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_checkpoint(*, config: Config, classes: list[str], model: torch.nn.Module,
+                    ema: Optional[torch.nn.Module], optimizer, scaler, epoch: int, step: int, global_step: int,
+                    best_top1: float, epoch_stats: dict[str, float], metrics: dict[str, Any]) -> dict[str, Any]:
+    """`epoch` is the epoch in progress and `step` the steps of it already done (step == steps_per_epoch once
+    the epoch is finished)."""
+    from vitcli import __version__
+
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "vitcli_version": __version__,
+        "config": config.to_dict(),
+        "classes": list(classes),
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "global_step": global_step,
+        "best_top1": best_top1,
+        "epoch_stats": epoch_stats,
+        "metrics": metrics,
+        "rng": rng_state(),
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads with weights_only=True: tensors and plain data only, so a crafted file cannot run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise VitError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise VitError(f"checkpoint {path} is empty (0 bytes); use another checkpoint, e.g. the run's best.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise VitError(f"refused to load {path}: it holds more than tensors and plain data, so it may run code "
+                       f"({first})") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise VitError(f"{path} is not a readable checkpoint (truncated or not a torch file: {first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise VitError(f"{path} is not a vitcli checkpoint (no '{FORMAT}' marker); pass a best.pt or last.pt "
+                       f"written by 'vit train'")
+    if ckpt.get("version") != VERSION:
+        raise VitError(f"{path} is a version {ckpt.get('version')} checkpoint (written by vitcli "
+                       f"{ckpt.get('vitcli_version')}); this vitcli reads version {VERSION}")
+    ckpt["config"] = config_from_dict(ckpt["config"], source=f"{path} (config)")
+    return ckpt
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Loads a state dict, turning a shape mismatch into one line that names the tensor and both shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        raise VitError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, value in state_dict.items():
+        if value.shape != own[key].shape:
+            raise VitError(f"{path}: tensor '{key}' has shape {tuple(value.shape)}, the model expects "
+                           f"{tuple(own[key].shape)}")
+    model.load_state_dict(state_dict)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, use_ema: bool = True):
+    """The model a checkpoint describes, with its EMA weights when it has them and use_ema is set."""
+    from vitcli.model import build_model
+
+    config: Config = ckpt["config"]
+    model = build_model(config, len(ckpt["classes"]))
+    weights = ckpt["ema"] if (use_ema and ckpt.get("ema") is not None) else ckpt["model"]
+    load_weights(model, weights, path)
+    return model.eval()

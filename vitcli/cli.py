@@ -1,0 +1,269 @@
+"""The `vit` command. Thin commands that hand off to library code; torch is imported only inside command bodies,
+so `vit --help` stays instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, evaluate and use Vision Transformers.")
+STATE = {"debug": False}
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML recipe, e.g. configs/cifar10.yaml.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a config key: section.key=value (value parsed as YAML). Repeatable.")]
+CkptOpt = Annotated[Optional[Path], typer.Option(
+    "--ckpt", help="Checkpoint (best.pt / last.pt). Default: best.pt of the newest run under runs/.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def err(message: str) -> None:
+    typer.echo(f"vit: {message}", err=True)
+
+
+def run_command(body: Callable[[], int | None]) -> None:
+    """Runs a command body: user errors become one line and a non-zero exit; --debug shows the traceback."""
+    from vitcli.errors import Interrupted, VitError
+
+    try:
+        code = body() or 0
+    except VitError as e:
+        if STATE["debug"]:
+            traceback.print_exc()
+        err(f"error: {e}")
+        raise typer.Exit(2)
+    except Interrupted as e:
+        err(f"interrupted; the run is saved in {e}. Continue it with: vit train --resume {e}")
+        raise typer.Exit(130)
+    except KeyboardInterrupt:
+        err("interrupted")
+        raise typer.Exit(130)
+    raise typer.Exit(code)
+
+
+def find_latest_checkpoint(runs: Path = Path("runs")) -> Path:
+    from vitcli.errors import VitError
+
+    found = sorted(runs.glob("**/best.pt"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+    if not found:
+        raise VitError("no checkpoint given and none found under runs/; train one with "
+                       "'vit train --config configs/smoke.yaml' or pass --ckpt PATH")
+    err(f"using the newest checkpoint: {found[-1]}")
+    return found[-1]
+
+
+def _resolve_ckpt(ckpt: Optional[Path]) -> Path:
+    return ckpt if ckpt is not None else find_latest_checkpoint()
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    STATE["debug"] = debug
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe, e.g. configs/cifar10.yaml.")] = None,
+    set_: SetOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Exactly this run directory "
+                                                    "(default runs/<name>/<timestamp>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run of this checkpoint "
+                                                   "(its last.pt), in its run directory.")] = None,
+    device: DeviceOpt = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config as YAML and "
+                                               "exit.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Launch N processes on this machine with torchrun "
+                                       "(DistributedDataParallel).")] = 1,
+) -> None:
+    """Train a ViT from a YAML recipe; TensorBoard logs and checkpoints go to the run directory."""
+
+    def body():
+        from vitcli.config import load_config
+        from vitcli.errors import VitError
+
+        overrides = list(set_ or []) + ([f"train.device={device}"] if device else [])
+        if resume is None and config is None:
+            raise VitError("give --config PATH (e.g. configs/smoke.yaml) or --resume CKPT")
+        if resume is not None and config is not None:
+            raise VitError("--resume continues a run with the config saved in its checkpoint; drop --config "
+                           "(use --set train.epochs=N to extend it)")
+        cfg = load_config(config, overrides) if config is not None else None
+        if print_config:
+            if cfg is None:
+                from vitcli.checkpoint import load_checkpoint
+
+                cfg = load_checkpoint(resume)["config"]
+            typer.echo(cfg.to_yaml(), nl=False)
+            return 0
+        if nproc > 1:
+            return launch_torchrun(nproc)
+        from vitcli.train import fit
+
+        fit(cfg, run_dir=run_dir, resume=resume, resume_overrides=tuple(overrides))
+        return 0
+
+    run_command(body)
+
+
+def launch_torchrun(nproc: int) -> int:
+    """`vit train --nproc N ...` = `torchrun --nproc_per_node N -m vitcli train ...` (without --nproc)."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        args.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "vitcli", *args]
+    err("launching: " + " ".join(cmd[1:]))
+    return subprocess.call(cmd)
+
+
+@app.command("eval")
+def eval_(
+    ckpt: CkptOpt = None,
+    data_root: Annotated[Optional[str], typer.Option("--data-root", help="Dataset folder, if not the one "
+                                                     "trained on.")] = None,
+    split: Annotated[str, typer.Option("--split", help="test (val for image folders), val or train.")] = "test",
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Evaluation batch size.")] = None,
+    device: DeviceOpt = None,
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even if the checkpoint has "
+                                         "EMA weights.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Loss, top-1, top-5 and per-class accuracy of a checkpoint on the test split."""
+
+    def body():
+        import dataclasses
+
+        from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
+        from vitcli.data import Preprocess, eval_batches
+        from vitcli.errors import VitError
+        from vitcli.evaluate import evaluate
+        from vitcli.runtime import resolve_device, resolve_precision
+
+        path = _resolve_ckpt(ckpt)
+        checkpoint = load_checkpoint(path)
+        config = checkpoint["config"]
+        if data_root is not None:
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data_root,
+                                                                          download=False))
+        if batch_size is not None and batch_size <= 0:
+            raise VitError(f"--batch-size must be positive, got {batch_size}")
+        dev = resolve_device(device or config.train.device)
+        precision = resolve_precision(config.train.precision, dev)
+        model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
+        classes, n, batches = eval_batches(config, split, dev, batch_size or config.train.eval_batch_size)
+        if classes != checkpoint["classes"]:
+            raise VitError(f"the {split} split's classes {classes[:5]}... differ from the checkpoint's "
+                           f"{checkpoint['classes'][:5]}...")
+        result = evaluate(model, batches, Preprocess(config, dev, train=False), classes, dev, precision)
+        result.pop("confusion")
+        synthetic = config.data.dataset == "synthetic"
+        if json_:
+            typer.echo(json.dumps({**result, "checkpoint": str(path), "split": split,
+                                   "dataset": config.data.dataset, **({"synthetic": True} if synthetic else {})}))
+        else:
+            tag = " [SYNTHETIC DATA]" if synthetic else ""
+            typer.echo(f"{path} on {config.data.dataset} {split}{tag}: {result['num_samples']} images")
+            typer.echo(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}")
+            width = max(len(c) for c in result["per_class"]) if result["per_class"] else 0
+            for name, acc in result["per_class"].items():
+                typer.echo(f"  {name:<{width}}  {acc:.4f}")
+        return 0
+
+    run_command(body)
+
+
+@app.command()
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
+    ckpt: CkptOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="How many classes to show.")] = 5,
+    device: DeviceOpt = None,
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even if the checkpoint has "
+                                         "EMA weights.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Top-k classes for each image."""
+
+    def body():
+        import torch
+
+        from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
+        from vitcli.errors import VitError
+        from vitcli.predict import expand_inputs, image_to_tensor, open_image
+        from vitcli.predict import predict as run_predict
+        from vitcli.runtime import resolve_device, resolve_precision
+
+        if top_k <= 0:
+            raise VitError(f"--top-k must be positive, got {top_k}")
+        path = _resolve_ckpt(ckpt)
+        checkpoint = load_checkpoint(path)
+        config, classes = checkpoint["config"], checkpoint["classes"]
+        dev = resolve_device(device or config.train.device)
+        precision = resolve_precision(config.train.precision, dev)
+        model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
+        results, failures = [], 0
+        for image_path in expand_inputs(images):
+            try:
+                tensor = image_to_tensor(open_image(image_path), config)
+            except VitError as e:
+                err(f"error: {e}")
+                failures += 1
+                continue
+            predictions = run_predict(model, config, classes, tensor[None], dev, precision, top_k)[0]
+            results.append({"path": str(image_path), "predictions": predictions})
+            if not json_:
+                best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in predictions)
+                typer.echo(f"{image_path}: {best}")
+        if json_:
+            typer.echo(json.dumps(results, indent=1))
+        if config.data.dataset == "synthetic":
+            err("note: this checkpoint was trained on SYNTHETIC data")
+        return 1 if failures else 0
+
+    run_command(body)
+
+
+@app.command()
+def bench(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    steps: Annotated[int, typer.Option("--steps", help="Timed train steps after warm-up.")] = 20,
+    device: DeviceOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Images/s of the exact train step and eval forward of a config, on synthetic batches of its shape."""
+
+    def body():
+        from vitcli.bench import bench as run_bench
+        from vitcli.config import load_config
+        from vitcli.errors import VitError
+
+        if steps <= 0:
+            raise VitError(f"--steps must be positive, got {steps}")
+        cfg = load_config(config, list(set_ or []) + ([f"train.device={device}"] if device else []))
+        result = run_bench(cfg, steps=steps)
+        if json_:
+            typer.echo(json.dumps(result))
+        else:
+            for key, value in result.items():
+                typer.echo(f"{key:>26}: {value:.1f}" if isinstance(value, float) else f"{key:>26}: {value}")
+        return 0
+
+    run_command(body)

@@ -1,0 +1,280 @@
+"""Run configuration: frozen dataclasses <- YAML file <- `--set section.key=value` overrides (lowest first).
+
+Everything a user can get wrong here fails with one VitError line naming the file, the key and a fix.
+This module imports no torch, so the CLI can validate configs instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from vitcli.errors import VitError
+
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+
+# Native image size, channels and normalization of each dataset (imagefolder: ImageNet statistics).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cifar10": dict(image_size=32, channels=3, mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616]),
+    "cifar100": dict(image_size=32, channels=3, mean=[0.5071, 0.4865, 0.4409], std=[0.2673, 0.2564, 0.2762]),
+    "mnist": dict(image_size=28, channels=1, mean=[0.1307], std=[0.3081]),
+    "fashion_mnist": dict(image_size=28, channels=1, mean=[0.2860], std=[0.3530]),
+    "imagefolder": dict(image_size=224, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    "synthetic": dict(image_size=32, channels=3, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar10"
+    root: str = "data"
+    download: bool = False
+    image_size: Optional[int] = None  # None: the dataset's native size
+    mean: Optional[list[float]] = None  # None: the dataset's own statistics
+    std: Optional[list[float]] = None
+    max_train_samples: Optional[int] = None
+    max_val_samples: Optional[int] = None
+    num_workers: int = 2  # DataLoader workers (imagefolder only; in-memory datasets need none)
+    # Augmentation, applied per batch on the training device for in-memory datasets.
+    crop_padding: Optional[int] = None  # random crop after zero padding; None: 4 for 28-32 px data, else 0
+    hflip: Optional[bool] = None  # None: on, except for digits (mnist)
+    trivial_augment: bool = False  # TrivialAugmentWide, per group of images
+    random_erasing: float = 0.0  # probability per image
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    patch_size: int = 4
+    dim: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path: float = 0.0
+    attention: str = "auto"  # auto | explicit | fused
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # global: split across DDP ranks
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: Optional[float] = 1.0  # max global gradient norm; null disables
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps (cuda:N also accepted)
+    compile: bool = False
+    ema_decay: float = 0.0  # 0 disables the EMA of the weights
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
+    eval_batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "vit"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # Values resolved from the dataset when the config leaves them open.
+    @property
+    def image_size(self) -> int:
+        return self.data.image_size or DATASET_DEFAULTS[self.data.dataset]["image_size"]
+
+    @property
+    def mean(self) -> list[float]:
+        return list(self.data.mean or DATASET_DEFAULTS[self.data.dataset]["mean"])
+
+    @property
+    def std(self) -> list[float]:
+        return list(self.data.std or DATASET_DEFAULTS[self.data.dataset]["std"])
+
+    @property
+    def crop_padding(self) -> int:
+        if self.data.crop_padding is not None:
+            return self.data.crop_padding
+        return 4 if self.data.dataset != "imagefolder" else 0
+
+    @property
+    def hflip(self) -> bool:
+        return self.data.hflip if self.data.hflip is not None else self.data.dataset != "mnist"
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+CHOICES = {
+    ("data", "dataset"): DATASETS,
+    ("model", "attention"): ("auto", "explicit", "fused"),
+    ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def _closest(key: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Checks `value` against the dataclass field type; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise VitError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise VitError(f"{where}: expected true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise VitError(f"{where}: expected a whole number, got {value!r}")
+    if not isinstance(value, hint):
+        raise VitError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) -> None:
+    if not isinstance(raw, dict):
+        raise VitError(f"{source}: the config must be a mapping of sections (data, model, train), got {raw!r}")
+    for section, values in raw.items():
+        if section == "name":
+            into["name"] = values
+            continue
+        if section not in SECTIONS:
+            raise VitError(f"{source}: unknown section '{section}'{_closest(section, ['name', *SECTIONS])}")
+        if not isinstance(values, dict):
+            raise VitError(f"{source}: section '{section}' must be a mapping of keys, got {values!r}")
+        fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key, value in values.items():
+            if key not in fields:
+                raise VitError(f"{source}: unknown key '{section}.{key}'{_closest(key, sorted(fields))}")
+            into[section][key] = (value, source)
+
+
+def _set_to_dict(item: str) -> dict[str, Any]:
+    if "=" not in item:
+        raise VitError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=5")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    if parts == ["name"]:
+        return {"name": value}
+    if len(parts) != 2:
+        raise VitError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=5")
+    return {parts[0]: {parts[1]: value}}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise VitError(f"config file not found: {path} (see configs/ for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise VitError(f"{path}: YAML syntax error{line}: {problem}") from None
+    return raw or {}
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[str] = (),
+                 source: str = "config") -> Config:
+    """Defaults <- `raw` (a parsed YAML mapping) <- `--set` overrides; validated."""
+    values: dict[str, Any] = {s: {} for s in SECTIONS}
+    _merge(raw or {}, values, source)
+    for item in overrides:
+        _merge(_set_to_dict(item), values, f"--set {item}")
+    name = values.pop("name", ("vit", None))
+    if isinstance(name, tuple):
+        name = name[0]
+    if not isinstance(name, str) or not name or "/" in name:
+        raise VitError(f"{source}: 'name' must be a non-empty string without '/', got {name!r}")
+    sections = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, (value, where) in values[section].items():
+            kwargs[key] = _coerce(value, hints[key], f"{where}: {section}.{key}")
+            choices = CHOICES.get((section, key))
+            if choices and kwargs[key] not in choices:
+                raise VitError(f"{where}: {section}.{key} must be one of {', '.join(choices)}, got {value!r}"
+                               f"{_closest(str(value), choices).replace('valid keys', 'choices')}")
+        sections[section] = cls(**kwargs)
+    config = Config(name=name, **sections)
+    validate(config, source)
+    return config
+
+
+def validate(config: Config, source: str = "config") -> None:
+    d, m, t = config.data, config.model, config.train
+    device_ok = t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:")
+    checks = [
+        (config.image_size > 0, "data.image_size", "must be positive"),
+        (config.image_size % m.patch_size == 0, "model.patch_size",
+         f"image_size {config.image_size} is not divisible by patch_size {m.patch_size}; "
+         f"pick a patch size that divides it"),
+        (m.patch_size > 0, "model.patch_size", "must be positive"),
+        (m.dim > 0 and m.depth > 0 and m.heads > 0, "model.dim/depth/heads", "must be positive"),
+        (m.dim % max(m.heads, 1) == 0, "model.heads",
+         f"dim {m.dim} is not divisible by heads {m.heads}; pick heads that divide dim"),
+        (m.mlp_ratio > 0, "model.mlp_ratio", "must be positive"),
+        (all(0 <= p < 1 for p in (m.dropout, m.attention_dropout, m.drop_path)), "model.dropout/drop_path",
+         "must be in [0, 1)"),
+        (t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}"),
+        (t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}"),
+        (t.eval_batch_size > 0, "train.eval_batch_size", f"must be positive, got {t.eval_batch_size}"),
+        (t.lr > 0, "train.lr", f"must be positive, got {t.lr}"),
+        (t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0"),
+        (0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
+        (0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1); 0 disables it"),
+        (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
+        (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
+        (device_ok, "train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"),
+        (len(config.mean) == len(config.std), "data.mean/std", "must have the same length"),
+        (0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]"),
+        (d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha", "must be >= 0"),
+        (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (all(s > 0 for s in config.std), "data.std", "must be positive"),
+        (d.max_train_samples is None or d.max_train_samples > 0, "data.max_train_samples", "must be positive"),
+        (d.max_val_samples is None or d.max_val_samples > 0, "data.max_val_samples", "must be positive"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise VitError(f"{source}: {key} {message}")
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    raw = read_yaml(path) if path else {}
+    return build_config(raw, overrides, source=str(path) if path else "defaults")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> Config:
+    return build_config(raw, (), source=source)

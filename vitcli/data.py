@@ -1,0 +1,443 @@
+"""Datasets, loaders and per-batch augmentation.
+
+Small-image datasets (CIFAR, the MNIST family, synthetic) are held whole as a uint8 tensor on the training device
+and augmented per batch there: no DataLoader, no per-image PIL work, and the loop never waits for data.
+Image folders go through DataLoader workers (decode, random resized crop, flip) with pinned memory.
+
+The order of each epoch is a permutation drawn from (seed, epoch), and every random choice of the per-batch
+augmentation from (seed, global step): a run resumed at any step sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import random
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from vitcli.config import DATASET_DEFAULTS, Config
+from vitcli.errors import VitError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+MNIST_CLASSES = [str(i) for i in range(10)]
+SYNTHETIC_SIZES = {"train": 2048, "test": 512}
+
+
+@dataclass
+class ArrayDataset:
+    """A whole split in memory: images (N, C, H, W) uint8, labels (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "ArrayDataset":
+        return ArrayDataset(self.images.to(device), self.labels.to(device), self.classes)
+
+
+def is_in_memory(dataset: str) -> bool:
+    return dataset != "imagefolder"
+
+
+def split_name(split: str, dataset: str) -> str:
+    """'train', or the held-out split: 'test' ('val' for image folders); 'val' and 'test' mean the same."""
+    if split == "train":
+        return "train"
+    if split in ("val", "test"):
+        return "val" if dataset == "imagefolder" else "test"
+    raise VitError(f"unknown split '{split}': use train, val or test")
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def _missing(dataset: str, root: Path, looked_for: str) -> VitError:
+    how = {
+        "fashion_mnist": "install Debian's dataset-fashion-mnist and set data.root=/usr/share/datasets/fashion-mnist,"
+                         " or set data.download=true",
+        "mnist": "put the four idx files there, or set data.download=true",
+        "cifar10": "unpack cifar-10-python.tar.gz there, or set data.download=true",
+        "cifar100": "unpack cifar-100-python.tar.gz there, or set data.download=true",
+    }[dataset]
+    return VitError(f"dataset {dataset} not found in {root} (looked for {looked_for}); {how}")
+
+
+def _download(dataset: str, root: Path) -> None:
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        raise VitError(f"download of {dataset} into {root} failed ({type(e).__name__}: {e}); check the network, "
+                       f"or fetch the files by hand and set data.download=false") from None
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError("not an unsigned-byte idx file")
+        shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        body = data[4 + 4 * ndim:]
+        if len(body) != int(torch.tensor(shape).prod()):
+            raise ValueError(f"expected {shape} bytes of data, found {len(body)}")
+    except (OSError, EOFError, ValueError, struct.error) as e:
+        raise VitError(f"{path}: unreadable idx file ({e}); download it again") from None
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Optional[Path]:
+    for folder in (root, root / "FashionMNIST" / "raw", root / "MNIST" / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def load_idx_dataset(dataset: str, root: Path, split: str) -> ArrayDataset:
+    prefix = "train" if split == "train" else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    paths = [_find_idx(root, s) for s in stems]
+    if None in paths:
+        raise _missing(dataset, root, f"{stems[0]}[.gz] and {stems[1]}[.gz]")
+    images, labels = _read_idx(paths[0]), _read_idx(paths[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise VitError(f"{paths[0]}: images {tuple(images.shape)} do not match labels {tuple(labels.shape)}")
+    classes = FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else MNIST_CLASSES
+    return ArrayDataset(images.unsqueeze(1).contiguous(), labels.long(), classes)
+
+
+def load_cifar(dataset: str, root: Path, split: str) -> ArrayDataset:
+    """Reads CIFAR's own python format (the folder inside cifar-10-python.tar.gz / cifar-100-python.tar.gz)."""
+    folder_name = "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python"
+    folder = root / folder_name if (root / folder_name).is_dir() else root
+    if dataset == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        meta, label_key, names_key = "batches.meta", "labels", "label_names"
+    else:
+        files = ["train"] if split == "train" else ["test"]
+        meta, label_key, names_key = "meta", "fine_labels", "fine_label_names"
+    if not all((folder / f).is_file() for f in files + [meta]):
+        raise _missing(dataset, root, f"{folder_name}/{{{','.join(files + [meta])}}}")
+
+    def unpickle(path: Path) -> dict:
+        # CIFAR ships as Python pickles; this reads the dataset's own files, as torchvision does.
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="latin1")
+        except Exception as e:
+            raise VitError(f"{path}: not a readable CIFAR batch file ({type(e).__name__}); download it again") \
+                from None
+
+    images, labels = [], []
+    for name in files:
+        batch = unpickle(folder / name)
+        images.append(torch.as_tensor(batch["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+        labels.append(torch.as_tensor(batch[label_key], dtype=torch.long))
+    classes = list(unpickle(folder / meta)[names_key])
+    return ArrayDataset(torch.cat(images), torch.cat(labels), classes)
+
+
+def load_synthetic(config: Config, split: str) -> ArrayDataset:
+    """Deterministic images from the seed: each of 10 classes is a fixed random pattern plus noise, so a model can
+    learn it. For smoke tests only; every output calls it synthetic."""
+    size, channels = config.image_size, DATASET_DEFAULTS["synthetic"]["channels"]
+    g = torch.Generator().manual_seed(config.train.seed)
+    # Low-frequency patterns (4x4 cells), so that random crops and flips keep them recognisable.
+    coarse = torch.rand(10, channels, 4, 4, generator=g) * 255
+    patterns = F.interpolate(coarse, size=(size, size), mode="nearest")
+    n = SYNTHETIC_SIZES[split]
+    g.manual_seed(config.train.seed + (1 if split == "train" else 2))
+    labels = torch.randint(0, 10, (n,), generator=g)
+    noise = torch.randn(n, channels, size, size, generator=g) * 60
+    images = (patterns[labels] + noise).clamp(0, 255).to(torch.uint8)
+    return ArrayDataset(images, labels, [f"synthetic-{i}" for i in range(10)])
+
+
+def load_array_dataset(config: Config, split: str) -> ArrayDataset:
+    """A whole split of an in-memory dataset on the CPU, cut to max_{train,val}_samples."""
+    d = config.data
+    split = split_name(split, d.dataset)
+    root = Path(d.root).expanduser()
+    if d.dataset == "synthetic":
+        data = load_synthetic(config, split)
+    else:
+        if d.download:
+            _download(d.dataset, root)
+        if d.dataset in ("mnist", "fashion_mnist"):
+            data = load_idx_dataset(d.dataset, root, split)
+        else:
+            data = load_cifar(d.dataset, root, split)
+    limit = d.max_train_samples if split == "train" else d.max_val_samples
+    if limit is not None and limit < len(data):
+        data = ArrayDataset(data.images[:limit], data.labels[:limit], data.classes)
+    return data
+
+
+def imagefolder_classes(root: Path, split: str) -> list[str]:
+    folder = root / split
+    if not folder.is_dir():
+        raise VitError(f"image folder {folder} not found: an imagefolder dataset needs {root}/train/<class>/* and "
+                       f"{root}/val/<class>/*")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise VitError(f"no class folders in {folder}: put each class's images in {folder}/<class>/")
+    return classes
+
+
+def make_imagefolder(config: Config, split: str, train: bool):
+    """torchvision ImageFolder yielding uint8 tensors of the model's size; augmentation (random resized crop,
+    flip) happens in the DataLoader workers."""
+    import torchvision
+    from torchvision.transforms import v2
+
+    root = Path(config.data.root).expanduser()
+    split = split_name(split, "imagefolder")
+    imagefolder_classes(root, split)
+    size = config.image_size
+    if train:
+        steps = [v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True)]
+        steps += [v2.RandomHorizontalFlip()] if config.hflip else []
+    else:
+        steps = [v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)]
+    transform = v2.Compose([v2.PILToTensor(), *steps])
+    try:
+        dataset = torchvision.datasets.ImageFolder(
+            str(root / split), transform=transform, loader=_load_rgb,
+            is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+    except FileNotFoundError as e:
+        raise VitError(f"{root / split}: {e}; put images ({', '.join(IMAGE_EXTENSIONS)}) in class folders") from None
+    limit = config.data.max_train_samples if train else config.data.max_val_samples
+    if limit is not None and limit < len(dataset.samples):
+        dataset.samples = dataset.samples[:limit]
+        dataset.targets = dataset.targets[:limit]
+    return dataset
+
+
+def _load_rgb(path: str):
+    from vitcli.predict import open_image
+
+    return open_image(path).convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Yields this rank's indices of each global batch of an epoch, from a given step on (for DataLoader)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch, self.start_step = 0, 0
+
+    def __iter__(self):
+        order = epoch_permutation(self.n, self.seed, self.epoch)
+        local = self.batch_size // self.world_size
+        for step in range(self.start_step, self.n // self.batch_size):
+            batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield from batch[self.rank * local:(self.rank + 1) * local].tolist()
+
+    def __len__(self) -> int:
+        return (self.n // self.batch_size - self.start_step) * (self.batch_size // self.world_size)
+
+
+class TrainBatches:
+    """Training batches of one rank: uint8 images (b, C, H, W) and labels on the device, b = batch_size / world."""
+
+    def __init__(self, config: Config, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
+        self.batch_size = config.train.batch_size
+        if self.batch_size % world_size:
+            raise VitError(f"train.batch_size {self.batch_size} does not divide over {world_size} processes; "
+                           f"use a multiple of {world_size}")
+        self.local_batch_size = self.batch_size // world_size
+        self.in_memory = is_in_memory(config.data.dataset)
+        if self.in_memory:
+            self.data = load_array_dataset(config, "train").to(device)
+            self.classes, n = self.data.classes, len(self.data)
+        else:
+            self.dataset = make_imagefolder(config, "train", train=True)
+            self.classes, n = self.dataset.classes, len(self.dataset)
+            if n == 0:
+                raise VitError(f"no images found in {config.data.root}/train")
+            self.sampler = _StepSampler(n, self.batch_size, config.train.seed, rank, world_size)
+            workers = config.data.num_workers
+            self.loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=self.local_batch_size, sampler=self.sampler, num_workers=workers,
+                pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
+        self.num_samples = n
+        self.steps_per_epoch = n // self.batch_size
+        if self.steps_per_epoch == 0:
+            raise VitError(f"train.batch_size {self.batch_size} is larger than the training set ({n} images); "
+                           f"lower train.batch_size")
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.in_memory:
+            self.sampler.epoch, self.sampler.start_step = epoch, start_step
+            for images, labels in self.loader:
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            return
+        order = epoch_permutation(self.num_samples, self.config.train.seed, epoch).to(self.device)
+        b, B = self.local_batch_size, self.batch_size
+        for step in range(start_step, self.steps_per_epoch):
+            index = order[step * B + self.rank * b: step * B + (self.rank + 1) * b]
+            yield self.data.images[index], self.data.labels[index]
+
+
+def eval_batches(config: Config, split: str, device: torch.device, batch_size: int, rank: int = 0,
+                 world_size: int = 1):
+    """(classes, number of samples, iterator factory) for evaluation; each rank takes every world_size-th sample."""
+    if is_in_memory(config.data.dataset):
+        data = load_array_dataset(config, split).to(device)
+
+        def batches():
+            index = torch.arange(rank, len(data), world_size, device=device)
+            for chunk in index.split(batch_size):
+                yield data.images[chunk], data.labels[chunk]
+
+        return data.classes, len(data), batches
+    dataset = make_imagefolder(config, split, train=False)
+    if len(dataset) == 0:
+        raise VitError(f"no images found in {config.data.root}/{split_name(split, 'imagefolder')}")
+    subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    workers = config.data.num_workers
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+
+    def batches():
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    return dataset.classes, len(dataset), batches
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+
+class Preprocess:
+    """uint8 batch on the device -> normalized float batch of the model's size. With `train=True` it also
+    applies the config's per-batch augmentation, all random choices drawn from (seed, step)."""
+
+    def __init__(self, config: Config, device: torch.device, train: bool):
+        self.config, self.train = config, train
+        self.size = config.image_size
+        self.mean = torch.tensor(config.mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(config.std, device=device).view(1, -1, 1, 1) * 255
+        d = config.data
+        in_memory = is_in_memory(d.dataset)
+        self.crop_padding = config.crop_padding if (train and in_memory) else 0
+        self.hflip = train and in_memory and config.hflip
+        self.trivial = train and d.trivial_augment
+        self.erasing = d.random_erasing if train else 0.0
+        self.mixup, self.cutmix = (d.mixup_alpha, d.cutmix_alpha) if train else (0.0, 0.0)
+        self.num_classes: Optional[int] = None
+        if self.trivial:
+            from torchvision.transforms import v2
+
+            self._trivial = v2.TrivialAugmentWide()
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return (x - self.mean) / self.std
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0):
+        """Returns (images, targets): targets are class indices, or soft (b, classes) rows under MixUp/CutMix."""
+        if not self.train:
+            return self.normalize(images), labels
+        g = torch.Generator(images.device).manual_seed(self.config.train.seed * 7_919 + step)
+        if self.crop_padding:
+            images = random_crop(images, self.crop_padding, g)
+        if self.hflip:
+            flip = torch.rand(images.shape[0], device=images.device, generator=g) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        if self.trivial:
+            images = self.trivial_augment(images)
+        x = self.normalize(images)
+        if self.erasing:
+            x = random_erasing(x, self.erasing, g)
+        if self.mixup or self.cutmix:
+            return mix(x, labels, self.num_classes, self.mixup, self.cutmix, random.Random(g.initial_seed()))
+        return x, labels
+
+    def trivial_augment(self, images: torch.Tensor, group: int = 8) -> torch.Tensor:
+        # TrivialAugmentWide draws one op per call; calling it per group of 8 images varies it across the batch.
+        # Its draws come from torch's global RNG, which checkpoints save and restore.
+        return torch.cat([self._trivial(chunk) for chunk in images.split(group)])
+
+
+def random_crop(images: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of the original size from the zero-padded batch, by two gathers (no loop)."""
+    B, C, H, W = images.shape
+    padded = F.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * padding + 1, (B, 1, 1, 1), device=images.device, generator=g)
+    dx = torch.randint(0, 2 * padding + 1, (B, 1, 1, 1), device=images.device, generator=g)
+    rows = (dy + torch.arange(H, device=images.device).view(1, 1, H, 1)).expand(B, C, H, W + 2 * padding)
+    cols = (dx + torch.arange(W, device=images.device).view(1, 1, 1, W)).expand(B, C, H, W)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+def random_erasing(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Random erasing (Zhong et al.): with probability p per image, a rectangle of 2-33% of the area and aspect
+    ratio 0.3-3.3 is replaced by normal noise (in normalized units)."""
+    B, C, H, W = x.shape
+    dev = x.device
+    area = torch.empty(B, device=dev).uniform_(0.02, 0.33, generator=g) * H * W
+    log_ratio = torch.empty(B, device=dev).uniform_(-1.2, 1.2, generator=g)
+    h = (area * log_ratio.exp()).sqrt().round().clamp(1, H)
+    w = (area / log_ratio.exp()).sqrt().round().clamp(1, W)
+    top = (torch.rand(B, device=dev, generator=g) * (H - h + 1)).floor()
+    left = (torch.rand(B, device=dev, generator=g) * (W - w + 1)).floor()
+    on = torch.rand(B, device=dev, generator=g) < p
+    r = torch.arange(H, device=dev).view(1, H, 1)
+    c = torch.arange(W, device=dev).view(1, 1, W)
+    mask = ((r >= top.view(B, 1, 1)) & (r < (top + h).view(B, 1, 1)) & (c >= left.view(B, 1, 1))
+            & (c < (left + w).view(B, 1, 1)) & on.view(B, 1, 1))
+    noise = torch.randn(x.shape, device=dev, generator=g, dtype=x.dtype)
+    return torch.where(mask.unsqueeze(1), noise, x)
+
+
+def mix(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
+        rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp or CutMix (one of them per batch, half and half when both are on) with the batch flipped as partner;
+    returns soft targets."""
+    one_hot = F.one_hot(labels, num_classes).to(x.dtype)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or rng.random() < 0.5)
+    lam = rng.betavariate(cutmix_alpha, cutmix_alpha) if use_cutmix else rng.betavariate(mixup_alpha, mixup_alpha)
+    partner = x.flip(0)
+    if use_cutmix:
+        H, W = x.shape[-2:]
+        cut = (1 - lam) ** 0.5
+        h, w = int(H * cut), int(W * cut)
+        cy, cx = rng.randrange(H), rng.randrange(W)
+        top, bottom = max(cy - h // 2, 0), min(cy + h // 2, H)
+        left, right = max(cx - w // 2, 0), min(cx + w // 2, W)
+        x = x.clone()
+        x[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (H * W)
+    else:
+        x = x * lam + partner * (1 - lam)
+    return x, one_hot * lam + one_hot.flip(0) * (1 - lam)

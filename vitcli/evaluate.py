@@ -1,0 +1,44 @@
+"""evaluate(): the one evaluation, shared by training and `vit eval`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from vitcli.runtime import Distributed, all_reduce_sum, autocast
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess, classes: list[str],
+             device: torch.device, precision: str, dist_info: Distributed = Distributed()) -> dict[str, Any]:
+    """Loss, top-1, top-5, per-class accuracy and the confusion matrix over all batches (and all ranks)."""
+    model.eval()
+    k = len(classes)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    top5_hits = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(k * k, device=device, dtype=torch.float64)  # row: true class, column: predicted
+    for images, labels in batches():
+        x, labels = preprocess(images, labels)
+        with autocast(device, precision):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        top = logits.topk(min(5, k), dim=1).indices
+        top5_hits += (top == labels[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(labels * k + top[:, 0], minlength=k * k)
+    totals = all_reduce_sum(torch.cat([loss_sum[None], top5_hits[None], confusion]), dist_info).cpu()
+    confusion = totals[2:].view(k, k).long()
+    n = int(confusion.sum())
+    per_class_total = confusion.sum(dim=1)
+    per_class = (confusion.diagonal() / per_class_total.clamp(min=1)).tolist()
+    return {
+        "loss": float(totals[0]) / max(n, 1),
+        "top1": float(confusion.diagonal().sum()) / max(n, 1),
+        "top5": float(totals[1]) / max(n, 1),
+        "num_samples": n,
+        "per_class": {name: acc for name, acc, count in zip(classes, per_class, per_class_total.tolist())
+                      if count > 0},
+        "confusion": confusion.tolist(),
+    }

@@ -1,0 +1,220 @@
+"""The Vision Transformer, in the vocabulary of the ViT paper (Dosovitskiy et al., 2021).
+
+image -> patches -> linear patch embedding -> [class token; patches] + positional embedding
+      -> encoder: depth x Block(LayerNorm -> multi-head attention -> residual, LayerNorm -> MLP -> residual)
+      -> final LayerNorm -> linear head on the class token.
+
+No I/O and no config parsing here: the model takes explicit keyword arguments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PatchEmbedding(nn.Module):
+    """Cuts the image into patch_size x patch_size patches, projects each linearly to `dim`,
+    prepends the class token and adds learnable positional embeddings."""
+
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, dropout: float = 0.0):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.grid_size = image_size // patch_size
+        self.num_patches = self.grid_size**2
+        # A Linear on the flattened (channel, row, column) patch: the same map as timm's and torchvision's
+        # stride-p convolution, whose weight is this one reshaped to (dim, C, p, p).
+        self.to_patch_embedding = nn.Linear(in_channels * patch_size * patch_size, dim)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position_embedding = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = images.shape
+        p = self.patch_size
+        x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, gh, p, gw, p)
+        x = x.permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, C*p*p)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.to_patch_embedding(self.patchify(images))  # (B, N, D)
+        class_token = self.class_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([class_token, x], dim=1)  # (B, 1+N, D)
+        return self.dropout(x + self.position_embedding.to(x.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: softmax(Q K^T / sqrt(d)) V, then an output projection.
+
+    The query, key and value projections are one Linear producing all three (one matmul instead of three).
+    `fused=True` computes the same thing with torch's scaled_dot_product_attention; the explicit path is the
+    one that can hand back its attention weights, and the faster one for bf16 training on CPU.
+    """
+
+    def __init__(self, dim: int, heads: int, attention_dropout: float = 0.0, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.scale = self.head_dim**-0.5
+        self.fused = False
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.attention_dropout = nn.Dropout(attention_dropout)
+        self.to_out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        B, T, D = x.shape
+        qkv = self.to_qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        attention = None
+        if self.fused and not return_attention:
+            p = self.attention_dropout.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            attention = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
+            x = self.attention_dropout(attention) @ v  # (B, heads, T, head_dim)
+        x = x.transpose(1, 2).reshape(B, T, D)
+        x = self.dropout(self.to_out(x))
+        return (x, attention) if return_attention else x
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> dropout -> Linear -> dropout."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a whole residual branch per sample during training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 attention_dropout: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attention = Attention(dim, heads, attention_dropout=attention_dropout, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        if return_attention:
+            y, attention = self.attention(self.norm1(x), return_attention=True)
+        else:
+            y, attention = self.attention(self.norm1(x)), None
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, attention) if return_attention else x
+
+
+class Encoder(nn.Module):
+    """`depth` blocks, then a final LayerNorm. Stochastic depth grows linearly to `drop_path` at the last block."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 attention_dropout: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio, dropout, attention_dropout, rate) for rate in rates
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        attentions = []
+        for block in self.blocks:
+            if return_attention:
+                x, attention = block(x, return_attention=True)
+                attentions.append(attention)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        return (x, attentions) if return_attention else x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, *, image_size: int, patch_size: int, in_channels: int, num_classes: int, dim: int,
+                 depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 attention_dropout: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.patch_embedding = PatchEmbedding(image_size, patch_size, in_channels, dim, dropout)
+        self.encoder = Encoder(dim, depth, heads, mlp_ratio, dropout, attention_dropout, drop_path)
+        self.head = nn.Linear(dim, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # timm's ViT initialisation: truncated normal(0.02) for linears and embeddings, zero biases.
+        nn.init.trunc_normal_(self.patch_embedding.position_embedding, std=0.02)
+        nn.init.trunc_normal_(self.patch_embedding.class_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        # The patch embedding is initialised like a convolution (fan-in), as in the reference implementation.
+        w = self.patch_embedding.to_patch_embedding.weight
+        nn.init.uniform_(w, -1 / math.sqrt(w.shape[1]), 1 / math.sqrt(w.shape[1]))
+
+    def set_fused_attention(self, fused: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fused = fused
+
+    def forward_features(self, images: torch.Tensor, return_attention: bool = False):
+        x = self.patch_embedding(images)
+        return self.encoder(x, return_attention=return_attention)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[:, 0])  # the class token
+
+    def forward(self, images: torch.Tensor, return_attention: bool = False):
+        """Logits (B, num_classes); with return_attention also the per-layer attention weights
+        [(B, heads, 1+N, 1+N)] * depth."""
+        if return_attention:
+            x, attentions = self.forward_features(images, return_attention=True)
+            return self.forward_head(x), attentions
+        return self.forward_head(self.forward_features(images))
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Norms, biases, the class token and positional embeddings are not decayed (as in timm and the paper)."""
+    return param.ndim <= 1 or name.endswith(("class_token", "position_embedding"))
+
+
+def build_model(config, num_classes: int) -> VisionTransformer:
+    """The ViT a `vitcli.config.Config` describes."""
+    from vitcli.config import DATASET_DEFAULTS
+
+    m = config.model
+    return VisionTransformer(
+        image_size=config.image_size, patch_size=m.patch_size,
+        in_channels=DATASET_DEFAULTS[config.data.dataset]["channels"], num_classes=num_classes, dim=m.dim,
+        depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
+        attention_dropout=m.attention_dropout, drop_path=m.drop_path)

@@ -1,0 +1,93 @@
+"""Predictions for image files with a checkpoint's own preprocessing; safe, bounded image decoding."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitcli.errors import VitError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def open_image(path: str | Path):
+    """Opens and decodes an image, refusing decompression bombs (more than PIL's MAX_IMAGE_PIXELS, ~89 Mpx)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise VitError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+        return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise VitError(f"{path}: image too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); "
+                       f"downscale it first") from None
+    except UnidentifiedImageError:
+        raise VitError(f"{path}: not an image PIL can read (PNG, JPEG, BMP, GIF, WebP, TIFF, ...)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise VitError(f"{path}: cannot decode image ({e})") from None
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given; folders replaced by the images they hold (sorted)."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise VitError(f"no images in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths
+
+
+def image_to_tensor(image, config) -> torch.Tensor:
+    """PIL image -> uint8 (C, H, W) as the checkpoint's evaluation saw its images: grayscale or RGB, resized to the
+    model's size (image folders: resize to size/0.875 then centre crop, as in evaluation)."""
+    import numpy as np
+    from PIL import Image
+
+    from vitcli.config import DATASET_DEFAULTS
+
+    channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
+    image = image.convert("L" if channels == 1 else "RGB")
+    size = config.image_size
+    if config.data.dataset == "imagefolder":
+        short = int(round(size / 0.875))
+        w, h = image.size
+        scale = short / min(w, h)
+        image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
+        w, h = image.size
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    elif image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+@torch.inference_mode()
+def predict(model, config, classes: list[str], images: torch.Tensor, device: torch.device, precision: str,
+            top_k: int) -> list[list[dict[str, Any]]]:
+    """Top-k predictions, best first, for a uint8 batch (B, C, H, W)."""
+    from vitcli.data import Preprocess
+    from vitcli.runtime import autocast
+
+    x, _ = Preprocess(config, device, train=False)(images.to(device), None)
+    with autocast(device, precision):
+        logits = model(x)
+    probs = logits.float().softmax(dim=1)
+    top = probs.topk(min(top_k, len(classes)), dim=1)
+    return [[{"label": classes[i], "index": i, "probability": p} for p, i in zip(ps, idx)]
+            for ps, idx in zip(top.values.tolist(), top.indices.tolist())]
