@@ -76,7 +76,7 @@ class TrainStep:
                  ema: Optional[EMA] = None, scaler=None, forward=None):
         self.model, self.optimizer, self.config = model, optimizer, config
         self.device, self.precision, self.ema, self.scaler = device, precision, ema, scaler
-        self.forward = forward or model
+        self.forward = forward if forward is not None else model
         self.eager = model
 
     def __call__(self, x: torch.Tensor, targets: torch.Tensor, lr: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:

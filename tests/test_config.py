@@ -1,0 +1,71 @@
+import pytest
+import yaml
+
+from conftest import REPO, run_vit
+from vitcli.config import build_config, load_config
+from vitcli.errors import VitError
+
+
+def test_precedence_defaults_file_then_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  dim: 64\n  heads: 4\ntrain:\n  epochs: 3\n")
+    config = load_config(path, ["train.epochs=7", "data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2]"])
+    assert config.model.dim == 64  # file
+    assert config.train.epochs == 7  # --set beats the file
+    assert config.model.depth == 6  # default
+    assert config.data.mean == [0.5, 0.5, 0.5]
+
+
+def test_ints_are_accepted_for_floats_and_resolved_values():
+    config = build_config({"train": {"lr": 1}, "data": {"dataset": "fashion_mnist"}})
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.image_size == 28 and config.mean == [0.2860]
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"model": {"dimm": 3}}, "did you mean 'dim'"),
+    ({"trian": {}}, "did you mean 'train'"),
+    ({"train": {"epochs": "ten"}}, "train.epochs: expected a whole number"),
+    ({"train": {"compile": "yes"}}, "expected true or false"),
+    ({"model": {"dim": 100, "heads": 3}}, "dim 100 is not divisible by heads 3"),
+    ({"model": {"patch_size": 5}}, "image_size 32 is not divisible by patch_size 5"),
+    ({"train": {"epochs": 0}}, "train.epochs must be positive"),
+    ({"train": {"batch_size": -1}}, "train.batch_size must be positive"),
+    ({"data": {"dataset": "imagenet21k"}}, "data.dataset must be one of"),
+    ({"train": {"precision": "fp8"}}, "train.precision must be one of"),
+])
+def test_invalid_configs_name_the_key(raw, message):
+    with pytest.raises(VitError, match=message):
+        build_config(raw, source="my.yaml")
+
+
+def test_set_errors():
+    with pytest.raises(VitError, match="section.key=value"):
+        build_config({}, ["epochs"])
+    with pytest.raises(VitError, match="did you mean 'epochs'"):
+        build_config({}, ["train.epoch=3"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  dim: 64\n  heads: [4\n")
+    with pytest.raises(VitError, match=r"bad.yaml: YAML syntax error at line \d+"):
+        load_config(path)
+
+
+def test_print_config_round_trips(tmp_path):
+    result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--set", "train.epochs=9",
+                     "--print-config", check=True)
+    printed = yaml.safe_load(result.stdout)
+    assert printed["train"]["epochs"] == 9
+    (tmp_path / "again.yaml").write_text(result.stdout)
+    again = run_vit("train", "--config", tmp_path / "again.yaml", "--print-config", check=True)
+    assert again.stdout == result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid_and_documented(name):
+    path = REPO / "configs" / name
+    assert path.read_text().startswith("#"), "each config starts with a comment: the command and its accuracy"
+    assert "vit train --config configs/" in path.read_text()
+    load_config(path)

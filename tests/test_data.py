@@ -1,0 +1,90 @@
+import random
+
+import pytest
+import torch
+
+from vitcli.config import build_config
+from vitcli.data import (TrainBatches, _StepSampler, epoch_permutation, load_array_dataset, mix, random_crop,
+                         random_erasing)
+from vitcli.errors import VitError
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    images = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    out = random_crop(images, 2, g)
+    padded = torch.nn.functional.pad(images, (2,) * 4)
+    for i in range(6):
+        assert any(torch.equal(out[i], padded[i, :, y:y + 8, x:x + 8]) for y in range(5) for x in range(5))
+
+
+def test_random_erasing_changes_only_a_rectangle():
+    x = torch.zeros(64, 1, 16, 16)
+    out = random_erasing(x, 1.0, torch.Generator().manual_seed(0))
+    changed = out != 0
+    assert changed.any(dim=(1, 2, 3)).float().mean() > 0.9
+    for i in range(64):
+        rows, cols = changed[i, 0].any(1).nonzero(), changed[i, 0].any(0).nonzero()
+        if len(rows):
+            area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+            assert area <= 0.4 * 256
+
+
+def test_mixup_targets_are_soft_and_sum_to_one():
+    x = torch.randn(8, 1, 8, 8)
+    labels = torch.arange(8) % 3
+    mixed, targets = mix(x, labels, 3, 0.8, 1.0, random.Random(0))
+    assert mixed.shape == x.shape and targets.shape == (8, 3)
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+
+
+def test_epoch_order_covers_every_image_and_shards_by_rank():
+    config = build_config({"data": {"dataset": "synthetic", "image_size": 8, "max_train_samples": 100},
+                           "model": {"patch_size": 4, "dim": 8, "heads": 2}, "train": {"batch_size": 10}})
+    single = TrainBatches(config, torch.device("cpu"))
+    ranks = [TrainBatches(config, torch.device("cpu"), rank=r, world_size=2) for r in range(2)]
+    steps = list(single.epoch(3))
+    sharded = [list(r.epoch(3)) for r in ranks]
+    assert len(steps) == 10
+    for step, (images, labels) in enumerate(steps):
+        assert torch.equal(torch.cat([sharded[0][step][1], sharded[1][step][1]]), labels)
+    # resuming at step 4 yields exactly the remaining batches
+    resumed = list(single.epoch(3, start_step=4))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, steps[4:]))
+    assert not torch.equal(epoch_permutation(100, 0, 3), epoch_permutation(100, 0, 4))
+
+
+def test_step_sampler_matches_in_memory_order():
+    sampler = _StepSampler(100, 10, seed=0, rank=1, world_size=2)
+    sampler.epoch, sampler.start_step = 2, 3
+    indices = list(sampler)
+    order = epoch_permutation(100, 0, 2)
+    assert indices[:5] == order[35:40].tolist()
+    assert len(indices) == len(sampler) == 7 * 5
+
+
+def test_batch_size_must_divide_over_ranks():
+    config = build_config({"data": {"dataset": "synthetic", "image_size": 8}, "model": {"patch_size": 4},
+                           "train": {"batch_size": 9}})
+    with pytest.raises(VitError, match="does not divide over 2 processes"):
+        TrainBatches(config, torch.device("cpu"), rank=0, world_size=2)
+
+
+def test_idx_reader_plain_and_gzip(tmp_path):
+    from conftest import class_images, write_idx
+
+    images, labels = class_images(20, 1, 28, 0)
+    write_idx(tmp_path / "plain", "train", images, labels, gz=False)
+    write_idx(tmp_path / "gz", "train", images, labels, gz=True)
+    for folder in ("plain", "gz"):
+        config = build_config({"data": {"dataset": "mnist", "root": str(tmp_path / folder)}})
+        data = load_array_dataset(config, "train")
+        assert data.images.shape == (20, 1, 28, 28) and data.images.dtype == torch.uint8
+        assert torch.equal(data.images[:, 0], torch.from_numpy(images[..., 0]))
+        assert data.labels.tolist() == labels.tolist()
+
+
+def test_missing_dataset_names_folder_and_fix(tmp_path):
+    config = build_config({"data": {"dataset": "fashion_mnist", "root": str(tmp_path / "nothing")}})
+    with pytest.raises(VitError, match=r"fashion_mnist not found in .*nothing.*dataset-fashion-mnist"):
+        load_array_dataset(config, "train")

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from vitcli.model import Attention, VisionTransformer, no_weight_decay
+
+SHAPES = [
+    # image_size, patch, channels, dim, depth, heads, classes
+    (32, 4, 3, 64, 2, 4, 10),
+    (28, 7, 1, 32, 1, 2, 10),
+    (28, 4, 1, 48, 3, 3, 7),
+    (224, 16, 3, 64, 1, 8, 1000),
+    (30, 5, 5, 40, 2, 5, 3),
+]
+
+
+@pytest.mark.parametrize("image_size,patch,channels,dim,depth,heads,classes", SHAPES)
+def test_vit_shapes(image_size, patch, channels, dim, depth, heads, classes):
+    model = VisionTransformer(image_size=image_size, patch_size=patch, in_channels=channels, num_classes=classes,
+                              dim=dim, depth=depth, heads=heads)
+    x = torch.randn(2, channels, image_size, image_size)
+    logits, attentions = model(x, return_attention=True)
+    tokens = (image_size // patch) ** 2 + 1
+    assert logits.shape == (2, classes)
+    assert len(attentions) == depth
+    for a in attentions:
+        assert a.shape == (2, heads, tokens, tokens)
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, heads, tokens))
+    torch.testing.assert_close(model(x), logits)
+
+
+def test_attention_matches_plain_softmax_formula():
+    torch.manual_seed(0)
+    attn = Attention(dim=24, heads=3).eval()
+    x = torch.randn(2, 5, 24)
+    out, weights = attn(x, return_attention=True)
+    # softmax(Q K^T / sqrt(d)) V, written out by hand from the same projection weights
+    q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+    split = lambda t: t.view(2, 5, 3, 8).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    expected_weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    expected = attn.to_out((expected_weights @ v).transpose(1, 2).reshape(2, 5, 24))
+    torch.testing.assert_close(weights, expected_weights)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_fused_and_explicit_attention_agree(dtype, tol):
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=4, in_channels=3, num_classes=10, dim=32, depth=2, heads=4)
+    x = torch.randn(4, 3, 16, 16)
+    outputs, grads = [], []
+    for fused in (False, True):
+        model.set_fused_attention(fused)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x)
+        out.float().sum().backward()
+        outputs.append(out.float())
+        grads.append(model.encoder.blocks[0].attention.to_qkv.weight.grad.clone())
+    torch.testing.assert_close(outputs[0], outputs[1], atol=tol, rtol=tol)
+    torch.testing.assert_close(grads[0], grads[1], atol=tol, rtol=tol * 10)
+
+
+def test_fused_model_still_returns_attention():
+    model = VisionTransformer(image_size=16, patch_size=4, in_channels=3, num_classes=10, dim=32, depth=2, heads=4)
+    model.set_fused_attention(True)
+    _, attentions = model(torch.randn(1, 3, 16, 16), return_attention=True)
+    assert len(attentions) == 2 and attentions[0].shape == (1, 4, 17, 17)
+
+
+def test_patch_embedding_is_a_linear_map_of_each_patch():
+    model = VisionTransformer(image_size=8, patch_size=4, in_channels=2, num_classes=3, dim=16, depth=1, heads=2)
+    x = torch.randn(1, 2, 8, 8)
+    patches = model.patch_embedding.patchify(x)
+    assert patches.shape == (1, 4, 2 * 16)
+    # patch 1 is the top-right 4x4 block of both channels, flattened as (channel, row, column)
+    torch.testing.assert_close(patches[0, 1], x[0, :, 0:4, 4:8].reshape(-1))
+
+
+def test_no_weight_decay_on_norms_biases_tokens():
+    model = VisionTransformer(image_size=8, patch_size=4, in_channels=1, num_classes=3, dim=16, depth=1, heads=2)
+    skipped = {n for n, p in model.named_parameters() if no_weight_decay(n, p)}
+    assert "patch_embedding.class_token" in skipped
+    assert "patch_embedding.position_embedding" in skipped
+    assert "encoder.norm.weight" in skipped and "head.bias" in skipped
+    assert "head.weight" not in skipped and "encoder.blocks.0.attention.to_qkv.weight" not in skipped
