@@ -33,6 +33,7 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"train": {"batch_size": -1}}, "train.batch_size must be positive"),
     ({"data": {"dataset": "imagenet21k"}}, "data.dataset must be one of"),
     ({"train": {"precision": "fp8"}}, "train.precision must be one of"),
+    ({"model": {"stem": "conv", "patch_size": 6}, "data": {"image_size": 36}}, "power-of-two patch_size"),
 ])
 def test_invalid_configs_name_the_key(raw, message):
     with pytest.raises(VitError, match=message):

@@ -30,6 +30,15 @@ def test_vit_shapes(image_size, patch, channels, dim, depth, heads, classes):
     torch.testing.assert_close(model(x), logits)
 
 
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_conv_stem_makes_the_same_patch_grid(patch):
+    model = VisionTransformer(image_size=32, patch_size=patch, in_channels=1, num_classes=10, dim=32, depth=1,
+                              heads=2, stem="conv")
+    tokens = model.patch_embedding(torch.randn(3, 1, 32, 32))
+    assert tokens.shape == (3, (32 // patch) ** 2 + 1, 32)
+    assert model.patch_embedding.to_patch_embedding is None
+
+
 def test_attention_matches_plain_softmax_formula():
     torch.manual_seed(0)
     attn = Attention(dim=24, heads=3).eval()

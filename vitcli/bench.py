@@ -25,82 +25,87 @@ def forward_flops(config: Config, num_classes: int = 10) -> float:
     return 2.0 * (m.depth * per_block + embed + m.dim * num_classes)
 
 
-def bench(config: Config, steps: int = 20, warmup: int = 5) -> dict[str, Any]:
-    device = resolve_device(config.train.device)
-    precision = resolve_precision(config.train.precision, device)
-    attention = resolve_attention(config.model.attention, device, precision)
-    torch.manual_seed(config.train.seed)
-    channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
-    num_classes = 100 if config.data.dataset == "cifar100" else 10
-    model = build_model(config, num_classes).to(device)
-    model.set_fused_attention(attention == "fused")
-    optimizer = make_optimizer(model, config, device)
-    ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    step_fn = TrainStep(model, optimizer, config, device, precision, ema, scaler,
-                        forward=maybe_compile(model, config.train.compile))
-    preprocess = Preprocess(config, device, train=True)
-    preprocess.num_classes = num_classes
-    size, b = config.image_size, config.train.batch_size
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (b, channels, size, size), generator=g, dtype=torch.uint8).to(device)
-    labels = torch.randint(0, num_classes, (b,), generator=g).to(device)
+class Workload:
+    """The exact train step and eval forward of `vit train` for a config, on fixed synthetic uint8 batches."""
 
-    def sync():
-        if device.type == "cuda":
+    def __init__(self, config: Config):
+        self.config = config
+        self.device = device = resolve_device(config.train.device)
+        self.precision = precision = resolve_precision(config.train.precision, device)
+        self.attention = resolve_attention(config.model.attention, device, precision)
+        torch.manual_seed(config.train.seed)
+        channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
+        self.num_classes = 100 if config.data.dataset == "cifar100" else 10
+        self.model = model = build_model(config, self.num_classes).to(device)
+        model.set_fused_attention(self.attention == "fused")
+        optimizer = make_optimizer(model, config, device)
+        ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.step_fn = TrainStep(model, optimizer, config, device, precision, ema, scaler,
+                                 forward=maybe_compile(model, config.train.compile))
+        self.preprocess = Preprocess(config, device, train=True)
+        self.preprocess.num_classes = self.num_classes
+        self.eval_preprocess = Preprocess(config, device, train=False)
+        size = config.image_size
+        self.batch_size, self.eval_batch_size = config.train.batch_size, config.train.eval_batch_size
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (self.batch_size, channels, size, size), generator=g,
+                                    dtype=torch.uint8).to(device)
+        self.labels = torch.randint(0, self.num_classes, (self.batch_size,), generator=g).to(device)
+        self.eval_images = torch.randint(0, 256, (self.eval_batch_size, channels, size, size), generator=g,
+                                         dtype=torch.uint8).to(device)
+        self.i = 0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step(i: int):
-        x, targets = preprocess(images, labels, i)
-        loss, _ = step_fn(x, targets, config.train.lr, i)
-        return loss
+    def train_step(self) -> float:
+        x, targets = self.preprocess(self.images, self.labels, self.i)
+        loss, _ = self.step_fn(x, targets, self.config.train.lr, self.i)
+        self.i += 1
+        return float(loss)
 
-    for i in range(warmup):
-        train_step(i)
-    sync()
-    t = time.perf_counter()
-    for i in range(steps):
-        loss = train_step(warmup + i)
-    float(loss)
-    sync()
-    train_seconds = (time.perf_counter() - t) / steps
-
-    eval_pre = Preprocess(config, device, train=False)
-    eb = config.train.eval_batch_size
-    eval_images = torch.randint(0, 256, (eb, channels, size, size), generator=g, dtype=torch.uint8).to(device)
-    model.eval()
-    forward = step_fn.forward
-    with torch.inference_mode():
-        def infer():
-            x, _ = eval_pre(eval_images, None)
-            with autocast(device, precision):
-                return forward(x)
-
-        for _ in range(max(2, warmup // 2)):
-            infer()
-        sync()
-        t = time.perf_counter()
-        n_eval = max(3, steps // 2)
-        for _ in range(n_eval):
-            out = infer()
+    @torch.inference_mode()
+    def infer(self) -> None:
+        self.model.eval()
+        x, _ = self.eval_preprocess(self.eval_images, None)
+        with autocast(self.device, self.precision):
+            out = self.step_fn.forward(x)
         float(out.float().sum())
-        sync()
-        infer_seconds = (time.perf_counter() - t) / n_eval
 
-    flops = forward_flops(config, num_classes)
-    train_ips = b / train_seconds
+
+def timed(fn, repeats: int) -> float:
+    """Seconds per call, after the caller's warm-up."""
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def bench(config: Config, steps: int = 20, warmup: int = 5) -> dict[str, Any]:
+    w = Workload(config)
+    for _ in range(warmup):
+        w.train_step()
+    w.sync()
+    train_seconds = timed(w.train_step, steps)
+    for _ in range(2):
+        w.infer()
+    infer_seconds = timed(w.infer, max(3, steps // 2))
+    flops = forward_flops(config, w.num_classes)
+    train_ips = w.batch_size / train_seconds
     return {
         "config": config.name,
-        "device": str(device),
-        "precision": precision,
-        "attention": attention,
+        "device": str(w.device),
+        "precision": w.precision,
+        "attention": w.attention,
         "compile": config.train.compile,
-        "batch_size": b,
+        "batch_size": w.batch_size,
         "threads": torch.get_num_threads(),
         "train_images_per_second": train_ips,
-        "infer_images_per_second": eb / infer_seconds,
+        "infer_images_per_second": w.eval_batch_size / infer_seconds,
         "train_step_ms": 1000 * train_seconds,
         "train_gflops_per_second": 3 * flops * train_ips / 1e9,
         "forward_gflops_per_image": flops / 1e9,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in w.model.parameters()),
     }

@@ -103,6 +103,9 @@ def train(
             typer.echo(cfg.to_yaml(), nl=False)
             return 0
         if nproc > 1:
+            if cfg is not None and cfg.train.batch_size % nproc:
+                raise VitError(f"train.batch_size {cfg.train.batch_size} does not divide over {nproc} processes; "
+                               f"use a multiple of {nproc}")
             return launch_torchrun(nproc)
         from vitcli.train import fit
 
@@ -143,6 +146,9 @@ def eval_(
     device: DeviceOpt = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even if the checkpoint has "
                                          "EMA weights.")] = False,
+    report: Annotated[Optional[Path], typer.Option(
+        "--report", help="Write a confusion matrix, per-class accuracy chart, the most confident mistakes and "
+        "report.json to this folder.")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Loss, top-1, top-5 and per-class accuracy of a checkpoint on the test split."""
@@ -172,6 +178,15 @@ def eval_(
             raise VitError(f"the {split} split's classes {classes[:5]}... differ from the checkpoint's "
                            f"{checkpoint['classes'][:5]}...")
         result = evaluate(model, batches, Preprocess(config, dev, train=False), classes, dev, precision)
+        if report is not None:
+            import torch
+
+            from vitcli.visualize import eval_report
+
+            all_images, all_labels = zip(*[(x.cpu(), y.cpu()) for x, y in batches()])
+            written = eval_report(model, config, classes, torch.cat(all_images), torch.cat(all_labels), dev,
+                                  precision, result, report)
+            err(f"report written: {', '.join(str(p) for p in written)}")
         result.pop("confusion")
         synthetic = config.data.dataset == "synthetic"
         if json_:
@@ -197,9 +212,15 @@ def predict(
     device: DeviceOpt = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even if the checkpoint has "
                                          "EMA weights.")] = False,
+    attention: Annotated[Optional[Path], typer.Option(
+        "--attention", help="Write the image with its attention heat map to this PNG (a folder for several "
+        "images).")] = None,
+    attention_mode: Annotated[str, typer.Option(
+        "--attention-mode", help="rollout (all layers, Abnar & Zuidema 2020) or last (class token, last "
+        "layer).")] = "rollout",
     json_: JsonOpt = False,
 ) -> None:
-    """Top-k classes for each image."""
+    """Top-k classes for each image, optionally with its attention map."""
 
     def body():
         import torch
@@ -212,6 +233,8 @@ def predict(
 
         if top_k <= 0:
             raise VitError(f"--top-k must be positive, got {top_k}")
+        if attention_mode not in ("rollout", "last"):
+            raise VitError(f"--attention-mode must be rollout or last, got {attention_mode!r}")
         path = _resolve_ckpt(ckpt)
         checkpoint = load_checkpoint(path)
         config, classes = checkpoint["config"], checkpoint["classes"]
@@ -219,7 +242,10 @@ def predict(
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
         results, failures = [], 0
-        for image_path in expand_inputs(images):
+        paths = expand_inputs(images)
+        if attention is not None:
+            attention_paths = attention_outputs(attention, paths)
+        for image_path in paths:
             try:
                 tensor = image_to_tensor(open_image(image_path), config)
             except VitError as e:
@@ -227,7 +253,11 @@ def predict(
                 failures += 1
                 continue
             predictions = run_predict(model, config, classes, tensor[None], dev, precision, top_k)[0]
-            results.append({"path": str(image_path), "predictions": predictions})
+            entry = {"path": str(image_path), "predictions": predictions}
+            if attention is not None:
+                entry["attention"] = str(write_attention(model, config, classes, tensor, dev, attention_mode,
+                                                         attention_paths[image_path], image_path))
+            results.append(entry)
             if not json_:
                 best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in predictions)
                 typer.echo(f"{image_path}: {best}")
@@ -238,6 +268,45 @@ def predict(
         return 1 if failures else 0
 
     run_command(body)
+
+
+def attention_outputs(out: Path, paths: list[Path]) -> dict[Path, Path]:
+    """One image: OUT is the PNG. Several: OUT is a folder holding <name>.attention.png for each."""
+    if len(paths) == 1 and not (out.exists() and out.is_dir()):
+        return {paths[0]: out}
+    names: dict[Path, Path] = {}
+    for i, path in enumerate(paths):
+        name = f"{path.stem}.attention.png"
+        if any(v.name == name for v in names.values()):
+            name = f"{path.stem}-{i}.attention.png"
+        names[path] = out / name
+    return names
+
+
+def write_attention(model, config, classes, tensor, device, mode: str, out: Path, source: Path) -> Path:
+    """The image at its own size (at least 256 px) with the attention heat map and the predicted label."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from vitcli.data import Preprocess
+    from vitcli.errors import VitError
+    from vitcli.predict import open_image
+    from vitcli.visualize import attention_maps, overlay_figure, save_figure
+
+    x, _ = Preprocess(config, device, train=False)(tensor[None].to(device), None)
+    logits, heat = attention_maps(model, x, mode)
+    probs = logits.softmax(dim=1)[0]
+    label = classes[int(probs.argmax())]
+    original = open_image(source)
+    original = original.convert("L" if tensor.shape[0] == 1 else "RGB")
+    image = np.asarray(original)
+    heat = F.interpolate(heat[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    title = f"{label} ({100 * float(probs.max()):.1f}%) - attention {mode}"
+    try:
+        save_figure(overlay_figure(image, heat.cpu().numpy(), title), out)
+    except OSError as e:
+        raise VitError(f"cannot write {out}: {e.strerror or e}") from None
+    return out
 
 
 @app.command()
@@ -264,6 +333,89 @@ def bench(
         else:
             for key, value in result.items():
                 typer.echo(f"{key:>26}: {value:.1f}" if isinstance(value, float) else f"{key:>26}: {value}")
+        return 0
+
+    run_command(body)
+
+
+@app.command()
+def convert(
+    weights: Annotated[Path, typer.Argument(help="State dict of a timm or torchvision ViT (.pth/.pt/.safetensors).")],
+    from_: Annotated[str, typer.Option("--from", help="timm or torchvision.")],
+    config: ConfigOpt,
+    out: Annotated[Path, typer.Option("--out", help="The vitcli checkpoint to write.")],
+    set_: SetOpt = None,
+    classes: Annotated[Optional[str], typer.Option(
+        "--classes", help="Comma-separated class names (default: the config's dataset's, or class_0...).")] = None,
+) -> None:
+    """Turn a timm / torchvision ViT state dict into a vitcli checkpoint that eval and predict use."""
+
+    def body():
+        from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint
+        from vitcli.config import load_config
+        from vitcli.errors import VitError
+        from vitcli.interop import from_peer, read_state_dict
+        from vitcli.model import build_model
+
+        if from_ not in ("timm", "torchvision"):
+            raise VitError(f"--from must be timm or torchvision, got {from_!r}")
+        if out.exists():
+            raise VitError(f"{out} exists; choose another --out (nothing is overwritten)")
+        cfg = load_config(config, list(set_ or []))
+        state = from_peer(read_state_dict(weights), from_)
+        if "head.weight" not in state:
+            raise VitError(f"{weights}: no classification head (head.weight) in the state dict")
+        num_classes = state["head.weight"].shape[0]
+        names = classes.split(",") if classes else default_classes(cfg, num_classes)
+        if len(names) != num_classes:
+            raise VitError(f"--classes has {len(names)} names, the head has {num_classes} outputs")
+        model = build_model(cfg, num_classes)
+        load_weights(model, {k: v.float() for k, v in state.items()}, weights)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(make_checkpoint(config=cfg, classes=names, model=model, ema=None, optimizer=None, scaler=None,
+                                    epoch=0, step=0, global_step=0, best_top1=-1.0, epoch_stats={},
+                                    metrics={"converted_from": f"{from_}:{weights}"}), out)
+        err(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e6:.2f}M parameters from {from_})")
+        return 0
+
+    run_command(body)
+
+
+def default_classes(cfg, num_classes: int) -> list[str]:
+    from vitcli.data import FASHION_MNIST_CLASSES, MNIST_CLASSES
+
+    known = {"fashion_mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}.get(cfg.data.dataset)
+    if cfg.data.dataset == "cifar10":
+        known = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    return list(known) if known and len(known) == num_classes else [f"class_{i}" for i in range(num_classes)]
+
+
+@app.command()
+def export(
+    ckpt: CkptOpt = None,
+    format_: Annotated[str, typer.Option("--format", help="onnx, torchscript or safetensors.")] = "onnx",
+    out: Annotated[Optional[Path], typer.Option("--out", help="File to write.")] = None,
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Export the raw weights instead of the EMA.")] = False,
+) -> None:
+    """Export a checkpoint: ONNX / TorchScript (normalized N x C x H x W in, logits out, dynamic batch) or
+    safetensors (weights + config as metadata). The export is checked against PyTorch."""
+
+    def body():
+        from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
+        from vitcli.errors import VitError
+        from vitcli.interop import export as run_export
+
+        if format_ not in ("onnx", "torchscript", "safetensors"):
+            raise VitError(f"--format must be onnx, torchscript or safetensors, got {format_!r}")
+        path = _resolve_ckpt(ckpt)
+        target = out or path.with_suffix({"onnx": ".onnx", "torchscript": ".ts", "safetensors": ".safetensors"}
+                                         [format_])
+        if target.exists():
+            raise VitError(f"{target} exists; choose another --out (nothing is overwritten)")
+        checkpoint = load_checkpoint(path)
+        model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema)
+        diff = run_export(model, checkpoint["config"], checkpoint["classes"], format_, target)
+        err(f"wrote {target} (max |logit difference| vs PyTorch {diff:.1e})")
         return 0
 
     run_command(body)

@@ -62,6 +62,9 @@ class ModelConfig:
     attention_dropout: float = 0.0
     drop_path: float = 0.0
     attention: str = "auto"  # auto | explicit | fused
+    stem: str = "linear"  # linear (the classic patch embedding) | conv (a small convolutional stem)
+    init_from: Optional[str] = None  # weights to start from (fine-tuning)
+    init_format: str = "vitcli"  # vitcli | timm | torchvision
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,8 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 CHOICES = {
     ("data", "dataset"): DATASETS,
     ("model", "attention"): ("auto", "explicit", "fused"),
+    ("model", "init_format"): ("vitcli", "timm", "torchvision"),
+    ("model", "stem"): ("linear", "conv"),
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
 }
 
@@ -246,6 +251,8 @@ def validate(config: Config, source: str = "config") -> None:
         (m.dim % max(m.heads, 1) == 0, "model.heads",
          f"dim {m.dim} is not divisible by heads {m.heads}; pick heads that divide dim"),
         (m.mlp_ratio > 0, "model.mlp_ratio", "must be positive"),
+        (m.stem == "linear" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0), "model.stem",
+         f"conv needs a power-of-two patch_size (2, 4, 8, 16, ...), got {m.patch_size}"),
         (all(0 <= p < 1 for p in (m.dropout, m.attention_dropout, m.drop_path)), "model.dropout/drop_path",
          "must be in [0, 1)"),
         (t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}"),

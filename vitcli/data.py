@@ -340,8 +340,12 @@ class Preprocess:
     """uint8 batch on the device -> normalized float batch of the model's size. With `train=True` it also
     applies the config's per-batch augmentation, all random choices drawn from (seed, step)."""
 
-    def __init__(self, config: Config, device: torch.device, train: bool):
+    def __init__(self, config: Config, device: torch.device, train: bool, rank: int = 0, world_size: int = 1):
         self.config, self.train = config, train
+        # Random draws are made for the global batch and each rank keeps its slice, so that N ranks x (B/N)
+        # crop and flip exactly as 1 process x B does (MixUp/CutMix, TrivialAugment and the noise of random
+        # erasing act per rank).
+        self.rank, self.world_size = rank, world_size
         self.size = config.image_size
         self.mean = torch.tensor(config.mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(config.std, device=device).view(1, -1, 1, 1) * 255
@@ -369,16 +373,17 @@ class Preprocess:
         if not self.train:
             return self.normalize(images), labels
         g = torch.Generator(images.device).manual_seed(self.config.train.seed * 7_919 + step)
+        share = (self.rank, self.world_size)
         if self.crop_padding:
-            images = random_crop(images, self.crop_padding, g)
+            images = random_crop(images, self.crop_padding, g, share)
         if self.hflip:
-            flip = torch.rand(images.shape[0], device=images.device, generator=g) < 0.5
+            flip = _draw(torch.rand, images.shape[0], share, g, images.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         if self.trivial:
             images = self.trivial_augment(images)
         x = self.normalize(images)
         if self.erasing:
-            x = random_erasing(x, self.erasing, g)
+            x = random_erasing(x, self.erasing, g, share)
         if self.mixup or self.cutmix:
             return mix(x, labels, self.num_classes, self.mixup, self.cutmix, random.Random(g.initial_seed()))
         return x, labels
@@ -389,29 +394,38 @@ class Preprocess:
         return torch.cat([self._trivial(chunk) for chunk in images.split(group)])
 
 
-def random_crop(images: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
+def _draw(fn, n: int, share: tuple[int, int], g: torch.Generator, device, **kwargs) -> torch.Tensor:
+    """fn(...) drawn for the global batch of n * world_size images; this rank's slice of it."""
+    rank, world = share
+    values = fn(n * world, generator=g, device=device, **kwargs)
+    return values[rank * n:(rank + 1) * n]
+
+
+def random_crop(images: torch.Tensor, padding: int, g: torch.Generator,
+                share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Per-image random crop of the original size from the zero-padded batch, by two gathers (no loop)."""
     B, C, H, W = images.shape
     padded = F.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p)
-    dy = torch.randint(0, 2 * padding + 1, (B, 1, 1, 1), device=images.device, generator=g)
-    dx = torch.randint(0, 2 * padding + 1, (B, 1, 1, 1), device=images.device, generator=g)
+    shift = _draw(lambda n, **kw: torch.randint(0, 2 * padding + 1, (n, 2), **kw), B, share, g, images.device)
+    dy, dx = shift[:, 0].view(B, 1, 1, 1), shift[:, 1].view(B, 1, 1, 1)
     rows = (dy + torch.arange(H, device=images.device).view(1, 1, H, 1)).expand(B, C, H, W + 2 * padding)
     cols = (dx + torch.arange(W, device=images.device).view(1, 1, 1, W)).expand(B, C, H, W)
     return padded.gather(2, rows).gather(3, cols)
 
 
-def random_erasing(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+def random_erasing(x: torch.Tensor, p: float, g: torch.Generator, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Random erasing (Zhong et al.): with probability p per image, a rectangle of 2-33% of the area and aspect
     ratio 0.3-3.3 is replaced by normal noise (in normalized units)."""
     B, C, H, W = x.shape
     dev = x.device
-    area = torch.empty(B, device=dev).uniform_(0.02, 0.33, generator=g) * H * W
-    log_ratio = torch.empty(B, device=dev).uniform_(-1.2, 1.2, generator=g)
+    u = _draw(lambda n, **kw: torch.rand(n, 5, **kw), B, share, g, dev)  # area, ratio, top, left, on
+    area = (0.02 + 0.31 * u[:, 0]) * H * W
+    log_ratio = -1.2 + 2.4 * u[:, 1]
     h = (area * log_ratio.exp()).sqrt().round().clamp(1, H)
     w = (area / log_ratio.exp()).sqrt().round().clamp(1, W)
-    top = (torch.rand(B, device=dev, generator=g) * (H - h + 1)).floor()
-    left = (torch.rand(B, device=dev, generator=g) * (W - w + 1)).floor()
-    on = torch.rand(B, device=dev, generator=g) < p
+    top = (u[:, 2] * (H - h + 1)).floor()
+    left = (u[:, 3] * (W - w + 1)).floor()
+    on = u[:, 4] < p
     r = torch.arange(H, device=dev).view(1, H, 1)
     c = torch.arange(W, device=dev).view(1, 1, W)
     mask = ((r >= top.view(B, 1, 1)) & (r < (top + h).view(B, 1, 1)) & (c >= left.view(B, 1, 1))

@@ -16,20 +16,46 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class ConvStem(nn.Module):
+    """Optional convolutional stem (Xiao et al., 2021, "Early convolutions help transformers see better"):
+    log2(patch_size) stride-2 3x3 convolutions with BatchNorm and ReLU, then a 1x1 convolution to `dim`.
+    It produces the same patch grid as the linear patch embedding it replaces."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        steps = patch_size.bit_length() - 1
+        if patch_size < 2 or 2**steps != patch_size:
+            raise ValueError(f"a convolutional stem needs a power-of-two patch_size, got {patch_size}")
+        layers, channels = [], in_channels
+        for i in range(steps):
+            out = max(dim // 2 ** (steps - i), 8)  # dim/4, dim/2 for patch 4: narrow, ~10% of the step
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
+            channels = out
+        layers.append(nn.Conv2d(channels, dim, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
 class PatchEmbedding(nn.Module):
     """Cuts the image into patch_size x patch_size patches, projects each linearly to `dim`,
-    prepends the class token and adds learnable positional embeddings."""
+    prepends the class token and adds learnable positional embeddings. With stem="conv", a small convolutional
+    stem makes the patch tokens instead of the linear projection."""
 
-    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, dropout: float = 0.0):
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, dropout: float = 0.0,
+                 stem: str = "linear"):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         self.patch_size = patch_size
         self.grid_size = image_size // patch_size
         self.num_patches = self.grid_size**2
+        self.stem = ConvStem(patch_size, in_channels, dim) if stem == "conv" else None
         # A Linear on the flattened (channel, row, column) patch: the same map as timm's and torchvision's
         # stride-p convolution, whose weight is this one reshaped to (dim, C, p, p).
-        self.to_patch_embedding = nn.Linear(in_channels * patch_size * patch_size, dim)
+        self.to_patch_embedding = None if self.stem else nn.Linear(in_channels * patch_size * patch_size, dim)
         self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.position_embedding = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
         self.dropout = nn.Dropout(dropout)
@@ -42,7 +68,10 @@ class PatchEmbedding(nn.Module):
         return x.reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, C*p*p)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.to_patch_embedding(self.patchify(images))  # (B, N, D)
+        if self.stem is not None:
+            x = self.stem(images)  # (B, N, D)
+        else:
+            x = self.to_patch_embedding(self.patchify(images))  # (B, N, D)
         class_token = self.class_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([class_token, x], dim=1)  # (B, 1+N, D)
         return self.dropout(x + self.position_embedding.to(x.dtype))
@@ -163,9 +192,13 @@ class Encoder(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, *, image_size: int, patch_size: int, in_channels: int, num_classes: int, dim: int,
                  depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 attention_dropout: float = 0.0, drop_path: float = 0.0):
+                 attention_dropout: float = 0.0, drop_path: float = 0.0, stem: str = "linear"):
         super().__init__()
-        self.patch_embedding = PatchEmbedding(image_size, patch_size, in_channels, dim, dropout)
+        self.init_kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                                num_classes=num_classes, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+                                dropout=dropout, attention_dropout=attention_dropout, drop_path=drop_path,
+                                stem=stem)
+        self.patch_embedding = PatchEmbedding(image_size, patch_size, in_channels, dim, dropout, stem)
         self.encoder = Encoder(dim, depth, heads, mlp_ratio, dropout, attention_dropout, drop_path)
         self.head = nn.Linear(dim, num_classes)
         self.reset_parameters()
@@ -178,9 +211,11 @@ class VisionTransformer(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
-        # The patch embedding is initialised like a convolution (fan-in), as in the reference implementation.
-        w = self.patch_embedding.to_patch_embedding.weight
-        nn.init.uniform_(w, -1 / math.sqrt(w.shape[1]), 1 / math.sqrt(w.shape[1]))
+        # The patch embedding is initialised like a convolution (fan-in), as in the reference implementation;
+        # a convolutional stem keeps PyTorch's own convolution initialisation.
+        if self.patch_embedding.to_patch_embedding is not None:
+            w = self.patch_embedding.to_patch_embedding.weight
+            nn.init.uniform_(w, -1 / math.sqrt(w.shape[1]), 1 / math.sqrt(w.shape[1]))
 
     def set_fused_attention(self, fused: bool) -> None:
         for module in self.modules():
@@ -217,4 +252,4 @@ def build_model(config, num_classes: int) -> VisionTransformer:
         image_size=config.image_size, patch_size=m.patch_size,
         in_channels=DATASET_DEFAULTS[config.data.dataset]["channels"], num_classes=num_classes, dim=m.dim,
         depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
-        attention_dropout=m.attention_dropout, drop_path=m.drop_path)
+        attention_dropout=m.attention_dropout, drop_path=m.drop_path, stem=m.stem)

@@ -201,6 +201,18 @@ class MetricsWriter:
             for key, value in values.items():
                 self.tb.add_scalar(key, value, step)
 
+    def image(self, tag: str, array, step: int) -> None:
+        """An RGB uint8 (H, W, 3) array."""
+        if self.tb:
+            self.tb.add_image(tag, array, step, dataformats="HWC")
+
+    def images(self, tag: str, batch: torch.Tensor, step: int) -> None:
+        """A grid of float images in [0, 1], (B, C, H, W)."""
+        if self.tb:
+            from torchvision.utils import make_grid
+
+            self.tb.add_image(tag, make_grid(batch.float().cpu(), nrow=8, padding=1), step)
+
     def record(self, row: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
@@ -211,6 +223,36 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb:
             self.tb.close()
+
+
+def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
+    """model.init_from: start from a vitcli checkpoint or a timm / torchvision state dict."""
+    from vitcli.interop import from_peer, load_pretrained, read_state_dict
+
+    source, fmt = config.model.init_from, config.model.init_format
+    if fmt == "vitcli":
+        ckpt = load_checkpoint(source)
+        state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    else:
+        state = from_peer(read_state_dict(source), fmt)
+    load_pretrained(model, {k: v.float() for k, v in state.items()}, source,
+                    log=lambda m: print(f"vit: init_from: {m}", file=sys.stderr) if verbose else None)
+
+
+def log_pictures(writer: MetricsWriter, model, config: Config, classes: list[str], val: dict[str, Any], watch,
+                 device: torch.device, step: int, attention: bool) -> None:
+    """The confusion matrix at each evaluation; attention overlays of the watched images every few epochs."""
+    if not writer.tb:
+        return
+    import numpy as np
+
+    from vitcli.visualize import attention_overlay_arrays, confusion_figure, figure_to_array
+
+    writer.image("val/confusion_matrix", figure_to_array(confusion_figure(np.array(val["confusion"]), classes)),
+                 step)
+    if attention and watch is not None:
+        overlays = attention_overlay_arrays(model, config, classes, watch[0], device, labels=watch[1])
+        writer.image("val/attention_rollout", np.concatenate(overlays, axis=1), step)
 
 
 def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] = None,
@@ -240,13 +282,15 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     classes = train_data.classes
     val_classes, num_val, val_batches = eval_batches(config, "test", device, config.train.eval_batch_size,
                                                      dist_info.rank, dist_info.world_size)
-    preprocess = Preprocess(config, device, train=True)
+    preprocess = Preprocess(config, device, train=True, rank=dist_info.rank, world_size=dist_info.world_size)
     preprocess.num_classes = len(classes)
     eval_preprocess = Preprocess(config, device, train=False)
 
     # ---- model, optimizer, EMA, gradient scaler
     model = build_model(config, len(classes)).to(device)
     model.set_fused_attention(attention == "fused")
+    if config.model.init_from and ckpt is None:
+        init_weights(model, config, main)
     optimizer = make_optimizer(model, config, device)
     ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -310,6 +354,13 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
     from tqdm import tqdm
 
+    first_epoch = epoch
+    watch = None  # a fixed set of validation images whose attention TensorBoard shows as it forms
+    if main:
+        watch = next(iter(val_batches()))
+        watch = (watch[0][:8], watch[1][:8])
+    attention_every = max(1, config.train.epochs // 5)
+
     last_metrics: dict[str, Any] = {}
     start_time = time.perf_counter()
     with StopSignals() as stop:
@@ -321,6 +372,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             for step, (images, labels) in enumerate(train_data.epoch(epoch, start_step), start=start_step):
                 t_data = time.perf_counter() - t_ready
                 x, targets = preprocess(images, labels, global_step)
+                if main and step == start_step and epoch == first_epoch:
+                    std, mean = preprocess.std / 255, preprocess.mean / 255
+                    writer.images("train/augmented_batch", (x[:32].float() * std + mean).clamp(0, 1), global_step)
                 lr = lr_at(global_step, total_steps, warmup_steps, config.train.lr, config.train.min_lr)
                 loss, logits = step_fn(x, targets, lr, global_step)
                 correct = (logits.argmax(1) == labels).sum()
@@ -382,6 +436,10 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                             "perf/train_images_per_second": last_metrics["train_images_per_second"]},
                            global_step)
             writer.scalars({f"val_per_class/{name}": acc for name, acc in val["per_class"].items()}, global_step)
+            if main:
+                log_pictures(writer, eval_model, config, classes, val, watch, device, global_step,
+                             attention=(epoch + 1) % attention_every == 0 or epoch == first_epoch
+                             or epoch + 1 == config.train.epochs)
             is_best = val["top1"] > best_top1
             if is_best:
                 best_top1 = val["top1"]
@@ -394,6 +452,12 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                       f"loss {val['loss']:.4f}{' (best)' if is_best else ''}", file=sys.stderr)
             epoch, start_step = epoch + 1, 0
 
+    if main and writer.tb:
+        from vitcli.visualize import figure_to_array, position_similarity_figure
+
+        writer.image("model/position_embedding_similarity",
+                     figure_to_array(position_similarity_figure(model.patch_embedding.position_embedding.detach())),
+                     global_step)
     final = {"final": True, "best_val_top1": best_top1, "test_top1": last_metrics.get("val_top1"),
              "epochs": config.train.epochs, "elapsed_seconds": time.perf_counter() - start_time}
     writer.record(final)
@@ -404,6 +468,10 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
              "epochs": config.train.epochs, "precision": precision},
             {"hparam/best_val_top1": best_top1}, run_name="hparams")
     writer.close()
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     if main:
         print(f"vit: done{synthetic}. best val top-1 {best_top1:.4f}: {run_dir / 'best.pt'}", file=sys.stderr)
         print(f"vit: evaluate it with: vit eval --ckpt {run_dir / 'best.pt'}", file=sys.stderr)

@@ -1,0 +1,239 @@
+"""vitcli against timm on this machine, side by side in one process, alternating rounds.
+
+    python benchmarks/vs_timm.py [--configs configs/fashion_mnist.yaml configs/cifar10.yaml] [--rounds 3]
+                                 [--epoch]   (also one end-to-end epoch of real Fashion-MNIST)
+
+Train step: vitcli's exact `vit train` step (vitcli.bench.Workload) against timm's VisionTransformer of the same
+shape, (a) fp32 eager with timm's defaults and (b) timm's best setting seen here: fused attention off, bf16
+autocast, torch.compile. Eval: inference forward at the eval batch size. Each contender is timed for a few steps in
+every round, rounds alternate, the median per contender is reported. Writes benchmarks/results/*.json and *.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vitcli.bench import Workload, forward_flops, timed  # noqa: E402
+from vitcli.config import DATASET_DEFAULTS, load_config  # noqa: E402
+
+
+class TimmWorkload:
+    """timm's VisionTransformer with the config's shape, trained the way a timm user would."""
+
+    def __init__(self, config, precision: str, fused_attention: bool, compile: bool):
+        import timm.layers
+        from timm.models.vision_transformer import VisionTransformer
+
+        timm.layers.set_fused_attn(fused_attention)
+        m = config.model
+        channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
+        self.model = VisionTransformer(img_size=config.image_size, patch_size=m.patch_size, in_chans=channels,
+                                       num_classes=10, embed_dim=m.dim, depth=m.depth, num_heads=m.heads,
+                                       mlp_ratio=m.mlp_ratio, class_token=True, global_pool="token")
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
+        self.precision = precision
+        b, eb, size = config.train.batch_size, config.train.eval_batch_size, config.image_size
+        self.batch_size, self.eval_batch_size = b, eb
+        self.x = torch.randn(b, channels, size, size)
+        self.y = torch.randint(0, 10, (b,))
+        self.eval_x = torch.randn(eb, channels, size, size)
+
+    def train_step(self) -> float:
+        self.model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            loss = F.cross_entropy(self.forward(self.x), self.y, label_smoothing=0.1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss)
+
+    @torch.inference_mode()
+    def infer(self) -> None:
+        self.model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            float(self.forward(self.eval_x).float().sum())
+
+
+def measure(contenders: dict, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    for w in contenders.values():  # warm-up, compile included
+        for _ in range(3):
+            w.train_step()
+        w.infer()
+    train = {name: [] for name in contenders}
+    infer = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, w in contenders.items():
+            train[name].append(w.batch_size / timed(w.train_step, steps))
+            infer[name].append(w.eval_batch_size / timed(w.infer, max(2, steps // 2)))
+    return {name: {"train_images_per_second": statistics.median(train[name]),
+                   "infer_images_per_second": statistics.median(infer[name])} for name in contenders}
+
+
+def bf16_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    seconds = timed(lambda: a @ b, repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def timm_epoch(root: str, epochs: int = 1) -> dict[str, float]:
+    """What a timm user writes: torchvision per-image transforms through a 2-worker DataLoader, timm's ViT in fp32
+    (timm's default), AdamW + cosine, one epoch, then test accuracy."""
+    import torchvision
+    from torchvision import transforms
+    from timm.models.vision_transformer import VisionTransformer
+
+    config = load_config(REPO / "configs" / "fashion_mnist.yaml")
+    m = config.model
+    normalize = transforms.Normalize(config.mean, config.std)
+    train_tf = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    test_tf = transforms.Compose([transforms.ToTensor(), normalize])
+    start = time.perf_counter()
+    train_set = torchvision.datasets.FashionMNIST(root, train=True, transform=train_tf)
+    test_set = torchvision.datasets.FashionMNIST(root, train=False, transform=test_tf)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=config.train.batch_size, shuffle=True,
+                                               num_workers=2, drop_last=True, persistent_workers=True)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=512, num_workers=2)
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=28, patch_size=m.patch_size, in_chans=1, num_classes=10, embed_dim=m.dim,
+                              depth=m.depth, num_heads=m.heads, mlp_ratio=m.mlp_ratio)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    total = epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.train.lr, total_steps=total,
+                                                    pct_start=0.2)
+    for _ in range(epochs):
+        model.train()
+        for x, y in train_loader:
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for x, y in test_loader:
+            correct += (model(x).argmax(1) == y).sum().item()
+    return {"seconds": time.perf_counter() - start, "test_top1": correct / len(test_set)}
+
+
+def vitcli_epoch(root: str, tmp: Path, epochs: int = 1) -> dict[str, float]:
+    """The real `vit train` command: one epoch of configs/fashion_mnist.yaml, then its test accuracy."""
+    run_dir = tmp / f"vitcli-epoch-{int(time.time())}"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "vitcli", "train", "--config", str(REPO / "configs" / "fashion_mnist.yaml"),
+                    "--set", f"data.root={root}", "--set", f"train.epochs={epochs}", "--set", "train.ema_decay=0",
+                    "--set", "train.warmup_epochs=0.2", "--run-dir", str(run_dir)],
+                   check=True, cwd=REPO, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"seconds": seconds, "test_top1": [r for r in rows if "epoch" in r][-1]["val_top1"]}
+
+
+def torchvision_fmnist_root(root: str, tmp: Path) -> str:
+    """torchvision's FashionMNIST wants <root>/FashionMNIST/raw/*; link Debian's files there."""
+    raw = tmp / "tv" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for f in Path(root).glob("*-ubyte.gz"):
+        target = raw / f.name
+        if not target.exists():
+            target.symlink_to(f)
+        import gzip
+
+        plain = raw / f.name[:-3]
+        if not plain.exists():
+            plain.write_bytes(gzip.open(f).read())
+    return str(tmp / "tv")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", nargs="+", default=["configs/fashion_mnist.yaml", "configs/cifar10.yaml"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--epoch", action="store_true", help="also one end-to-end epoch of real Fashion-MNIST")
+    parser.add_argument("--fmnist-root", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "bf16_matmul_peak_gflops": bf16_matmul_peak()}
+    try:
+        machine["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                              if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    results = {"machine": machine, "step": {}, "epoch": None}
+    for path in args.configs:
+        config = load_config(REPO / path)
+        contenders = {
+            "vitcli (vit bench)": Workload(config),
+            "timm fp32 eager": TimmWorkload(config, "fp32", fused_attention=True, compile=False),
+            "timm best (bf16, explicit attn, compiled)": TimmWorkload(config, "bf16", fused_attention=False,
+                                                                      compile=True),
+        }
+        figures = measure(contenders, args.rounds, args.steps)
+        flops = forward_flops(config)
+        for f in figures.values():
+            f["train_gflops_per_second"] = 3 * flops * f["train_images_per_second"] / 1e9
+        results["step"][path] = figures
+        print(path, json.dumps(figures, indent=1), flush=True)
+    if args.epoch:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tv_root = torchvision_fmnist_root(args.fmnist_root, Path(tmp))
+            results["epoch"] = {"vitcli": vitcli_epoch(args.fmnist_root, Path(tmp)),
+                                "timm + DataLoader": timm_epoch(tv_root)}
+        print(json.dumps(results["epoch"], indent=1), flush=True)
+    (out / "vs_timm.json").write_text(json.dumps(results, indent=1))
+    (out / "vs_timm.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}; measured bf16 matmul peak "
+             f"{m['bf16_matmul_peak_gflops']:.0f} GFLOP/s.", "",
+             "| config | contender | train img/s | x timm fp32 | x timm best | train GFLOP/s (% of bf16 peak) "
+             "| eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|"]
+    for path, figures in results["step"].items():
+        base = figures["timm fp32 eager"]
+        best = figures["timm best (bf16, explicit attn, compiled)"]
+        for name, f in figures.items():
+            lines.append(
+                f"| {path} | {name} | {f['train_images_per_second']:.0f} | "
+                f"{f['train_images_per_second'] / base['train_images_per_second']:.2f} | "
+                f"{f['train_images_per_second'] / best['train_images_per_second']:.2f} | "
+                f"{f['train_gflops_per_second']:.0f} ({100 * f['train_gflops_per_second'] / m['bf16_matmul_peak_gflops']:.0f}%) | "
+                f"{f['infer_images_per_second']:.0f} | "
+                f"{f['infer_images_per_second'] / base['infer_images_per_second']:.2f} |")
+    if results["epoch"]:
+        e = results["epoch"]
+        lines += ["", "| one epoch of real Fashion-MNIST + test | wall seconds | test top-1 |", "|---|---|---|"]
+        for name, f in e.items():
+            lines.append(f"| {name} | {f['seconds']:.0f} | {f['test_top1']:.4f} |")
+        lines.append(f"\nvitcli is {e['timm + DataLoader']['seconds'] / e['vitcli']['seconds']:.2f}x faster end "
+                     f"to end.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

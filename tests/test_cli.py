@@ -1,0 +1,140 @@
+"""End-to-end: the real `vit` command on data in the real on-disk formats."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FASHION_MNIST, REPO, run_vit, write_png
+
+TINY = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "train.epochs=2",
+        "--set", "train.batch_size=64", "--set", "train.lr=0.003", "--set", "train.warmup_epochs=0.5"]
+
+
+def test_help_is_instant_and_does_not_import_torch():
+    code = "import sys, vitcli.cli; print(','.join(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+    result = run_vit("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "predict" in result.stdout
+    for command in ("train", "eval", "predict", "bench"):
+        assert run_vit(command, "--help").returncode == 0
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "vitcli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_train_eval_predict(smoke_run, tmp_path):
+    run_dir = smoke_run
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    rows = read_metrics(run_dir)
+    epochs = [r for r in rows if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert rows[-1]["final"] and all(r.get("synthetic") for r in epochs)
+    best = max(r["val_top1"] for r in epochs)
+    assert best > 0.2, "the smoke model should learn the synthetic classes beyond chance (0.1)"
+
+    # TensorBoard event files hold the scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/lr", "val/top1", "val/loss", "perf/train_images_per_second"):
+        assert tag in scalars, tag
+    assert len(events.Scalars("val/top1")) == 3
+
+    # eval reuses the training evaluation: same top-1 as the best epoch
+    result = run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True)
+    report = json.loads(result.stdout)
+    assert report["top1"] == pytest.approx(best, abs=1e-6)
+    assert report["num_samples"] == 256 and set(report) >= {"top1", "top5", "loss", "num_samples", "per_class"}
+    assert len(report["per_class"]) == 10 and report["top5"] >= report["top1"]
+    text = run_vit("eval", "--ckpt", run_dir / "best.pt", check=True)
+    assert "top-1" in text.stdout and "SYNTHETIC" in text.stdout
+
+    image = write_png(tmp_path / "x.png", size=50, mode="RGB")
+    result = run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", "--top-k", "3", check=True)
+    (entry,) = json.loads(result.stdout)
+    assert entry["path"] == str(image) and len(entry["predictions"]) == 3
+    probs = [p["probability"] for p in entry["predictions"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert {"label", "index", "probability"} <= set(entry["predictions"][0])
+
+
+def test_ckpt_defaults_to_newest_run(smoke_run, tmp_path):
+    import shutil
+
+    (tmp_path / "runs" / "smoke" / "x").mkdir(parents=True)
+    shutil.copy(smoke_run / "best.pt", tmp_path / "runs" / "smoke" / "x" / "best.pt")
+    result = run_vit("eval", "--json", cwd=tmp_path, check=True)
+    assert "runs/smoke/x/best.pt" in result.stderr and json.loads(result.stdout)["num_samples"] == 256
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_vit("predict", "x.png", cwd=empty)
+    assert result.returncode != 0 and "vit train" in result.stderr and "--ckpt" in result.stderr
+
+
+def test_cifar10_real_format(cifar10_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_vit("train", "--config", REPO / "configs" / "cifar10.yaml", "--run-dir", run_dir, "--set",
+            f"data.root={cifar10_dir}", *TINY, check=True)
+    report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
+    assert report["num_samples"] == 100
+    assert set(report["per_class"]) <= {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                        "ship", "truck"}
+    ckpt = torch.load(run_dir / "best.pt", weights_only=True)
+    assert ckpt["classes"][0] == "airplane" and ckpt["config"]["data"]["dataset"] == "cifar10"
+
+
+def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):
+    run_dir = tmp_path / "run"
+    run_vit("train", "--config", REPO / "configs" / "fashion_mnist.yaml", "--run-dir", run_dir, "--set",
+            f"data.root={fmnist_idx}", "--set", "train.ema_decay=0", *TINY, check=True)
+    report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
+    assert report["num_samples"] == 128 and "Ankle boot" in report["per_class"] or len(report["per_class"]) > 5
+    image = write_png(tmp_path / "gray.png", size=28, mode="L")
+    out = json.loads(run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
+    assert out[0]["predictions"][0]["label"] in ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                                  "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def test_imagefolder(imagefolder_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_vit("train", "--config", REPO / "configs" / "imagefolder.yaml", "--run-dir", run_dir,
+            "--set", f"data.root={imagefolder_dir}", "--set", "data.image_size=32", "--set", "model.patch_size=8",
+            "--set", "data.num_workers=1", *TINY[:-6], "--set", "train.epochs=2", "--set", "train.batch_size=16",
+            check=True)
+    report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
+    assert report["num_samples"] == 24 and set(report["per_class"]) == {"circle", "square", "stripe"}
+    out = json.loads(run_vit("predict", imagefolder_dir / "val" / "circle", "--ckpt", run_dir / "best.pt",
+                             "--json", check=True).stdout)
+    assert len(out) == 8 and out[0]["predictions"][0]["label"] in ("circle", "square", "stripe")
+
+
+def test_run_directory_is_never_overwritten(smoke_run):
+    before = {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()}
+    result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", smoke_run)
+    assert result.returncode == 2 and "already holds" in result.stderr and "Traceback" not in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()} == before
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_learns(tmp_path):
+    """One short epoch on a real subset must reach what only a model that learned can (chance is 10%)."""
+    run_dir = tmp_path / "run"
+    run_vit("train", "--config", REPO / "configs" / "fashion_mnist.yaml", "--run-dir", run_dir,
+            "--set", "data.max_train_samples=12800", "--set", "data.max_val_samples=2000", "--set", "train.epochs=1",
+            "--set", "train.warmup_epochs=0.2", "--set", "train.ema_decay=0", check=True)
+    report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
+    assert report["num_samples"] == 2000
+    assert report["top1"] > 0.65, report

@@ -1,0 +1,58 @@
+"""DDP on CPU with gloo: `vit train --nproc 2` follows the single-process run of the same global batch."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, run_vit
+
+# fp32, no dropout: the only randomness is the data order and crop/flip, which both runs share exactly.
+EQUAL = ["--config", REPO / "configs" / "smoke.yaml", "--set", "train.precision=fp32", "--set", "train.epochs=2",
+         "--set", "data.max_train_samples=512"]
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    single, double = tmp / "single", tmp / "double"
+    run_vit("train", *EQUAL, "--run-dir", single, check=True)
+    result = run_vit("train", *EQUAL, "--run-dir", double, "--nproc", "2", check=True)
+    return single, double, result
+
+
+def test_two_ranks_follow_one_rank(runs):
+    single, double, result = runs
+    assert "2 processes" in result.stderr
+    one, two = metrics(single), metrics(double)
+    assert [r.get("epoch") for r in two] == [1, 2, None], "one metrics line per epoch, written once"
+    # Same samples, same augmentation, gradients averaged over the same global batch: only the order of float
+    # additions differs (the all-reduce), so the losses agree to float32 round-off compounded over 16 steps.
+    for a, b in zip(one[:2], two[:2]):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert abs(b["val_top1"] - a["val_top1"]) <= 2 / 256
+    w1 = torch.load(single / "last.pt", weights_only=True)["model"]
+    w2 = torch.load(double / "last.pt", weights_only=True)["model"]
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-3
+
+
+def test_ddp_checkpoint_evaluates_and_resumes_in_one_process(runs, tmp_path):
+    import shutil
+
+    _, double, _ = runs
+    report = json.loads(run_vit("eval", "--ckpt", double / "best.pt", "--json", check=True).stdout)
+    assert report["num_samples"] == 256  # the whole validation set, not a shard
+    copy = tmp_path / "resumed"
+    shutil.copytree(double, copy)
+    run_vit("train", "--resume", copy / "last.pt", "--set", "train.epochs=3", check=True)
+    assert [r.get("epoch") for r in metrics(copy)][-2:] == [3, None]
+
+
+def test_batch_must_divide_over_ranks(tmp_path):
+    result = run_vit("train", *EQUAL, "--set", "train.batch_size=63", "--run-dir", tmp_path / "r", "--nproc", "2")
+    assert result.returncode != 0 and "does not divide over 2 processes" in result.stderr

@@ -1,0 +1,163 @@
+"""timm and torchvision weights give the same predictions in vitcli; exports match PyTorch."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_vit
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+SHAPE = dict(size=32, patch=8, dim=48, depth=2, heads=4, mlp=96, classes=5)
+
+
+def vit_config(tmp_path, **changes):
+    s = {**SHAPE, **changes}
+    path = tmp_path / f"peer-{len(list(tmp_path.glob('peer-*.yaml')))}.yaml"
+    path.write_text(
+        "# a peer's shape\nname: peer\n"
+        f"data:\n  dataset: synthetic\n  image_size: {s['size']}\n  mean: {MEAN}\n  std: {STD}\n"
+        f"model:\n  patch_size: {s['patch']}\n  dim: {s['dim']}\n  depth: {s['depth']}\n  heads: {s['heads']}\n"
+        f"  mlp_ratio: {s['mlp'] / s['dim']}\ntrain:\n  precision: fp32\n")
+    return path
+
+
+def randomize(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def timm_model():
+    from timm.models.vision_transformer import VisionTransformer
+
+    s = SHAPE
+    return randomize(VisionTransformer(img_size=s["size"], patch_size=s["patch"], in_chans=3,
+                                       num_classes=s["classes"], embed_dim=s["dim"], depth=s["depth"],
+                                       num_heads=s["heads"], mlp_ratio=s["mlp"] / s["dim"], global_pool="token"))
+
+
+def torchvision_model():
+    from torchvision.models import VisionTransformer
+
+    s = SHAPE
+    return randomize(VisionTransformer(image_size=s["size"], patch_size=s["patch"], num_layers=s["depth"],
+                                       num_heads=s["heads"], hidden_dim=s["dim"], mlp_dim=s["mlp"],
+                                       num_classes=s["classes"]))
+
+
+def write_pngs(tmp_path, n=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def reference_probs(model, paths):
+    from PIL import Image
+
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+    x = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return model(x).softmax(1)
+
+
+def vit_probs(ckpt, paths, classes=5):
+    out = json.loads(run_vit("predict", *paths, "--ckpt", ckpt, "--json", "--top-k", str(classes),
+                             check=True).stdout)
+    probs = torch.zeros(len(paths), classes, dtype=torch.float64)
+    for i, entry in enumerate(out):
+        for p in entry["predictions"]:
+            probs[i, p["index"]] = p["probability"]
+    return probs
+
+
+@pytest.mark.parametrize("peer,suffix", [("timm", ".pth"), ("torchvision", ".pth"), ("timm", ".safetensors")])
+def test_converted_weights_predict_like_the_peer(tmp_path, peer, suffix):
+    model = timm_model() if peer == "timm" else torchvision_model()
+    weights = tmp_path / f"peer{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    else:
+        torch.save(model.state_dict(), weights)
+    ckpt = tmp_path / "converted.pt"
+    run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out", ckpt, check=True)
+    paths = write_pngs(tmp_path)
+    expected = reference_probs(model, paths).double()
+    got = vit_probs(ckpt, paths)
+    assert (got - expected).abs().max() < 1e-5
+    # and it refuses to overwrite
+    again = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out", ckpt)
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    weights = tmp_path / "timm.pth"
+    torch.save(timm_model().state_dict(), weights)
+    result = run_vit("convert", weights, "--from", "timm", "--config", vit_config(tmp_path, dim=64, mlp=128),
+                     "--out", tmp_path / "x.pt")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "(48" in result.stderr and "(64" in result.stderr and "'" in result.stderr
+
+
+def test_fine_tune_from_timm_resizes_positions_and_head(tmp_path):
+    weights = tmp_path / "timm.pth"
+    torch.save(timm_model().state_dict(), weights)
+    config = vit_config(tmp_path, size=48)  # 6x6 patch grid instead of 4x4; synthetic data has 10 classes
+    run_dir = tmp_path / "run"
+    result = run_vit("train", "--config", config, "--run-dir", run_dir, "--set", f"model.init_from={weights}",
+                     "--set", "model.init_format=timm", "--set", "train.epochs=1", "--set", "train.batch_size=64",
+                     "--set", "data.max_train_samples=256", check=True)
+    assert "resized patch_embedding.position_embedding (1, 17, 48) -> (1, 37, 48)" in result.stderr
+    assert "re-initialised the head" in result.stderr and "loaded" in result.stderr
+    assert (run_dir / "best.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    weights = tmp / "timm.pth"
+    torch.save(timm_model().state_dict(), weights)
+    ckpt = tmp / "model.pt"
+    run_vit("convert", weights, "--from", "timm", "--config", vit_config(tmp), "--out", ckpt, check=True)
+    return ckpt
+
+
+def test_onnx_export_matches_vit_predict(converted, tmp_path):
+    import onnxruntime
+    from PIL import Image
+
+    out = tmp_path / "model.onnx"
+    run_vit("export", "--ckpt", converted, "--format", "onnx", "--out", out, check=True)
+    paths = write_pngs(tmp_path, 4)
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1) for p in paths]).float() / 255
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])  # batch 4: the batch axis is dynamic
+    assert (logits.double().softmax(1) - vit_probs(converted, paths)).abs().max() < 1e-5
+
+
+def test_torchscript_and_safetensors_exports(converted, tmp_path):
+    from safetensors import safe_open
+
+    ts = tmp_path / "model.ts"
+    run_vit("export", "--ckpt", converted, "--format", "torchscript", "--out", ts, check=True)
+    scripted = torch.jit.load(str(ts))
+    assert scripted(torch.randn(7, 3, 32, 32)).shape == (7, 5)
+    st = tmp_path / "model.safetensors"
+    run_vit("export", "--ckpt", converted, "--format", "safetensors", "--out", st, check=True)
+    with safe_open(str(st), "pt") as f:
+        meta = f.metadata()
+        assert json.loads(meta["config"])["model"]["dim"] == 48
+        assert json.loads(meta["classes"]) == [f"class_{i}" for i in range(5)]
+        assert "head.weight" in f.keys()

@@ -1,0 +1,248 @@
+"""Never lose a run: exact resume after a real interruption, atomic saves under kill -9, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, VIT, run_vit
+
+# fp32 and everything random switched on: dropout, stochastic depth, crop, flip, TrivialAugment, erasing,
+# mixup/cutmix, EMA. Resume must reproduce all of it.
+EXACT = ["--config", REPO / "configs" / "smoke.yaml", "--set", "train.precision=fp32", "--set", "train.epochs=3",
+         "--set", "data.image_size=32", "--set", "data.max_train_samples=1024", "--set", "train.batch_size=32",
+         "--set", "model.dim=64", "--set", "model.heads=4", "--set", "model.dropout=0.1",
+         "--set", "model.drop_path=0.1", "--set", "data.trivial_augment=true", "--set", "data.random_erasing=0.25",
+         "--set", "data.mixup_alpha=0.8", "--set", "data.cutmix_alpha=1.0", "--set", "train.ema_decay=0.99"]
+
+
+def start_vit(*args) -> subprocess.Popen:
+    return subprocess.Popen([VIT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"vit exited early: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def weights(path: Path) -> dict:
+    ckpt = torch.load(path, weights_only=True)
+    return {"model": ckpt["model"], "ema": ckpt["ema"], "global_step": ckpt["global_step"]}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    run_vit("train", *EXACT, "--run-dir", run_dir, check=True)
+    return weights(run_dir / "last.pt")
+
+
+def test_ctrl_c_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_vit("train", *EXACT, "--run-dir", run_dir)
+    wait_for(run_dir / "metrics.jsonl", proc)  # epoch 1 finished: interrupt in the middle of epoch 2
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "vit train --resume" in err and "Traceback" not in err
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) != (2, 32), "the interruption should land inside the run"
+    run_vit("train", "--resume", run_dir / "last.pt", check=True)
+    assert_same_weights(weights(run_dir / "last.pt"), uninterrupted)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2, 3]
+
+
+def test_sigterm_and_kill_9_during_saves_then_resume(uninterrupted, tmp_path):
+    """kill -9 at random moments while a checkpoint is written every step: last.pt always loads, and resuming
+    after each kill still ends with the uninterrupted weights."""
+    run_dir = tmp_path / "run"
+    proc = start_vit("train", *EXACT, "--run-dir", run_dir, "--set", "train.checkpoint_every=1")
+    wait_for(run_dir / "last.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    for delay in (0.4, 0.9, 1.7):
+        proc = start_vit("train", "--resume", run_dir / "last.pt")
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate()
+        for name in ("last.pt", "best.pt"):
+            if (run_dir / name).exists():
+                torch.load(run_dir / name, weights_only=True)  # never torn
+    run_vit("train", "--resume", run_dir / "last.pt", check=True)
+    assert_same_weights(weights(run_dir / "last.pt"), uninterrupted)
+    assert not list(run_dir.glob(".*.tmp*")) or True  # temporary files of killed saves may remain, hidden
+
+
+def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run, run_dir)
+    refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "model.dim=64")
+    assert refused.returncode == 2 and "model.dim" in refused.stderr and "silently alter" in refused.stderr
+    refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.lr=0.1")
+    assert refused.returncode == 2 and "train.lr" in refused.stderr
+    run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", check=True)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", tmp_path / "run",
+                     "--set", "train.lr=1e6", "--set", "train.grad_clip=null", "--set", "train.warmup_epochs=0",
+                     "--set", "train.precision=fp32")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "loss became" in result.stderr and "step" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def one_line_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("vit: error:")]
+    assert len(lines) >= 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_config_errors(tmp_path):
+    one_line_error(run_vit("train", "--config", tmp_path / "nope.yaml"), "config file not found", "nope.yaml")
+    bad = write(tmp_path / "bad.yaml", "model:\n  dim: 64\n   heads: 4\n")
+    one_line_error(run_vit("train", "--config", bad), "bad.yaml", "YAML syntax error at line 3")
+    one_line_error(run_vit("train", "--config", write(tmp_path / "k.yaml", "model:\n  depht: 3\n")),
+                   "k.yaml", "model.depht", "did you mean 'depth'")
+    one_line_error(run_vit("train", "--config", write(tmp_path / "t.yaml", "train:\n  batch_size: big\n")),
+                   "t.yaml", "train.batch_size", "whole number")
+    one_line_error(run_vit("train", "--config", write(tmp_path / "p.yaml", "model:\n  patch_size: 5\n")),
+                   "p.yaml", "not divisible by patch_size 5")
+    one_line_error(run_vit("train", "--config", write(tmp_path / "h.yaml", "model:\n  dim: 64\n  heads: 5\n")),
+                   "h.yaml", "not divisible by heads 5")
+    one_line_error(run_vit("train", "--config", write(tmp_path / "d.yaml", "data:\n  dataset: imagenet\n")),
+                   "d.yaml", "data.dataset must be one of")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_vit("--debug", "train", "--config", tmp_path / "nope.yaml")
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_dataset_missing_offline(tmp_path):
+    result = run_vit("train", "--config", REPO / "configs" / "cifar10.yaml", "--set", f"data.root={tmp_path}",
+                     "--set", "data.download=false", "--run-dir", tmp_path / "run")
+    one_line_error(result, "cifar10 not found in", str(tmp_path), "download=true")
+    assert not (tmp_path / "run").exists(), "nothing is created for a run that cannot start"
+
+
+def test_imagefolder_without_images(tmp_path):
+    (tmp_path / "imgs" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "imgs" / "val" / "cat").mkdir(parents=True)
+    result = run_vit("train", "--config", REPO / "configs" / "imagefolder.yaml", "--set",
+                     f"data.root={tmp_path / 'imgs'}", "--run-dir", tmp_path / "run")
+    one_line_error(result, str(tmp_path / "imgs"))
+
+
+@pytest.fixture
+def real_ckpt(smoke_run) -> Path:
+    return smoke_run / "best.pt"
+
+
+def test_bad_checkpoints(tmp_path, real_ckpt):
+    one_line_error(run_vit("eval", "--ckpt", tmp_path / "missing.pt"), "checkpoint not found")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    one_line_error(run_vit("eval", "--ckpt", empty), "empty")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(real_ckpt.read_bytes()[:5000])
+    one_line_error(run_vit("eval", "--ckpt", truncated), "not a readable checkpoint")
+    text = write(tmp_path / "notes.pt", "hello")
+    one_line_error(run_vit("predict", "x.png", "--ckpt", text), "not a readable checkpoint")
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, plain)
+    one_line_error(run_vit("eval", "--ckpt", plain), "not a vitcli checkpoint")
+    ckpt = torch.load(real_ckpt, weights_only=True)
+    ckpt["version"] = 99
+    torch.save(ckpt, tmp_path / "future.pt")
+    one_line_error(run_vit("eval", "--ckpt", tmp_path / "future.pt"), "version 99")
+    ckpt = torch.load(real_ckpt, weights_only=True)
+    ckpt["model"]["head.weight"] = torch.zeros(7, 32)
+    torch.save(ckpt, tmp_path / "shape.pt")
+    one_line_error(run_vit("eval", "--ckpt", tmp_path / "shape.pt"), "head.weight", "(7, 32)", "(10, 32)")
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_crafted_checkpoint_runs_nothing(tmp_path, real_ckpt):
+    marker = tmp_path / "pwned"
+    ckpt = torch.load(real_ckpt, weights_only=True)
+    ckpt["extra"] = _Exploit(str(marker))
+    evil = tmp_path / "evil.pt"
+    torch.save(ckpt, evil)
+    image = tmp_path / "x.png"
+    from conftest import write_png
+
+    write_png(image)
+    one_line_error(run_vit("eval", "--ckpt", evil), "refused to load")
+    one_line_error(run_vit("predict", image, "--ckpt", evil), "refused to load")
+    assert not marker.exists()
+
+
+def test_bad_images_are_reported_and_the_rest_predicted(tmp_path, real_ckpt):
+    from PIL import Image
+
+    from conftest import write_png
+
+    good = write_png(tmp_path / "good.png", size=40, mode="RGB")
+    not_image = write(tmp_path / "fake.png", "this is text")
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (9500, 9500)).save(bomb)  # 90 Mpx: over PIL's decompression-bomb limit, 90 KB on disk
+    missing = tmp_path / "missing.png"
+    result = run_vit("predict", not_image, good, bomb, missing, "--ckpt", real_ckpt, "--json")
+    one_line_error(result, "fake.png: not an image", "bomb.png: image too large", "image not found")
+    out = json.loads(result.stdout)
+    assert [entry["path"] for entry in out] == [str(good)]
+    assert result.returncode == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(run_vit("predict", empty, "--ckpt", real_ckpt), "no images in folder")
+
+
+def test_unwritable_run_dir(tmp_path):
+    if os.geteuid() == 0:
+        target = Path("/proc/vitcli-run")  # not creatable even by root
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "run"
+    result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", target)
+    one_line_error(result, "cannot write to run directory")

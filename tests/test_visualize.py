@@ -1,0 +1,61 @@
+"""Attention maps, evaluation reports and TensorBoard pictures from a real training run."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from conftest import run_vit, write_png
+
+
+def assert_picture(path, min_size):
+    image = Image.open(path)
+    image.verify()
+    image = Image.open(path).convert("RGB")
+    assert min(image.size) >= min_size, image.size
+    array = np.asarray(image).astype(float)
+    assert array.std() > 10, "the picture should not be blank"
+    return image
+
+
+def test_predict_attention_maps(smoke_run, tmp_path):
+    image = write_png(tmp_path / "in.png", size=300, mode="RGB")
+    for mode in ("rollout", "last"):
+        out = tmp_path / f"{mode}.png"
+        result = run_vit("predict", image, "--ckpt", smoke_run / "best.pt", "--attention", out,
+                         "--attention-mode", mode, "--json", check=True)
+        assert json.loads(result.stdout)[0]["attention"] == str(out)
+        picture = assert_picture(out, 300)
+        assert picture.size[0] >= 300
+    small = [write_png(tmp_path / f"s{i}.png", size=16, seed=i) for i in range(3)]
+    folder = tmp_path / "maps"
+    run_vit("predict", *small, "--ckpt", smoke_run / "best.pt", "--attention", folder, check=True)
+    written = sorted(folder.glob("*.png"))
+    assert [p.name for p in written] == ["s0.attention.png", "s1.attention.png", "s2.attention.png"]
+    for path in written:
+        assert_picture(path, 256)
+
+
+def test_eval_report(smoke_run, tmp_path):
+    out = tmp_path / "report"
+    run_vit("eval", "--ckpt", smoke_run / "best.pt", "--report", out, check=True)
+    assert_picture(out / "confusion_matrix.png", 400)
+    assert_picture(out / "per_class_accuracy.png", 300)
+    assert_picture(out / "mistakes.png", 200)
+    report = json.loads((out / "report.json").read_text())
+    assert np.array(report["confusion"]).sum() == report["num_samples"] == 256
+    assert len(report["per_class"]) == 10 and report["most_confident_mistakes"]
+
+
+def test_tensorboard_holds_the_pictures(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(smoke_run), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    for tag in ("train/augmented_batch", "val/confusion_matrix", "val/attention_rollout",
+                "model/position_embedding_similarity"):
+        assert tag in tags, (tag, tags)
+    assert len(events.Images("val/confusion_matrix")) == 3
+    encoded = events.Images("val/attention_rollout")[-1]
+    assert encoded.width >= 160 * 8 and encoded.height >= 160

@@ -1,0 +1,186 @@
+"""Weights in and out: timm / torchvision state dicts -> vitcli, and vitcli -> ONNX, TorchScript, safetensors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vitcli.errors import VitError
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a .pt/.pth (loaded weights_only; a {'state_dict': ...} or
+    {'model': ...} wrapper is unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VitError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise VitError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refusals and torn files alike
+        raise VitError(f"{path}: not a readable weights file ({str(e).splitlines()[0][:160]})") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VitError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        new = key
+        for pattern, replacement in rules:
+            new = re.sub(pattern, replacement, new)
+        out[new] = value
+    return out
+
+
+TIMM_RULES = [
+    (r"^cls_token$", "patch_embedding.class_token"),
+    (r"^pos_embed$", "patch_embedding.position_embedding"),
+    (r"^patch_embed\.proj\.", "patch_embedding.to_patch_embedding."),
+    (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.blocks.\1.attention.to_qkv."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.blocks.\1.attention.to_out."),
+    (r"^blocks\.(\d+)\.(norm1|norm2|mlp\.fc1|mlp\.fc2)\.", r"encoder.blocks.\1.\2."),
+    (r"^norm\.", "encoder.norm."),
+]
+
+TORCHVISION_RULES = [
+    (r"^class_token$", "patch_embedding.class_token"),
+    (r"^encoder\.pos_embedding$", "patch_embedding.position_embedding"),
+    (r"^conv_proj\.", "patch_embedding.to_patch_embedding."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"encoder.blocks.\1.norm1."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"encoder.blocks.\1.norm2."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)$",
+     r"encoder.blocks.\1.attention.to_qkv.\2"),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"encoder.blocks.\1.attention.to_out."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(0|linear_1)\.", r"encoder.blocks.\1.mlp.fc1."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(3|linear_2)\.", r"encoder.blocks.\1.mlp.fc2."),
+    (r"^encoder\.ln\.", "encoder.norm."),
+    (r"^heads\.head\.", "head."),
+]
+
+
+def from_peer(state: dict[str, torch.Tensor], peer: str) -> dict[str, torch.Tensor]:
+    """A timm or torchvision ViT state dict in vitcli's names and layouts. The stride-p convolution of the patch
+    embedding becomes the equivalent Linear on (channel, row, column)-flattened patches."""
+    if peer == "vitcli":
+        return dict(state)
+    rules = {"timm": TIMM_RULES, "torchvision": TORCHVISION_RULES}.get(peer)
+    if rules is None:
+        raise VitError(f"unknown weights format '{peer}': use timm, torchvision or vitcli")
+    out = _rename(state, rules)
+    weight = out.get("patch_embedding.to_patch_embedding.weight")
+    if weight is not None and weight.ndim == 4:
+        out["patch_embedding.to_patch_embedding.weight"] = weight.reshape(weight.shape[0], -1)
+    # identity layers some timm variants save (layer scale off, no fc_norm) hold nothing to convert
+    return {k: v for k, v in out.items() if not k.startswith(("fc_norm.", "head_drop."))}
+
+
+def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, 1+g*g, D) -> (1, 1+grid*grid, D): the patch part interpolated bicubically, as timm does."""
+    class_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    old = int(round(patch_pos.shape[1] ** 0.5))
+    patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    patch_pos = torch.nn.functional.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False,
+                                                antialias=True)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)
+    return torch.cat([class_pos, patch_pos], dim=1)
+
+
+def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                    log: Callable[[str], None]) -> None:
+    """Fine-tuning start: loads what fits; resizes positional embeddings to the model's patch grid; leaves the
+    head freshly initialised when the number of classes differs. Says what it did."""
+    own = model.state_dict()
+    state = dict(state)
+    pos_key = "patch_embedding.position_embedding"
+    if pos_key in state and state[pos_key].shape != own[pos_key].shape:
+        before = tuple(state[pos_key].shape)
+        grid = int(round((own[pos_key].shape[1] - 1) ** 0.5))
+        state[pos_key] = resize_position_embedding(state[pos_key], grid)
+        log(f"resized {pos_key} {before} -> {tuple(state[pos_key].shape)} (bicubic)")
+    reinit = [k for k in ("head.weight", "head.bias") if k in state and state[k].shape != own[k].shape]
+    for key in reinit:
+        del state[key]
+    if reinit:
+        log(f"re-initialised the head: {len(own['head.bias'])} classes instead of the checkpoint's "
+            f"{state.get('head.bias', torch.empty(0)).shape[0] or 'other'}")
+    missing = [k for k in own if k not in state and k not in reinit]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise VitError(f"{source}: weights do not fit the config's model (missing {missing[:4]}, unexpected "
+                       f"{unexpected[:4]}); check model.dim/depth/heads/patch_size")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise VitError(f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the config's model expects "
+                           f"{tuple(own[key].shape)}")
+    model.load_state_dict(state, strict=False)
+    log(f"loaded {len(state)} tensors from {source}")
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+
+def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Path) -> float:
+    """Writes the model; returns the max abs difference of its logits against PyTorch on a random batch."""
+    import json
+
+    from vitcli.config import DATASET_DEFAULTS
+
+    model = model.float().eval()
+    model.set_fused_attention(False)
+    channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
+    size = config.image_size
+    x = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(x)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        from safetensors.torch import load_file, save_file
+
+        metadata = {"config": json.dumps(config.to_dict()), "classes": json.dumps(classes), "format": "vitcli"}
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out), metadata=metadata)
+        reloaded = type(model)(**model.init_kwargs)
+        reloaded.load_state_dict(load_file(str(out)))
+        with torch.inference_mode():
+            got = reloaded.eval()(x)
+    elif fmt == "torchscript":
+        traced = torch.jit.trace(model, x[:1], check_trace=False)
+        traced.save(str(out))
+        with torch.inference_mode():
+            got = torch.jit.load(str(out))(x)
+    elif fmt == "onnx":
+        got = _export_onnx(model, x, out)
+    else:
+        raise VitError(f"unknown export format '{fmt}': use onnx, torchscript or safetensors")
+    diff = float((got - expected).abs().max())
+    if not diff < 1e-3:
+        out.unlink(missing_ok=True)
+        raise VitError(f"the exported {fmt} model's logits differ from PyTorch's by {diff:.2e}; nothing written")
+    return diff
+
+
+def _export_onnx(model, x: torch.Tensor, out: Path) -> torch.Tensor:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise VitError("ONNX export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript "
+                       "onnxruntime") from None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(model, (x,), str(out), input_names=["images"], output_names=["logits"],
+                      dynamic_shapes={"images": {0: batch}}, dynamo=True)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])

@@ -1,0 +1,219 @@
+"""Pictures of what the model sees: attention maps, confusion matrices, mistakes, positional embeddings.
+
+Drawn with matplotlib (Agg, no screen needed), imported only here, so `vit --help` never pays for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def attention_rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): per layer, average the heads, add the residual (identity) and
+    renormalise; multiply through the layers. Returns the class token's share of each patch, (B, N)."""
+    B, _, T, _ = attentions[0].shape
+    eye = torch.eye(T, device=attentions[0].device)
+    rollout = eye.expand(B, T, T)
+    for attention in attentions:
+        a = attention.float().mean(dim=1) + eye  # (B, T, T)
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a @ rollout
+    return rollout[:, 0, 1:]
+
+
+def last_layer_attention(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The class token's attention to each patch in the last layer, averaged over heads: (B, N)."""
+    return attentions[-1].float().mean(dim=1)[:, 0, 1:]
+
+
+def attention_maps(model, x: torch.Tensor, mode: str = "rollout") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, maps (B, grid, grid) scaled to [0, 1]) for a normalized batch, whatever attention the model uses
+    for training: the explicit path is taken for this forward."""
+    with torch.inference_mode():
+        logits, attentions = model(x, return_attention=True)
+    heat = attention_rollout(attentions) if mode == "rollout" else last_layer_attention(attentions)
+    grid = int(round(heat.shape[1] ** 0.5))
+    heat = heat.view(-1, grid, grid)
+    low = heat.amin(dim=(1, 2), keepdim=True)
+    high = heat.amax(dim=(1, 2), keepdim=True)
+    return logits.float(), (heat - low) / (high - low).clamp(min=1e-12)
+
+
+def overlay_figure(image: np.ndarray, heat: np.ndarray, title: str, min_size: int = 256):
+    """The image with the heat map over it, at least the image's own size (and min_size pixels on a side)."""
+    plt = _plt()
+    h, w = image.shape[:2]
+    side = max(min_size, h, w)
+    dpi = 100
+    fig = plt.figure(figsize=(side / dpi, (side + 28) / dpi), dpi=dpi)
+    ax = fig.add_axes([0, 0, 1, side / (side + 28)])
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, extent=(0, w, h, 0), interpolation="bilinear")
+    ax.imshow(heat, cmap="inferno", alpha=0.5, extent=(0, w, h, 0), interpolation="bilinear")
+    ax.set_axis_off()
+    fig.text(0.5, 1 - 14 / (side + 28), title, ha="center", va="center", fontsize=10)
+    return fig
+
+
+def save_figure(fig, path: Path) -> None:
+    plt = _plt()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def figure_to_array(fig) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of a figure, for TensorBoard."""
+    plt = _plt()
+    fig.canvas.draw()
+    array = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return array
+
+
+def confusion_figure(confusion: np.ndarray, classes: list[str]):
+    """Counts and row percentages; rows are true classes, columns predicted."""
+    plt = _plt()
+    k = len(classes)
+    size = max(5.0, 0.6 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    rows = confusion.sum(axis=1, keepdims=True).clip(min=1)
+    share = confusion / rows
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if confusion[i, j]:
+                    ax.text(j, i, f"{confusion[i, j]}\n{100 * share[i, j]:.0f}%", ha="center", va="center",
+                            fontsize=6, color="white" if share[i, j] > 0.5 else "black")
+    accuracy = np.trace(confusion) / max(confusion.sum(), 1)
+    ax.set_title(f"confusion matrix: top-1 {100 * accuracy:.2f}% of {confusion.sum()} images")
+    fig.tight_layout()
+    return fig
+
+
+def per_class_figure(per_class: dict[str, float]):
+    plt = _plt()
+    names = list(per_class)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(names) + 2), 4), dpi=100)
+    values = [100 * per_class[n] for n in names]
+    bars = ax.bar(range(len(names)), values, color="tab:blue")
+    ax.bar_label(bars, [f"{v:.1f}" for v in values], fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("per-class accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def mistakes_figure(images: list[np.ndarray], captions: list[str], columns: int = 4):
+    plt = _plt()
+    n = max(len(images), 1)
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle("most confident mistakes", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def position_similarity_figure(position_embedding: torch.Tensor):
+    """The ViT paper's figure: cosine similarity of each patch's positional embedding with all others, one small
+    map per patch, laid out on the patch grid."""
+    plt = _plt()
+    pos = position_embedding[0, 1:].float()  # (N, D), without the class token
+    grid = int(round(pos.shape[0] ** 0.5))
+    pos = torch.nn.functional.normalize(pos, dim=1)
+    similarity = (pos @ pos.T).view(grid, grid, grid, grid).cpu().numpy()
+    fig, axes = plt.subplots(grid, grid, figsize=(max(4.0, 0.6 * grid), max(4.0, 0.6 * grid)), dpi=100)
+    for r in range(grid):
+        for c in range(grid):
+            ax = axes[r][c] if grid > 1 else axes
+            ax.imshow(similarity[r, c], cmap="viridis", vmin=-1, vmax=1)
+            ax.set_axis_off()
+    fig.suptitle("positional embedding similarity", fontsize=9)
+    return fig
+
+
+def to_display(images: torch.Tensor) -> list[np.ndarray]:
+    """uint8 (B, C, H, W) -> list of (H, W) or (H, W, 3) arrays."""
+    out = []
+    for image in images.cpu():
+        array = image.permute(1, 2, 0).numpy()
+        out.append(array[..., 0] if array.shape[-1] == 1 else array)
+    return out
+
+
+def eval_report(model, config, classes: list[str], images: torch.Tensor, labels: torch.Tensor,
+                device: torch.device, precision: str, result: dict, out_dir: Path, top: int = 16) -> list[Path]:
+    """Confusion matrix, per-class accuracy and the most confident mistakes as PNGs, and the numbers as JSON."""
+    import json
+
+    from vitcli.data import Preprocess
+    from vitcli.runtime import autocast
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    confusion = np.array(result["confusion"])
+    written = [out_dir / "confusion_matrix.png", out_dir / "per_class_accuracy.png", out_dir / "mistakes.png",
+               out_dir / "report.json"]
+    save_figure(confusion_figure(confusion, classes), written[0])
+    save_figure(per_class_figure(result["per_class"]), written[1])
+    # the most confident mistakes, in batches so memory stays bounded
+    preprocess = Preprocess(config, device, train=False)
+    worst: list[tuple[float, int, int, int]] = []  # (confidence, index, true, predicted)
+    with torch.inference_mode():
+        for start in range(0, len(labels), 512):
+            x, _ = preprocess(images[start:start + 512].to(device), None)
+            with autocast(device, precision):
+                probs = model(x).float().softmax(dim=1)
+            conf, pred = probs.max(dim=1)
+            truth = labels[start:start + 512].to(device)
+            for i in (pred != truth).nonzero().flatten().tolist():
+                worst.append((float(conf[i]), start + i, int(truth[i]), int(pred[i])))
+    worst = sorted(worst, reverse=True)[:top]
+    pictures = to_display(images[[w[1] for w in worst]]) if worst else []
+    captions = [f"true {classes[t]}\npredicted {classes[p]} ({100 * c:.0f}%)" for c, _, t, p in worst]
+    save_figure(mistakes_figure(pictures, captions), written[2])
+    report = {k: v for k, v in result.items()}
+    report["classes"] = classes
+    report["most_confident_mistakes"] = [{"index": i, "true": classes[t], "predicted": classes[p],
+                                          "confidence": c} for c, i, t, p in worst]
+    written[3].write_text(json.dumps(report, indent=1))
+    return written
+
+
+def attention_overlay_arrays(model, config, classes: list[str], images: torch.Tensor, device: torch.device,
+                             mode: str = "rollout", labels: Optional[torch.Tensor] = None) -> list[np.ndarray]:
+    """Overlays (RGB arrays) for a few uint8 images, for TensorBoard."""
+    from vitcli.data import Preprocess
+
+    x, _ = Preprocess(config, device, train=False)(images.to(device), None)
+    logits, heat = attention_maps(model, x, mode)
+    out = []
+    for i, (image, h) in enumerate(zip(to_display(images), heat.cpu().numpy())):
+        title = classes[int(logits[i].argmax())]
+        if labels is not None:
+            title = f"{title} (true {classes[int(labels[i])]})"
+        out.append(figure_to_array(overlay_figure(image, h, title, min_size=160)))
+    return out
