@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_vit
+from conftest import run_vit
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 SHAPE = dict(size=32, patch=8, dim=48, depth=2, heads=4, mlp=96, classes=5)

@@ -88,7 +88,7 @@ def test_sigterm_and_kill_9_during_saves_then_resume(uninterrupted, tmp_path):
                 torch.load(run_dir / name, weights_only=True)  # never torn
     run_vit("train", "--resume", run_dir / "last.pt", check=True)
     assert_same_weights(weights(run_dir / "last.pt"), uninterrupted)
-    assert not list(run_dir.glob(".*.tmp*")) or True  # temporary files of killed saves may remain, hidden
+    assert not list(run_dir.glob(".*.tmp*")), "temporary files of killed saves are cleaned up on resume"
 
 
 def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
@@ -100,6 +100,8 @@ def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     assert refused.returncode == 2 and "model.dim" in refused.stderr and "silently alter" in refused.stderr
     refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.lr=0.1")
     assert refused.returncode == 2 and "train.lr" in refused.stderr
+    finished = run_vit("train", "--resume", run_dir / "last.pt")
+    assert finished.returncode == 2 and "already finished" in finished.stderr
     run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", check=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2, 3, 4]

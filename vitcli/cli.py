@@ -223,8 +223,6 @@ def predict(
     """Top-k classes for each image, optionally with its attention map."""
 
     def body():
-        import torch
-
         from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
         from vitcli.errors import VitError
         from vitcli.predict import expand_inputs, image_to_tensor, open_image
@@ -247,7 +245,8 @@ def predict(
             attention_paths = attention_outputs(attention, paths)
         for image_path in paths:
             try:
-                tensor = image_to_tensor(open_image(image_path), config)
+                image = open_image(image_path)
+                tensor = image_to_tensor(image, config)
             except VitError as e:
                 err(f"error: {e}")
                 failures += 1
@@ -256,7 +255,7 @@ def predict(
             entry = {"path": str(image_path), "predictions": predictions}
             if attention is not None:
                 entry["attention"] = str(write_attention(model, config, classes, tensor, dev, attention_mode,
-                                                         attention_paths[image_path], image_path))
+                                                         attention_paths[image_path], image))
             results.append(entry)
             if not json_:
                 best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in predictions)
@@ -283,21 +282,19 @@ def attention_outputs(out: Path, paths: list[Path]) -> dict[Path, Path]:
     return names
 
 
-def write_attention(model, config, classes, tensor, device, mode: str, out: Path, source: Path) -> Path:
+def write_attention(model, config, classes, tensor, device, mode: str, out: Path, original) -> Path:
     """The image at its own size (at least 256 px) with the attention heat map and the predicted label."""
     import numpy as np
     import torch.nn.functional as F
 
     from vitcli.data import Preprocess
     from vitcli.errors import VitError
-    from vitcli.predict import open_image
     from vitcli.visualize import attention_maps, overlay_figure, save_figure
 
     x, _ = Preprocess(config, device, train=False)(tensor[None].to(device), None)
     logits, heat = attention_maps(model, x, mode)
     probs = logits.softmax(dim=1)[0]
     label = classes[int(probs.argmax())]
-    original = open_image(source)
     original = original.convert("L" if tensor.shape[0] == 1 else "RGB")
     image = np.asarray(original)
     heat = F.interpolate(heat[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]

@@ -179,12 +179,14 @@ def load_array_dataset(config: Config, split: str) -> ArrayDataset:
     if d.dataset == "synthetic":
         data = load_synthetic(config, split)
     else:
-        if d.download:
-            _download(d.dataset, root)
-        if d.dataset in ("mnist", "fashion_mnist"):
-            data = load_idx_dataset(d.dataset, root, split)
-        else:
-            data = load_cifar(d.dataset, root, split)
+        read = load_idx_dataset if d.dataset in ("mnist", "fashion_mnist") else load_cifar
+        try:
+            data = read(d.dataset, root, split)
+        except VitError:
+            if not d.download:
+                raise
+            _download(d.dataset, root)  # only when the files are not there yet
+            data = read(d.dataset, root, split)
     limit = d.max_train_samples if split == "train" else d.max_val_samples
     if limit is not None and limit < len(data):
         data = ArrayDataset(data.images[:limit], data.labels[:limit], data.classes)

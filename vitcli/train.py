@@ -22,7 +22,7 @@ from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import Interrupted, VitError
 from vitcli.evaluate import evaluate
 from vitcli.model import build_model, no_weight_decay
-from vitcli.runtime import (Distributed, all_reduce_sum, autocast, init_distributed, resolve_attention,
+from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
                             resolve_device, resolve_precision)
 
 # Keys that may differ on --resume: they do not change what the run computes.
@@ -309,6 +309,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         if start_step >= train_data.steps_per_epoch:
             epoch, start_step = epoch + 1, 0
             epoch_stats = {k: 0.0 for k in epoch_stats}
+        if epoch >= config.train.epochs:
+            raise VitError(f"--resume {resume}: this run already finished its {config.train.epochs} epochs; "
+                           f"extend it with --set train.epochs={config.train.epochs + 10} (for example)")
     train_model = model
     if dist_info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -324,9 +327,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     if main:
         if ckpt is None:
             prepare_run_dir(run_dir)
-            (run_dir / "config.yaml").write_text(config.to_yaml())
-        else:
-            (run_dir / "config.yaml").write_text(config.to_yaml())
+        for stale in run_dir.glob(".*.pt.tmp*"):  # left by a save that was killed half-way
+            stale.unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume: with the extended epochs
     writer = MetricsWriter(run_dir, main)
     total_steps = config.train.epochs * train_data.steps_per_epoch
     warmup_steps = round(config.train.warmup_epochs * train_data.steps_per_epoch)
