@@ -19,6 +19,7 @@ def test_precedence_defaults_file_then_set(tmp_path):
 def test_ints_are_accepted_for_floats_and_resolved_values():
     config = build_config({"train": {"lr": 1}, "data": {"dataset": "fashion_mnist"}})
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert build_config({}, ["train.lr=3e-4"]).train.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string
     assert config.image_size == 28 and config.mean == [0.2860]
 
 
