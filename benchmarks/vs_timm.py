@@ -12,6 +12,8 @@ every round, rounds alternate, the median per contender is reported. Writes benc
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gzip
 import json
 import platform
 import statistics
@@ -154,8 +156,6 @@ def torchvision_fmnist_root(root: str, tmp: Path) -> str:
         target = raw / f.name
         if not target.exists():
             target.symlink_to(f)
-        import gzip
-
         plain = raw / f.name[:-3]
         if not plain.exists():
             plain.write_bytes(gzip.open(f).read())
@@ -183,12 +183,15 @@ def main() -> None:
     results = {"machine": machine, "step": {}, "epoch": None}
     for path in args.configs:
         config = load_config(REPO / path)
-        contenders = {
-            "vitcli (vit bench)": Workload(config),
+        contenders = {"vitcli (vit bench)": Workload(config)}
+        if config.model.stem != "linear":  # timm's ViT has the linear patch embedding: compare that shape too
+            linear = dataclasses.replace(config, model=dataclasses.replace(config.model, stem="linear"))
+            contenders["vitcli, linear stem (timm's shape)"] = Workload(linear)
+        contenders.update({
             "timm fp32 eager": TimmWorkload(config, "fp32", fused_attention=True, compile=False),
             "timm best (bf16, explicit attn, compiled)": TimmWorkload(config, "bf16", fused_attention=False,
                                                                       compile=True),
-        }
+        })
         figures = measure(contenders, args.rounds, args.steps)
         flops = forward_flops(config)
         for f in figures.values():
