@@ -61,7 +61,7 @@ class TimmWorkload:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.inference_mode()
     def infer(self) -> None:

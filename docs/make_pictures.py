@@ -33,6 +33,26 @@ def test_images(indices: list[int]) -> list[np.ndarray]:
     return [images[i] for i in indices]
 
 
+def test_labels(count: int) -> list[int]:
+    return list(gzip.open(FMNIST / "t10k-labels-idx1-ubyte.gz").read()[8:8 + count])
+
+
+def attention_strip(ckpt: Path) -> np.ndarray:
+    """TensorBoard's attention strip (the first 8 test images, as training watches them), from best.pt: the
+    same picture as the run's last one, redrawn with the current labels' layout."""
+    import torch
+
+    from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
+    from vitcli.visualize import attention_overlay_arrays
+
+    checkpoint = load_checkpoint(ckpt)
+    model = model_from_checkpoint(checkpoint, ckpt)
+    images = torch.from_numpy(np.stack(test_images(list(range(8)))))[:, None]
+    overlays = attention_overlay_arrays(model, checkpoint["config"], checkpoint["classes"], images,
+                                        torch.device("cpu"), labels=torch.tensor(test_labels(8)))
+    return np.concatenate(overlays, axis=1)
+
+
 def vit(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "vitcli", *args], check=True)
 
@@ -59,6 +79,7 @@ def main() -> None:
     for tag, name in TB_TAGS.items():
         last = events.Images(tag)[-1]
         Image.open(io.BytesIO(last.encoded_image_string)).save(DOCS / name, optimize=True)
+    Image.fromarray(attention_strip(ckpt)).save(DOCS / TB_TAGS["val/attention_rollout"], optimize=True)
     for path in sorted(DOCS.glob("*.png")):
         print(f"{path.relative_to(DOCS.parent)}  {Image.open(path).size}  {path.stat().st_size // 1024} KiB")
 

@@ -11,13 +11,13 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Train, evaluate and use Vision Transformers.")
 STATE = {"debug": False}
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML recipe, e.g. configs/cifar10.yaml.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override a config key: section.key=value (value parsed as YAML). Repeatable.")]
+    "--set", metavar="K=V", help="Override a config key: section.key=value (value parsed as YAML). Repeatable.")]
 CkptOpt = Annotated[Optional[Path], typer.Option(
     "--ckpt", help="Checkpoint (best.pt / last.pt). Default: best.pt of the newest run under runs/.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]

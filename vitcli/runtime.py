@@ -41,8 +41,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
     """`auto`: bf16 autocast where the hardware runs it fast, fp16 + gradient scaling on older GPUs, else fp32."""
     if name != "auto":
         return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cuda":  # bf16 tensor cores from Ampere (compute capability 8.0) on; emulated before
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
     if device.type == "cpu" and cpu_has_bf16():
         return "bf16"
     return "fp32"

@@ -63,7 +63,8 @@ def overlay_figure(image: np.ndarray, heat: np.ndarray, title: str, min_size: in
     ax.imshow(image, cmap="gray" if image.ndim == 2 else None, extent=(0, w, h, 0), interpolation="bilinear")
     ax.imshow(heat, cmap="inferno", alpha=0.5, extent=(0, w, h, 0), interpolation="bilinear")
     ax.set_axis_off()
-    fig.text(0.5, 1 - 14 / (side + 28), title, ha="center", va="center", fontsize=10)
+    fontsize = min(10.0, side / (0.8 * max(len(title), 1)))  # a character is ~0.8 pt wide per pt of size at 100 dpi
+    fig.text(0.5, 1 - 14 / (side + 28), title, ha="center", va="center", fontsize=fontsize)
     return fig
 
 

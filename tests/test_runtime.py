@@ -1,0 +1,52 @@
+"""Device, precision and attention choice, including the CUDA branches (no GPU here: the capability is faked)."""
+
+import math
+
+import pytest
+import torch
+
+from vitcli.config import build_config
+from vitcli.bench import Workload
+from vitcli.errors import VitError
+from vitcli.runtime import cpu_has_bf16, resolve_attention, resolve_device, resolve_precision
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_precision_on_cpu_follows_the_cpu_flags():
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_bf16() else "fp32")
+    assert resolve_precision("fp16", CPU) == "fp16"
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"),
+                                                  ((6, 1), "fp16")])
+def test_auto_precision_on_cuda_by_compute_capability(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", CUDA) == expected
+
+
+def test_attention_choice():
+    assert resolve_attention("auto", CPU, "bf16") == "explicit"
+    assert resolve_attention("auto", CPU, "fp32") == "fused"
+    assert resolve_attention("auto", CUDA, "bf16") == "fused"
+    assert resolve_attention("auto", CUDA, "fp16") == "fused"
+    assert resolve_attention("explicit", CUDA, "fp16") == "explicit"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_cuda_requested_without_a_gpu_is_one_clear_error():
+    with pytest.raises(VitError, match="no CUDA GPU"):
+        resolve_device("cuda")
+
+
+def test_fp16_with_a_gradient_scaler_trains_on_cpu():
+    """The fp16 path (autocast + GradScaler), which `auto` picks on pre-Ampere GPUs, runs its real code on CPU."""
+    config = build_config({"data": {"dataset": "synthetic", "image_size": 16},
+                           "model": {"patch_size": 4, "dim": 32, "depth": 1, "heads": 2},
+                           "train": {"batch_size": 8, "precision": "fp16", "device": "cpu"}})
+    workload = Workload(config)
+    before = [p.detach().clone() for p in workload.model.parameters()]
+    losses = [workload.train_step() for _ in range(3)]
+    assert workload.precision == "fp16" and workload.step_fn.scaler is not None
+    assert all(math.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, workload.model.parameters()))
