@@ -27,19 +27,19 @@ TB_TAGS = {"train/augmented_batch": "tb_augmented_batch.png", "val/attention_rol
            "model/position_embedding_similarity": "tb_position_similarity.png"}
 
 
-def test_images(indices: list[int]) -> list[np.ndarray]:
+def fmnist_test_images(indices: list[int]) -> list[np.ndarray]:
     raw = gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz").read()
     images = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 28, 28)
     return [images[i] for i in indices]
 
 
-def test_labels(count: int) -> list[int]:
+def fmnist_test_labels(count: int) -> list[int]:
     return list(gzip.open(FMNIST / "t10k-labels-idx1-ubyte.gz").read()[8:8 + count])
 
 
 def attention_strip(ckpt: Path) -> np.ndarray:
     """TensorBoard's attention strip (the first 8 test images, as training watches them), from best.pt: the
-    same picture as the run's last one, redrawn with the current labels' layout."""
+    same picture as the run's last one, redrawn so that its titles use the current layout."""
     import torch
 
     from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
@@ -47,9 +47,9 @@ def attention_strip(ckpt: Path) -> np.ndarray:
 
     checkpoint = load_checkpoint(ckpt)
     model = model_from_checkpoint(checkpoint, ckpt)
-    images = torch.from_numpy(np.stack(test_images(list(range(8)))))[:, None]
+    images = torch.from_numpy(np.stack(fmnist_test_images(list(range(8)))))[:, None]
     overlays = attention_overlay_arrays(model, checkpoint["config"], checkpoint["classes"], images,
-                                        torch.device("cpu"), labels=torch.tensor(test_labels(8)))
+                                        torch.device("cpu"), labels=torch.tensor(fmnist_test_labels(8)))
     return np.concatenate(overlays, axis=1)
 
 
@@ -62,10 +62,11 @@ def main() -> None:
     ckpt = run_dir / "best.pt"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, image in zip(["ankle_boot", "pullover"], test_images([0, 1])):
+        for name, image in zip(["ankle_boot", "pullover"], fmnist_test_images([0, 1])):
             Image.fromarray(image).save(tmp / f"{name}.png")
         shutil.copy(tmp / "ankle_boot.png", DOCS / "ankle_boot.png")
-        vit("predict", str(tmp / "ankle_boot.png"), "--ckpt", str(ckpt), "--attention", str(DOCS / "attention_rollout.png"))
+        vit("predict", str(tmp / "ankle_boot.png"), "--ckpt", str(ckpt),
+            "--attention", str(DOCS / "attention_rollout.png"))
         vit("predict", str(tmp / "pullover.png"), "--ckpt", str(ckpt), "--attention", str(DOCS / "attention_last.png"),
             "--attention-mode", "last")
         vit("eval", "--ckpt", str(ckpt), "--report", str(tmp / "report"))
