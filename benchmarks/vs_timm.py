@@ -103,8 +103,8 @@ def timm_epoch(root: str, epochs: int = 1) -> dict[str, float]:
     config = load_config(REPO / "configs" / "fashion_mnist.yaml")
     m = config.model
     normalize = transforms.Normalize(config.mean, config.std)
-    train_tf = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), normalize])
+    crop = [transforms.RandomCrop(28, padding=config.crop_padding)] if config.crop_padding else []
+    train_tf = transforms.Compose([*crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
     test_tf = transforms.Compose([transforms.ToTensor(), normalize])
     start = time.perf_counter()
     train_set = torchvision.datasets.FashionMNIST(root, train=True, transform=train_tf)
