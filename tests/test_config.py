@@ -35,6 +35,7 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"data": {"dataset": "imagenet21k"}}, "data.dataset must be one of"),
     ({"train": {"precision": "fp8"}}, "train.precision must be one of"),
     ({"model": {"stem": "conv", "patch_size": 6}, "data": {"image_size": 36}}, "power-of-two patch_size"),
+    ({"model": {"stem": "conv", "stem_channels": [16]}}, "model.stem_channels needs one positive width"),
 ])
 def test_invalid_configs_name_the_key(raw, message):
     with pytest.raises(VitError, match=message):

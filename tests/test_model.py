@@ -39,6 +39,17 @@ def test_conv_stem_makes_the_same_patch_grid(patch):
     assert model.patch_embedding.to_patch_embedding is None
 
 
+def test_conv_stem_widths_and_extra_stride_one_convolutions():
+    model = VisionTransformer(image_size=28, patch_size=4, in_channels=1, num_classes=10, dim=32, depth=1,
+                              heads=2, stem="conv", stem_channels=[8, 16, 24])
+    convs = [m for m in model.patch_embedding.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in convs] == [(8, 2), (16, 2), (24, 1), (32, 1)]
+    assert model.patch_embedding(torch.randn(2, 1, 28, 28)).shape == (2, 7 * 7 + 1, 32)
+    with pytest.raises(ValueError, match="at least 2 entries"):
+        VisionTransformer(image_size=28, patch_size=4, in_channels=1, num_classes=10, dim=32, depth=1, heads=2,
+                          stem="conv", stem_channels=[8])
+
+
 def test_attention_matches_plain_softmax_formula():
     torch.manual_seed(0)
     attn = Attention(dim=24, heads=3).eval()

@@ -63,6 +63,7 @@ class ModelConfig:
     drop_path: float = 0.0
     attention: str = "auto"  # auto | explicit | fused
     stem: str = "linear"  # linear (the classic patch embedding) | conv (a small convolutional stem)
+    stem_channels: Optional[list[int]] = None  # conv stem widths; None: dim/4, dim/2 (patch 4)
     init_from: Optional[str] = None  # weights to start from (fine-tuning)
     init_format: str = "vitcli"  # vitcli | timm | torchvision
 
@@ -258,6 +259,10 @@ def validate(config: Config, source: str = "config") -> None:
         (m.mlp_ratio > 0, "model.mlp_ratio", "must be positive"),
         (m.stem == "linear" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0), "model.stem",
          f"conv needs a power-of-two patch_size (2, 4, 8, 16, ...), got {m.patch_size}"),
+        (not m.stem_channels or (len(m.stem_channels) >= m.patch_size.bit_length() - 1
+                                 and all(c > 0 for c in m.stem_channels)), "model.stem_channels",
+         f"needs one positive width per stride-2 convolution (log2 of patch_size {m.patch_size}), "
+         f"then optional extra stride-1 ones; got {m.stem_channels}"),
         (all(0 <= p < 1 for p in (m.dropout, m.attention_dropout, m.drop_path)), "model.dropout/drop_path",
          "must be in [0, 1)"),
         (t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}"),

@@ -10,6 +10,7 @@ No I/O and no config parsing here: the model takes explicit keyword arguments.
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,19 +20,26 @@ from torch import nn
 class ConvStem(nn.Module):
     """Optional convolutional stem (Xiao et al., 2021, "Early convolutions help transformers see better"):
     log2(patch_size) stride-2 3x3 convolutions with BatchNorm and ReLU, then a 1x1 convolution to `dim`.
-    It produces the same patch grid as the linear patch embedding it replaces."""
+    It produces the same patch grid as the linear patch embedding it replaces.
 
-    def __init__(self, patch_size: int, in_channels: int, dim: int):
+    `channels` gives each 3x3 convolution's width (default dim/4, dim/2 for patch 4: narrow, ~10% of the step);
+    entries beyond the log2(patch_size) stride-2 ones add stride-1 3x3 convolutions on the patch grid."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int, channels: Optional[Sequence[int]] = None):
         super().__init__()
         steps = patch_size.bit_length() - 1
         if patch_size < 2 or 2**steps != patch_size:
             raise ValueError(f"a convolutional stem needs a power-of-two patch_size, got {patch_size}")
-        layers, channels = [], in_channels
-        for i in range(steps):
-            out = max(dim // 2 ** (steps - i), 8)  # dim/4, dim/2 for patch 4: narrow, ~10% of the step
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+        widths = list(channels) if channels else [max(dim // 2 ** (steps - i), 8) for i in range(steps)]
+        if len(widths) < steps:
+            raise ValueError(f"stem channels {widths}: patch_size {patch_size} needs at least {steps} entries")
+        layers, width_in = [], in_channels
+        for i, out in enumerate(widths):
+            stride = 2 if i < steps else 1
+            layers += [nn.Conv2d(width_in, out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out),
                        nn.ReLU(inplace=True)]
-            channels = out
+            width_in = out
+        channels = width_in
         layers.append(nn.Conv2d(channels, dim, 1))
         self.layers = nn.Sequential(*layers)
 
@@ -45,14 +53,14 @@ class PatchEmbedding(nn.Module):
     stem makes the patch tokens instead of the linear projection."""
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, dropout: float = 0.0,
-                 stem: str = "linear"):
+                 stem: str = "linear", stem_channels: Optional[Sequence[int]] = None):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         self.patch_size = patch_size
         self.grid_size = image_size // patch_size
         self.num_patches = self.grid_size**2
-        self.stem = ConvStem(patch_size, in_channels, dim) if stem == "conv" else None
+        self.stem = ConvStem(patch_size, in_channels, dim, stem_channels) if stem == "conv" else None
         # A Linear on the flattened (channel, row, column) patch: the same map as timm's and torchvision's
         # stride-p convolution, whose weight is this one reshaped to (dim, C, p, p).
         self.to_patch_embedding = None if self.stem else nn.Linear(in_channels * patch_size * patch_size, dim)
@@ -192,13 +200,15 @@ class Encoder(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, *, image_size: int, patch_size: int, in_channels: int, num_classes: int, dim: int,
                  depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 attention_dropout: float = 0.0, drop_path: float = 0.0, stem: str = "linear"):
+                 attention_dropout: float = 0.0, drop_path: float = 0.0, stem: str = "linear",
+                 stem_channels: Optional[Sequence[int]] = None):
         super().__init__()
         self.init_kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
                                 num_classes=num_classes, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
                                 dropout=dropout, attention_dropout=attention_dropout, drop_path=drop_path,
-                                stem=stem)
-        self.patch_embedding = PatchEmbedding(image_size, patch_size, in_channels, dim, dropout, stem)
+                                stem=stem, stem_channels=list(stem_channels) if stem_channels else None)
+        self.patch_embedding = PatchEmbedding(image_size, patch_size, in_channels, dim, dropout, stem,
+                                              stem_channels)
         self.encoder = Encoder(dim, depth, heads, mlp_ratio, dropout, attention_dropout, drop_path)
         self.head = nn.Linear(dim, num_classes)
         self.reset_parameters()
@@ -252,4 +262,5 @@ def build_model(config, num_classes: int) -> VisionTransformer:
         image_size=config.image_size, patch_size=m.patch_size,
         in_channels=DATASET_DEFAULTS[config.data.dataset]["channels"], num_classes=num_classes, dim=m.dim,
         depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
-        attention_dropout=m.attention_dropout, drop_path=m.drop_path, stem=m.stem)
+        attention_dropout=m.attention_dropout, drop_path=m.drop_path, stem=m.stem,
+        stem_channels=m.stem_channels)
