@@ -181,11 +181,17 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     results = {"machine": machine, "step": {}, "epoch": None}
+    previous = out / "vs_timm.json"
+    if previous.exists():  # configs not measured this time keep their earlier figures (each row says when)
+        old = json.loads(previous.read_text())
+        results["step"] = {k: v for k, v in old.get("step", {}).items() if k not in args.configs}
+        results["epoch"] = None if args.epoch else old.get("epoch")
     for path in args.configs:
         config = load_config(REPO / path)
         contenders = {"vitcli (vit bench)": Workload(config)}
+        linear = dataclasses.replace(config, model=dataclasses.replace(config.model, stem="linear",
+                                                                       stem_channels=None))
         if config.model.stem != "linear":  # timm's ViT has the linear patch embedding: compare that shape too
-            linear = dataclasses.replace(config, model=dataclasses.replace(config.model, stem="linear"))
             contenders["vitcli, linear stem (timm's shape)"] = Workload(linear)
         contenders.update({
             "timm fp32 eager": TimmWorkload(config, "fp32", fused_attention=True, compile=False),
@@ -193,9 +199,11 @@ def main() -> None:
                                                                       compile=True),
         })
         figures = measure(contenders, args.rounds, args.steps)
-        flops = forward_flops(config)
-        for f in figures.values():
+        for name, f in figures.items():  # each contender's own FLOPs: only vit bench's has the conv stem
+            flops = forward_flops(config if name == "vitcli (vit bench)" else linear)
             f["train_gflops_per_second"] = 3 * flops * f["train_images_per_second"] / 1e9
+        figures["_measured"] = {"date": time.strftime("%Y-%m-%d"), "stem": config.model.stem,
+                                "stem_channels": config.model.stem_channels, "compile": config.train.compile}
         results["step"][path] = figures
         print(path, json.dumps(figures, indent=1), flush=True)
     if args.epoch:
@@ -220,9 +228,13 @@ def markdown(results: dict) -> str:
     for path, figures in results["step"].items():
         base = figures["timm fp32 eager"]
         best = figures["timm best (bf16, explicit attn, compiled)"]
+        when = figures.get("_measured", {})
+        label = f"{path} ({when['date']}{', compiled' if when.get('compile') else ''})" if when else path
         for name, f in figures.items():
+            if name.startswith("_"):
+                continue
             lines.append(
-                f"| {path} | {name} | {f['train_images_per_second']:.0f} | "
+                f"| {label} | {name} | {f['train_images_per_second']:.0f} | "
                 f"{f['train_images_per_second'] / base['train_images_per_second']:.2f} | "
                 f"{f['train_images_per_second'] / best['train_images_per_second']:.2f} | "
                 f"{f['train_gflops_per_second']:.0f} ({100 * f['train_gflops_per_second'] / m['bf16_matmul_peak_gflops']:.0f}%) | "

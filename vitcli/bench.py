@@ -15,13 +15,24 @@ from vitcli.train import TrainStep, make_optimizer, maybe_compile, EMA
 
 
 def forward_flops(config: Config, num_classes: int = 10) -> float:
-    """Multiply-adds x 2 of one image's forward pass: linears on every token plus the two attention matmuls."""
+    """Multiply-adds x 2 of one image's forward pass: the patch embedding (or conv stem), linears on every token,
+    the two attention matmuls and the head."""
     m = config.model
     tokens = (config.image_size // m.patch_size) ** 2 + 1
     channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
     hidden = int(m.dim * m.mlp_ratio)
     per_block = tokens * (4 * m.dim * m.dim + 2 * m.dim * hidden) + 2 * tokens * tokens * m.dim
-    embed = (tokens - 1) * channels * m.patch_size**2 * m.dim
+    if m.stem == "conv":  # 3x3 convolutions (stride 2, then stride 1 on the patch grid), then a 1x1 to dim
+        steps = m.patch_size.bit_length() - 1
+        widths = m.stem_channels or [max(m.dim // 2 ** (steps - i), 8) for i in range(steps)]
+        side, width_in, embed = config.image_size, channels, 0
+        for i, width in enumerate(widths):
+            side = side // 2 if i < steps else side
+            embed += side * side * width_in * width * 9
+            width_in = width
+        embed += side * side * width_in * m.dim
+    else:
+        embed = (tokens - 1) * channels * m.patch_size**2 * m.dim
     return 2.0 * (m.depth * per_block + embed + m.dim * num_classes)
 
 
