@@ -9,7 +9,7 @@ import torch
 
 from vitcli.config import DATASET_DEFAULTS, Config
 from vitcli.data import Preprocess
-from vitcli.model import build_model
+from vitcli.model import build_model, stem_widths
 from vitcli.runtime import autocast, resolve_attention, resolve_device, resolve_precision
 from vitcli.train import TrainStep, make_optimizer, maybe_compile, EMA
 
@@ -24,9 +24,8 @@ def forward_flops(config: Config, num_classes: int = 10) -> float:
     per_block = tokens * (4 * m.dim * m.dim + 2 * m.dim * hidden) + 2 * tokens * tokens * m.dim
     if m.stem == "conv":  # 3x3 convolutions (stride 2, then stride 1 on the patch grid), then a 1x1 to dim
         steps = m.patch_size.bit_length() - 1
-        widths = m.stem_channels or [max(m.dim // 2 ** (steps - i), 8) for i in range(steps)]
         side, width_in, embed = config.image_size, channels, 0
-        for i, width in enumerate(widths):
+        for i, width in enumerate(stem_widths(m.patch_size, m.dim, m.stem_channels)):
             side = side // 2 if i < steps else side
             embed += side * side * width_in * width * 9
             width_in = width
