@@ -140,3 +140,11 @@ def test_real_fashion_mnist_learns(tmp_path):
     report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
     assert report["num_samples"] == 2000
     assert report["top1"] > 0.65, report
+
+
+def test_bench_reports_the_train_step_and_its_flops():
+    out = json.loads(run_vit("bench", "--config", REPO / "configs" / "smoke.yaml", "--steps", "2", "--json",
+                             check=True).stdout)
+    assert out["train_images_per_second"] > 0 and out["infer_images_per_second"] > 0
+    assert out["precision"] in ("fp32", "bf16") and out["device"] == "cpu"
+    assert out["train_gflops_per_second"] > 0 and out["forward_gflops_per_image"] > 0
