@@ -180,11 +180,12 @@ def main() -> None:
                               if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    results = {"machine": machine, "step": {}, "epoch": None}
+    results = {"machine": machine, "step": {}, "measured": {}, "epoch": None}
     previous = out / "vs_timm.json"
     if previous.exists():  # configs not measured this time keep their earlier figures (each row says when)
         old = json.loads(previous.read_text())
         results["step"] = {k: v for k, v in old.get("step", {}).items() if k not in args.configs}
+        results["measured"] = {k: v for k, v in old.get("measured", {}).items() if k not in args.configs}
         results["epoch"] = None if args.epoch else old.get("epoch")
     for path in args.configs:
         config = load_config(REPO / path)
@@ -202,7 +203,7 @@ def main() -> None:
         for name, f in figures.items():  # each contender's own FLOPs: only vit bench's has the conv stem
             flops = forward_flops(config if name == "vitcli (vit bench)" else linear)
             f["train_gflops_per_second"] = 3 * flops * f["train_images_per_second"] / 1e9
-        figures["_measured"] = {"date": time.strftime("%Y-%m-%d"), "stem": config.model.stem,
+        results["measured"][path] = {"date": time.strftime("%Y-%m-%d"), "stem": config.model.stem,
                                 "stem_channels": config.model.stem_channels, "compile": config.train.compile}
         results["step"][path] = figures
         print(path, json.dumps(figures, indent=1), flush=True)
@@ -228,11 +229,9 @@ def markdown(results: dict) -> str:
     for path, figures in results["step"].items():
         base = figures["timm fp32 eager"]
         best = figures["timm best (bf16, explicit attn, compiled)"]
-        when = figures.get("_measured", {})
+        when = results.get("measured", {}).get(path)
         label = f"{path} ({when['date']}{', compiled' if when.get('compile') else ''})" if when else path
         for name, f in figures.items():
-            if name.startswith("_"):
-                continue
             lines.append(
                 f"| {label} | {name} | {f['train_images_per_second']:.0f} | "
                 f"{f['train_images_per_second'] / base['train_images_per_second']:.2f} | "
