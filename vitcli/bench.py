@@ -9,7 +9,7 @@ import torch
 
 from vitcli.config import DATASET_DEFAULTS, Config
 from vitcli.data import Preprocess
-from vitcli.model import build_model, stem_widths
+from vitcli.model import ConvStem, build_model
 from vitcli.runtime import autocast, resolve_attention, resolve_device, resolve_precision
 from vitcli.train import TrainStep, make_optimizer, maybe_compile, EMA
 
@@ -22,14 +22,12 @@ def forward_flops(config: Config, num_classes: int = 10) -> float:
     channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
     hidden = int(m.dim * m.mlp_ratio)
     per_block = tokens * (4 * m.dim * m.dim + 2 * m.dim * hidden) + 2 * tokens * tokens * m.dim
-    if m.stem == "conv":  # 3x3 convolutions (stride 2, then stride 1 on the patch grid), then a 1x1 to dim
-        steps = m.patch_size.bit_length() - 1
-        side, width_in, embed = config.image_size, channels, 0
-        for i, width in enumerate(stem_widths(m.patch_size, m.dim, m.stem_channels)):
-            side = side // 2 if i < steps else side
-            embed += side * side * width_in * width * 9
-            width_in = width
-        embed += side * side * width_in * m.dim
+    if m.stem == "conv":  # count the stem's own convolutions, so this follows the module (widths, strides)
+        side, embed = config.image_size, 0
+        for conv in ConvStem(m.patch_size, channels, m.dim, m.stem_channels).modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                side = -(-side // conv.stride[0])  # padding keeps ceil(side / stride)
+                embed += side * side * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
     else:
         embed = (tokens - 1) * channels * m.patch_size**2 * m.dim
     return 2.0 * (m.depth * per_block + embed + m.dim * num_classes)

@@ -17,18 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def stem_widths(patch_size: int, dim: int, channels: Optional[Sequence[int]] = None) -> list[int]:
-    """The conv stem's 3x3 convolution widths: `channels`, or dim/4, dim/2 for patch 4 (narrow, ~10% of the step)."""
-    steps = patch_size.bit_length() - 1
-    return list(channels) if channels else [max(dim // 2 ** (steps - i), 8) for i in range(steps)]
-
-
 class ConvStem(nn.Module):
     """Optional convolutional stem (Xiao et al., 2021, "Early convolutions help transformers see better"):
     log2(patch_size) stride-2 3x3 convolutions with BatchNorm and ReLU, then a 1x1 convolution to `dim`.
     It produces the same patch grid as the linear patch embedding it replaces.
 
-    `channels` gives each 3x3 convolution's width (see stem_widths);
+    `channels` gives each 3x3 convolution's width (default dim/4, dim/2 for patch 4: narrow, ~10% of the step);
     entries beyond the log2(patch_size) stride-2 ones add stride-1 3x3 convolutions on the patch grid."""
 
     def __init__(self, patch_size: int, in_channels: int, dim: int, channels: Optional[Sequence[int]] = None):
@@ -36,7 +30,7 @@ class ConvStem(nn.Module):
         steps = patch_size.bit_length() - 1
         if patch_size < 2 or 2**steps != patch_size:
             raise ValueError(f"a convolutional stem needs a power-of-two patch_size, got {patch_size}")
-        widths = stem_widths(patch_size, dim, channels)
+        widths = list(channels) if channels else [max(dim // 2 ** (steps - i), 8) for i in range(steps)]
         if len(widths) < steps:
             raise ValueError(f"stem channels {widths}: patch_size {patch_size} needs at least {steps} entries")
         layers, width_in = [], in_channels
