@@ -30,7 +30,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/vit bench --config $(CONFIG)
 
 benchmark: $(VENV)/.installed-dev
-	$(PY) benchmarks/vs_timm.py
+	$(PY) benchmarks/vs_timm.py --epoch
 
 clean-venv:
 	rm -rf $(VENV)

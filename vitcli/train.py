@@ -177,8 +177,9 @@ def check_resume_overrides(saved: Config, new: Config, path: Path) -> None:
         for key, value in new_d[section].items():
             if value != old_d[section][key] and (section, key) not in RESUMABLE_CHANGES:
                 raise VitError(f"--resume {path}: changing {section}.{key} from {old_d[section][key]!r} to "
-                               f"{value!r} would silently alter the run; only train.epochs (and device, "
-                               f"workers, data.root) may change on resume; start a new run instead")
+                               f"{value!r} would silently alter the run; only "
+                               f"{', '.join(sorted(f'{s}.{k}' for s, k in RESUMABLE_CHANGES))} may change on "
+                               f"resume; start a new run instead")
     if new.train.epochs < saved.train.epochs:
         raise VitError(f"--resume {path}: train.epochs may grow on resume, not shrink "
                        f"({saved.train.epochs} -> {new.train.epochs})")
