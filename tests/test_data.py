@@ -28,14 +28,34 @@ def test_random_erasing_changes_only_a_rectangle():
         if len(rows):
             area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
             assert area <= 0.4 * 256
+            assert changed[i, 0].sum() == area  # the bounding box is filled: a rectangle, nothing outside it
 
 
-def test_mixup_targets_are_soft_and_sum_to_one():
+def test_mixup_targets_weigh_the_labels_as_the_images_are_mixed():
     x = torch.randn(8, 1, 8, 8)
     labels = torch.arange(8) % 3
-    mixed, targets = mix(x, labels, 3, 0.8, 1.0, random.Random(0))
-    assert mixed.shape == x.shape and targets.shape == (8, 3)
-    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    for seed in range(5):
+        mixed, targets = mix(x, labels, 3, 0.8, 0.0, random.Random(seed))  # MixUp only
+        lam = float(((mixed - x.flip(0)) / (x - x.flip(0))).median())  # x*lam + partner*(1-lam), solved for lam
+        assert 0 < lam < 1
+        torch.testing.assert_close(mixed, x * lam + x.flip(0) * (1 - lam))
+        torch.testing.assert_close(targets, one_hot * lam + one_hot.flip(0) * (1 - lam))
+
+
+def test_cutmix_targets_weigh_the_labels_by_the_pasted_area():
+    x = torch.randn(8, 1, 16, 16)
+    labels = torch.arange(8) % 3
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    pasted_some = False
+    for seed in range(10):
+        mixed, targets = mix(x, labels, 3, 0.0, 1.0, random.Random(seed))  # CutMix only
+        from_partner = (mixed != x)[0, 0]  # the pasted box, the same in every image
+        assert torch.equal(mixed[:, :, from_partner], x.flip(0)[:, :, from_partner])
+        lam = 1 - from_partner.float().mean().item()  # the share of each image's own pixels
+        pasted_some |= lam < 1
+        torch.testing.assert_close(targets, one_hot * lam + one_hot.flip(0) * (1 - lam))
+    assert pasted_some
 
 
 def test_epoch_order_covers_every_image_and_shards_by_rank():
@@ -50,7 +70,13 @@ def test_epoch_order_covers_every_image_and_shards_by_rank():
         assert torch.equal(torch.cat([sharded[0][step][1], sharded[1][step][1]]), labels)
     # resuming at step 4 yields exactly the remaining batches
     resumed = list(single.epoch(3, start_step=4))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, steps[4:]))
+    assert len(resumed) == 6
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, steps[4:]))
+    # every image once per epoch, in the epoch's permutation, and the two ranks' shards make up each batch
+    order = epoch_permutation(100, config.train.seed, 3)
+    assert torch.equal(torch.cat([images for images, _ in steps]), single.data.images[order])
+    for step, (images, _) in enumerate(steps):
+        assert torch.equal(torch.cat([sharded[0][step][0], sharded[1][step][0]]), images)
     assert not torch.equal(epoch_permutation(100, 0, 3), epoch_permutation(100, 0, 4))
 
 

@@ -27,7 +27,8 @@ def test_vit_shapes(image_size, patch, channels, dim, depth, heads, classes):
     for a in attentions:
         assert a.shape == (2, heads, tokens, tokens)
         torch.testing.assert_close(a.sum(-1), torch.ones(2, heads, tokens))
-    torch.testing.assert_close(model(x), logits)
+    model.set_fused_attention(True)  # the plain forward on the other attention path gives the same logits
+    torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("patch", [2, 4, 8])
@@ -81,6 +82,8 @@ def test_fused_and_explicit_attention_agree(dtype, tol):
         grads.append(model.encoder.blocks[0].attention.to_qkv.weight.grad.clone())
     torch.testing.assert_close(outputs[0], outputs[1], atol=tol, rtol=tol)
     torch.testing.assert_close(grads[0], grads[1], atol=tol, rtol=tol * 10)
+    # element-wise tolerances can be of the gradients' own size in bf16: bound the relative error as a whole too
+    assert grads[0].norm() > 0 and (grads[0] - grads[1]).norm() / grads[0].norm() < tol / 2
 
 
 def test_fused_model_still_returns_attention():

@@ -13,9 +13,18 @@ from vitcli.runtime import cpu_has_bf16, resolve_attention, resolve_device, reso
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_auto_precision_on_cpu_follows_the_cpu_flags():
-    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_bf16() else "fp32")
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_follows_the_cpu_flags(monkeypatch, has_bf16, expected):
+    monkeypatch.setattr("vitcli.runtime.cpu_has_bf16", lambda: has_bf16)
+    assert resolve_precision("auto", CPU) == expected
     assert resolve_precision("fp16", CPU) == "fp16"
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu sse avx512f avx512_bf16 amx_tile", True),
+                                             ("fpu sse avx2 amx_bf16", True), ("fpu sse avx2 avx512f", False)])
+def test_cpu_has_bf16_reads_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr("vitcli.runtime.Path.read_text", lambda self: f"processor : 0\nflags : {flags}\n")
+    assert cpu_has_bf16() is expected
 
 
 @pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"),
