@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import FASHION_MNIST, REPO, run_vit, write_png
+from vitcli.data import FASHION_MNIST_CLASSES
 
 TINY = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "train.epochs=2",
         "--set", "train.batch_size=64", "--set", "train.lr=0.003", "--set", "train.warmup_epochs=0.5"]
@@ -89,11 +90,11 @@ def test_cifar10_real_format(cifar10_dir, tmp_path):
     run_vit("train", "--config", REPO / "configs" / "cifar10.yaml", "--run-dir", run_dir, "--set",
             f"data.root={cifar10_dir}", *TINY, check=True)
     report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert report["num_samples"] == 100
-    assert set(report["per_class"]) <= {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                        "ship", "truck"}
+    assert set(report["per_class"]) == set(names)  # all ten occur among the fixture's 100 test images
     ckpt = torch.load(run_dir / "best.pt", weights_only=True)
-    assert ckpt["classes"][0] == "airplane" and ckpt["config"]["data"]["dataset"] == "cifar10"
+    assert ckpt["classes"] == names and ckpt["config"]["data"]["dataset"] == "cifar10"  # from batches.meta
 
 
 def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):
@@ -102,11 +103,11 @@ def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):
             f"data.root={fmnist_idx}", "--set", "train.ema_decay=0", "--set", "train.compile=false", *TINY,
             check=True)
     report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
-    assert report["num_samples"] == 128 and "Ankle boot" in report["per_class"] or len(report["per_class"]) > 5
+    assert report["num_samples"] == 128
+    assert set(report["per_class"]) == set(FASHION_MNIST_CLASSES)  # the idx files carry no names: vitcli's own
     image = write_png(tmp_path / "gray.png", size=28, mode="L")
     out = json.loads(run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
-    assert out[0]["predictions"][0]["label"] in ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                                                  "Shirt", "Sneaker", "Bag", "Ankle boot")
+    assert out[0]["predictions"][0]["label"] in FASHION_MNIST_CLASSES
 
 
 def test_imagefolder(imagefolder_dir, tmp_path):
@@ -132,11 +133,14 @@ def test_run_directory_is_never_overwritten(smoke_run):
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist_learns(tmp_path):
     """One short epoch on a real subset must reach what only a model that learned can (chance is 10%).
-    It runs the recipe's own path, torch.compile included."""
+    It runs the recipe's own path, torch.compile included (no eager fallback), with EMA off (one epoch is too
+    short for the recipe's EMA to catch up)."""
     run_dir = tmp_path / "run"
-    run_vit("train", "--config", REPO / "configs" / "fashion_mnist.yaml", "--run-dir", run_dir,
-            "--set", "data.max_train_samples=12800", "--set", "data.max_val_samples=2000", "--set", "train.epochs=1",
-            "--set", "train.warmup_epochs=0.2", "--set", "train.ema_decay=0", check=True)
+    result = run_vit("train", "--config", REPO / "configs" / "fashion_mnist.yaml", "--run-dir", run_dir,
+                     "--set", "data.max_train_samples=12800", "--set", "data.max_val_samples=2000",
+                     "--set", "train.epochs=1", "--set", "train.warmup_epochs=0.2", "--set", "train.ema_decay=0",
+                     check=True)
+    assert "torch.compile failed" not in result.stderr and "training eagerly" not in result.stderr
     report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
     assert report["num_samples"] == 2000
     assert report["top1"] > 0.65, report

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import run_vit
+from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 SHAPE = dict(size=32, patch=8, dim=48, depth=2, heads=4, mlp=96, classes=5)
@@ -154,7 +155,11 @@ def test_torchscript_and_safetensors_exports(converted, tmp_path):
     ts = tmp_path / "model.ts"
     run_vit("export", "--ckpt", converted, "--format", "torchscript", "--out", ts, check=True)
     scripted = torch.jit.load(str(ts))
-    assert scripted(torch.randn(7, 3, 32, 32)).shape == (7, 5)
+    x = torch.randn(7, 3, 32, 32)
+    ckpt = load_checkpoint(converted)
+    with torch.inference_mode():
+        expected = model_from_checkpoint(ckpt, converted).eval()(x)
+        torch.testing.assert_close(scripted(x), expected, atol=1e-5, rtol=1e-5)
     st = tmp_path / "model.safetensors"
     run_vit("export", "--ckpt", converted, "--format", "safetensors", "--out", st, check=True)
     with safe_open(str(st), "pt") as f:
