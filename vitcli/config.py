@@ -43,7 +43,7 @@ class DataConfig:
     max_val_samples: Optional[int] = None
     num_workers: int = 2  # DataLoader workers (imagefolder only; in-memory datasets need none)
     # Augmentation, applied per batch on the training device for in-memory datasets.
-    crop_padding: Optional[int] = None  # random crop after zero padding; None: 4 for in-memory datasets, 0 for imagefolder
+    crop_padding: Optional[int] = None  # random crop after zero padding; None: 4, or 0 for imagefolder
     hflip: Optional[bool] = None  # None: on, except for digits (mnist)
     trivial_augment: bool = False  # TrivialAugmentWide, per group of images
     random_erasing: float = 0.0  # probability per image
