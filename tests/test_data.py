@@ -66,17 +66,16 @@ def test_epoch_order_covers_every_image_and_shards_by_rank():
     steps = list(single.epoch(3))
     sharded = [list(r.epoch(3)) for r in ranks]
     assert len(steps) == 10
-    for step, (images, labels) in enumerate(steps):
+    for step, (images, labels) in enumerate(steps):  # the two ranks' shards make up each batch
         assert torch.equal(torch.cat([sharded[0][step][1], sharded[1][step][1]]), labels)
+        assert torch.equal(torch.cat([sharded[0][step][0], sharded[1][step][0]]), images)
     # resuming at step 4 yields exactly the remaining batches
     resumed = list(single.epoch(3, start_step=4))
     assert len(resumed) == 6
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, steps[4:]))
-    # every image once per epoch, in the epoch's permutation, and the two ranks' shards make up each batch
+    # every image once per epoch, in the epoch's permutation
     order = epoch_permutation(100, config.train.seed, 3)
     assert torch.equal(torch.cat([images for images, _ in steps]), single.data.images[order])
-    for step, (images, _) in enumerate(steps):
-        assert torch.equal(torch.cat([sharded[0][step][0], sharded[1][step][0]]), images)
     assert not torch.equal(epoch_permutation(100, 0, 3), epoch_permutation(100, 0, 4))
 
 
