@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -25,12 +26,21 @@ def start_vit(*args) -> subprocess.Popen:
     return subprocess.Popen([VIT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
-    while not path.exists():
+    while not condition():
         assert proc.poll() is None, f"vit exited early: {proc.communicate()[1][-2000:]}"
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
+        assert time.time() < deadline, f"{what} did not happen"
+        time.sleep(0.005)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    wait_until(path.exists, proc, f"{path} appearing", timeout)
+
+
+def metrics_epochs(run_dir: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["epoch"] for r in rows if "epoch" in r]
 
 
 def weights(path: Path) -> dict:
@@ -62,31 +72,59 @@ def test_ctrl_c_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "vit train --resume" in err and "Traceback" not in err
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
-    assert (ckpt["epoch"], ckpt["step"]) != (2, 32), "the interruption should land inside the run"
+    # stopped inside epoch 2 (0-based 1), with part of it trained: the case that needs data position, RNG and the
+    # epoch's running statistics back
+    assert ckpt["epoch"] == 1 and 0 < ckpt["step"] < 32, (ckpt["epoch"], ckpt["step"])
+    assert metrics_epochs(run_dir) == [1]
     run_vit("train", "--resume", run_dir / "last.pt", check=True)
     assert_same_weights(weights(run_dir / "last.pt"), uninterrupted)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2, 3]
+    assert metrics_epochs(run_dir) == [1, 2, 3]
+
+
+def test_ctrl_c_on_the_last_step_of_an_epoch_still_evaluates_it(tmp_path):
+    """With one step per epoch every interruption lands on an epoch's last step: the epoch is finished (evaluated,
+    logged, saved) before the run stops, so no metrics row is lost."""
+    run_dir = tmp_path / "run"
+    proc = start_vit("train", *EXACT, "--run-dir", run_dir, "--set", "data.max_train_samples=32",
+                     "--set", "train.epochs=30")
+    wait_for(run_dir / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["epoch"] < 29, (ckpt["epoch"], ckpt["step"])
+    assert metrics_epochs(run_dir) == list(range(1, ckpt["epoch"] + 2)), "the stopped epoch was evaluated"
+    assert ckpt["metrics"]["epoch"] == ckpt["epoch"] + 1
+    run_vit("train", "--resume", run_dir / "last.pt", check=True)
+    assert metrics_epochs(run_dir) == list(range(1, 31))
 
 
 def test_sigterm_and_kill_9_during_saves_then_resume(uninterrupted, tmp_path):
     """kill -9 at random moments while a checkpoint is written every step: last.pt always loads, and resuming
     after each kill still ends with the uninterrupted weights."""
+
     run_dir = tmp_path / "run"
+    last = run_dir / "last.pt"
     proc = start_vit("train", *EXACT, "--run-dir", run_dir, "--set", "train.checkpoint_every=1")
-    wait_for(run_dir / "last.pt", proc)
+    wait_for(last, proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode == 130
-    for delay in (0.4, 0.9, 1.7):
-        proc = start_vit("train", "--resume", run_dir / "last.pt")
-        time.sleep(delay)
+    steps = [weights(last)["global_step"]]
+    rng = random.Random(0)
+    for _ in range(4):
+        before = last.stat().st_ino  # every save renames a new file over last.pt
+        proc = start_vit("train", "--resume", last)
+        wait_until(lambda: last.stat().st_ino != before, proc, "a save by the resumed run")
+        time.sleep(rng.uniform(0, 0.06))  # now it saves every step: kill it somewhere in that loop
         proc.kill()
         proc.communicate()
         for name in ("last.pt", "best.pt"):
             if (run_dir / name).exists():
                 torch.load(run_dir / name, weights_only=True)  # never torn
-    run_vit("train", "--resume", run_dir / "last.pt", check=True)
+        steps.append(weights(last)["global_step"])
+    assert all(a < b for a, b in zip(steps, steps[1:])), f"every resumed run got further: {steps}"
+    run_vit("train", "--resume", last, check=True)
     assert_same_weights(weights(run_dir / "last.pt"), uninterrupted)
     assert not list(run_dir.glob(".*.tmp*")), "temporary files of killed saves are cleaned up on resume"
 

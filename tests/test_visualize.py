@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 
 from conftest import run_vit, write_png
@@ -16,6 +17,35 @@ def assert_picture(path, min_size):
     array = np.asarray(image).astype(float)
     assert array.std() > 10, "the picture should not be blank"
     return image
+
+
+def one_hot_attention(*targets: int, tokens: int = 5) -> torch.Tensor:
+    """(1, heads, T, T): in head h every token attends only to token targets[h]."""
+    a = torch.zeros(1, len(targets), tokens, tokens)
+    for h, t in enumerate(targets):
+        a[0, h, :, t] = 1
+    return a
+
+
+def test_attention_rollout_worked_by_hand():
+    from vitcli.visualize import attention_rollout, last_layer_attention
+
+    # tokens: 0 is the class token, 1..4 the patches. Each layer's matrix is (mean over heads + I) / 2.
+    to_2, to_class = one_hot_attention(2), one_hot_attention(0)
+    # one layer: the class token keeps half of itself and takes half from token 2 (patch 1)
+    torch.testing.assert_close(attention_rollout([to_2]), torch.tensor([[0, 0.5, 0, 0]]))
+    # two such layers: half of (1/2 e0 + 1/2 e2) plus half of token 2's row, which is all e2 -> 3/4 on patch 1
+    torch.testing.assert_close(attention_rollout([to_2, to_2]), torch.tensor([[0, 0.75, 0, 0]]))
+    # order matters: the later layer multiplies from the left
+    torch.testing.assert_close(attention_rollout([to_2, to_class]), torch.tensor([[0, 0.5, 0, 0]]))
+    torch.testing.assert_close(attention_rollout([to_class, to_2]), torch.tensor([[0, 0.25, 0, 0]]))
+    # heads are averaged: one head looks at token 1, the other at token 3
+    two_heads = one_hot_attention(1, 3)
+    torch.testing.assert_close(attention_rollout([two_heads]), torch.tensor([[0.25, 0, 0.25, 0]]))
+    torch.testing.assert_close(last_layer_attention([two_heads]), torch.tensor([[0.5, 0, 0.5, 0]]))
+    # a batch is rolled out per image
+    batch = torch.cat([to_2, to_class])
+    torch.testing.assert_close(attention_rollout([batch, batch]), torch.tensor([[0, 0.75, 0, 0], [0, 0, 0, 0]]))
 
 
 def test_predict_attention_maps(smoke_run, tmp_path):

@@ -138,8 +138,8 @@ class StopSignals:
             print("\nvit: second interrupt, exiting now (the last checkpoint is intact)", file=sys.stderr)
             os._exit(130)
         self.requested = True
-        print("\nvit: interrupt received, saving last.pt after this step (press Ctrl-C again to quit at once)",
-              file=sys.stderr)
+        print("\nvit: interrupt received, saving last.pt after this step (after the evaluation if it ends the epoch; "
+              "press Ctrl-C again to quit at once)", file=sys.stderr)
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -373,6 +373,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                        desc=f"epoch {epoch + 1}/{config.train.epochs}", file=sys.stderr, dynamic_ncols=True)
             t_epoch = time.perf_counter()
             t_ready = time.perf_counter()
+            stopping = False
             for step, (images, labels) in enumerate(train_data.epoch(epoch, start_step), start=start_step):
                 t_data = time.perf_counter() - t_ready
                 x, targets = preprocess(images, labels, global_step)
@@ -404,10 +405,12 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                                     data_ms=f"{1000 * t_data:.1f}", refresh=False)
                     if global_step % 10 == 0:
                         writer.scalars({"train/loss": stats[0] / stats[2], "train/lr": lr}, global_step)
-                if stats[3] > 0:
+                stopping = stats[3] > 0  # agreed by all ranks
+                if stopping and step + 1 < train_data.steps_per_epoch:
                     bar.close()
                     path = save("last.pt", epoch, step + 1, last_metrics)
                     raise Interrupted(str(path))
+                # on an epoch's last step the stop waits for the epoch's evaluation and save below
                 every = config.train.checkpoint_every
                 if every and global_step % every == 0 and step + 1 < train_data.steps_per_epoch:
                     save("last.pt", epoch, step + 1, last_metrics)
@@ -455,6 +458,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 print(f"vit: epoch {epoch + 1}: val top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}, "
                       f"loss {val['loss']:.4f}{' (best)' if is_best else ''}", file=sys.stderr)
             epoch, start_step = epoch + 1, 0
+            if stopping and epoch < config.train.epochs:
+                raise Interrupted(str(run_dir / "last.pt"))
 
     if main and writer.tb:
         from vitcli.visualize import figure_to_array, position_similarity_figure
