@@ -140,7 +140,7 @@ def test_real_fashion_mnist_learns(tmp_path):
                      "--set", "data.max_train_samples=12800", "--set", "data.max_val_samples=2000",
                      "--set", "train.epochs=1", "--set", "train.warmup_epochs=0.2", "--set", "train.ema_decay=0",
                      check=True)
-    assert "torch.compile failed" not in result.stderr and "training eagerly" not in result.stderr
+    assert "torch.compile failed" not in result.stderr and "eagerly" not in result.stderr  # train and eval compiled
     report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
     assert report["num_samples"] == 2000
     assert report["top1"] > 0.65, report

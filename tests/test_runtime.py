@@ -59,3 +59,23 @@ def test_fp16_with_a_gradient_scaler_trains_on_cpu():
     assert workload.precision == "fp16" and workload.step_fn.scaler is not None
     assert all(math.isfinite(loss) for loss in losses)
     assert any(not torch.equal(a, b) for a, b in zip(before, workload.model.parameters()))
+
+
+def test_compile_failure_falls_back_to_eager_once(capsys):
+    """A real inductor failure (no working C++ compiler): one message, then the module's own results."""
+    from vitcli.train import Forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.GELU())
+    x = torch.randn(3, 7)
+    try:
+        with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+            forward = Forward(module, compile=True, doing="evaluating")
+            assert forward.compiled is not module
+            assert torch.equal(forward(x), module(x))
+            assert torch.equal(forward(x), module(x))
+    finally:
+        torch._dynamo.reset()
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed") == 1 and "evaluating eagerly instead" in err, err
+    assert forward.compiled is module

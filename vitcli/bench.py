@@ -11,7 +11,7 @@ from vitcli.config import DATASET_DEFAULTS, Config
 from vitcli.data import Preprocess
 from vitcli.model import ConvStem, build_model
 from vitcli.runtime import autocast, resolve_attention, resolve_device, resolve_precision
-from vitcli.train import TrainStep, make_optimizer, maybe_compile, EMA
+from vitcli.train import EMA, Forward, TrainStep, make_optimizer
 
 
 def forward_flops(config: Config, num_classes: int = 10) -> float:
@@ -50,7 +50,8 @@ class Workload:
         ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.step_fn = TrainStep(model, optimizer, config, device, precision, ema, scaler,
-                                 forward=maybe_compile(model, config.train.compile))
+                                 forward=Forward(model, config.train.compile))
+        self.eval_forward = Forward(model, config.train.compile, "evaluating")  # as `vit train` evaluates
         self.preprocess = Preprocess(config, device, train=True)
         self.preprocess.num_classes = self.num_classes
         self.eval_preprocess = Preprocess(config, device, train=False)
@@ -79,7 +80,7 @@ class Workload:
         self.model.eval()
         x, _ = self.eval_preprocess(self.eval_images, None)
         with autocast(self.device, self.precision):
-            out = self.step_fn.forward(x)
+            out = self.eval_forward(x)
         float(out.float().sum())
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +12,12 @@ from vitcli.runtime import Distributed, all_reduce_sum, autocast
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess, classes: list[str],
-             device: torch.device, precision: str, dist_info: Distributed = Distributed()) -> dict[str, Any]:
-    """Loss, top-1, top-5, per-class accuracy and the confusion matrix over all batches (and all ranks)."""
+             device: torch.device, precision: str, dist_info: Distributed = Distributed(),
+             forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, Any]:
+    """Loss, top-1, top-5, per-class accuracy and the confusion matrix over all batches (and all ranks).
+    `forward`: how to run the model (its compiled forward during training); the model itself by default."""
     model.eval()
+    forward = forward or model
     k = len(classes)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     top5_hits = torch.zeros((), device=device, dtype=torch.float64)
@@ -22,7 +25,7 @@ def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess
     for images, labels in batches():
         x, labels = preprocess(images, labels)
         with autocast(device, precision):
-            logits = model(x)
+            logits = forward(x)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         top = logits.topk(min(5, k), dim=1).indices

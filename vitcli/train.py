@@ -73,11 +73,10 @@ class TrainStep:
     """Forward, loss, backward, gradient clipping, optimizer step and EMA update for one batch."""
 
     def __init__(self, model, optimizer, config: Config, device: torch.device, precision: str,
-                 ema: Optional[EMA] = None, scaler=None, forward=None):
+                 ema: Optional[EMA] = None, scaler=None, forward: Optional["Forward"] = None):
         self.model, self.optimizer, self.config = model, optimizer, config
         self.device, self.precision, self.ema, self.scaler = device, precision, ema, scaler
-        self.forward = forward if forward is not None else model
-        self.eager = model
+        self.forward = forward if forward is not None else Forward(model, compile=False)
 
     def __call__(self, x: torch.Tensor, targets: torch.Tensor, lr: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (loss, logits) of the batch, detached."""
@@ -85,7 +84,7 @@ class TrainStep:
             group["lr"] = lr
         self.model.train()
         with autocast(self.device, self.precision):
-            logits = self._forward(x)
+            logits = self.forward(x)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.train.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -104,23 +103,32 @@ class TrainStep:
             self.ema.update(self.model, step)
         return loss.detach(), logits.detach()
 
-    def _forward(self, x):
-        if self.forward is self.eager:
-            return self.forward(x)
+
+class Forward:
+    """A module's forward through torch.compile where that works; where compiling fails (no C++ compiler, an
+    unsupported op) it says so once and runs the module eagerly from then on."""
+
+    def __init__(self, module: torch.nn.Module, compile: bool, doing: str = "training"):
+        self.module, self.doing = module, doing
+        self.compiled = maybe_compile(module, compile, doing)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is self.module:
+            return self.module(x)
         try:
-            return self.forward(x)
+            return self.compiled(x)
         except Exception as e:  # torch.compile fails in many ways (no compiler, unsupported op): run eager
             print(f"vit: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                  f"training eagerly instead", file=sys.stderr)
-            self.forward = self.eager
-            return self.forward(x)
+                  f"{self.doing} eagerly instead", file=sys.stderr)
+            self.compiled = self.module
+            return self.module(x)
 
 
-def maybe_compile(model: torch.nn.Module, enabled: bool):
+def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"):
     if not enabled:
         return model
     if sys.version_info >= (3, 14) or not hasattr(torch, "compile"):
-        print("vit: torch.compile is not available here; training eagerly", file=sys.stderr)
+        print(f"vit: torch.compile is not available here; {doing} eagerly", file=sys.stderr)
         return model
     return torch.compile(model)
 
@@ -318,10 +326,10 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     step_fn = TrainStep(model, optimizer, config, device, precision, ema, scaler,
-                        forward=maybe_compile(train_model, config.train.compile))
-    if train_model is not model and not config.train.compile:
-        step_fn.forward = step_fn.eager = train_model
+                        forward=Forward(train_model, config.train.compile))
     eval_model = ema.module if ema is not None else model
+    # compiled too where training is: the same weights, updated in place, so it compiles once per run
+    eval_forward = Forward(eval_model, config.train.compile, "evaluating")
 
     # ---- the run directory
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
@@ -418,7 +426,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             bar.close()
 
             # ---- end of epoch: evaluate, log, checkpoint
-            val = evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info)
+            val = evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info,
+                           forward=eval_forward)
             seen = max(epoch_stats["seen"], 1.0)
             last_metrics = {
                 "epoch": epoch + 1,
