@@ -113,3 +113,28 @@ def test_missing_dataset_names_folder_and_fix(tmp_path):
     config = build_config({"data": {"dataset": "fashion_mnist", "root": str(tmp_path / "nothing")}})
     with pytest.raises(VitError, match=r"fashion_mnist not found in .*nothing.*dataset-fashion-mnist"):
         load_array_dataset(config, "train")
+
+
+def test_mnist_and_fashion_mnist_never_read_each_others_files(tmp_path):
+    """They share file names; torchvision downloads each into its own folder under the same root."""
+    from conftest import class_images, write_idx
+
+    images, labels = class_images(20, 1, 28, 0)
+    write_idx(tmp_path / "FashionMNIST" / "raw", "train", images, labels)
+    fashion = build_config({"data": {"dataset": "fashion_mnist", "root": str(tmp_path)}})
+    assert len(load_array_dataset(fashion, "train").labels) == 20
+    digits = build_config({"data": {"dataset": "mnist", "root": str(tmp_path)}})
+    with pytest.raises(VitError, match="mnist not found"):
+        load_array_dataset(digits, "train")
+
+
+def test_image_folder_subsets_draw_from_every_class(imagefolder_dir):
+    """ImageFolder lists class by class: the first N would be one class. A seeded sample is taken instead."""
+    from vitcli.data import make_imagefolder
+
+    config = build_config({"data": {"dataset": "imagefolder", "root": str(imagefolder_dir), "image_size": 32,
+                                    "max_val_samples": 9}})
+    dataset = make_imagefolder(config, "val", train=False)
+    assert len(dataset.samples) == 9 and set(dataset.targets) == {0, 1, 2}
+    assert [target for _, target in dataset.samples] == dataset.targets
+    assert dataset.samples == make_imagefolder(config, "val", train=False).samples  # the same subset each time

@@ -170,6 +170,32 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def test_resume_refuses_what_would_lose_or_scatter_files(smoke_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run, run_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    one_line_error(run_vit("train", "--resume", run_dir / "last.pt", "--run-dir", tmp_path / "elsewhere"),
+                   "drop --run-dir")
+    assert not (tmp_path / "elsewhere").exists()
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    earlier = dict(ckpt, global_step=ckpt["global_step"] - 16, step=ckpt["step"] - 16)  # as a mid-epoch save
+    torch.save(earlier, run_dir / "earlier.pt")
+    one_line_error(run_vit("train", "--resume", run_dir / "earlier.pt", "--set", "train.epochs=4"),
+                   f"the run went on to step {ckpt['global_step']}", "would overwrite")
+    torch.save(dict(ckpt, optimizer=None), run_dir / "weights.pt")  # what `vit convert` writes
+    one_line_error(run_vit("train", "--resume", run_dir / "weights.pt"), "weights only", "model.init_from")
+    alone = tmp_path / "models"
+    alone.mkdir()
+    shutil.copy(run_dir / "last.pt", alone / "last.pt")
+    one_line_error(run_vit("train", "--resume", alone / "last.pt", "--set", "train.epochs=4"),
+                   "not in its run directory", "model.init_from")
+    assert sorted(p.name for p in alone.iterdir()) == ["last.pt"], "nothing written beside a stray checkpoint"
+    after = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name not in ("earlier.pt", "weights.pt")}
+    assert after == before, "the refused resumes wrote nothing in the run directory"
+
+
 def test_config_errors(tmp_path):
     one_line_error(run_vit("train", "--config", tmp_path / "nope.yaml"), "config file not found", "nope.yaml")
     bad = write(tmp_path / "bad.yaml", "model:\n  dim: 64\n   heads: 4\n")
@@ -184,6 +210,12 @@ def test_config_errors(tmp_path):
                    "h.yaml", "not divisible by heads 5")
     one_line_error(run_vit("train", "--config", write(tmp_path / "d.yaml", "data:\n  dataset: imagenet\n")),
                    "d.yaml", "data.dataset must be one of")
+    one_line_error(run_vit("train", "--config", write(tmp_path / "m.yaml", "data:\n  dataset: fashion_mnist\n"
+                                                       "  mean: [0.5, 0.5, 0.5]\n  std: [0.5, 0.5, 0.5]\n")),
+                   "m.yaml", "one value per channel", "have 1, got 3")
+    one_line_error(run_vit("train", "--config", write(tmp_path / "c.yaml", "data:\n  dataset: imagefolder\n"
+                                                       "  crop_padding: 4\n")),
+                   "c.yaml", "data.crop_padding", "random resized crops")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -275,6 +307,57 @@ def test_bad_images_are_reported_and_the_rest_predicted(tmp_path, real_ckpt):
     empty = tmp_path / "empty"
     empty.mkdir()
     one_line_error(run_vit("predict", empty, "--ckpt", real_ckpt), "no images in folder")
+
+
+def test_unusual_image_modes(tmp_path, real_ckpt):
+    """16-bit images are scaled to 8 bits, not clipped white; a mode with no RGB/L conversion is one line."""
+    import numpy as np
+    from PIL import Image
+
+    from vitcli.checkpoint import load_checkpoint
+    from vitcli.errors import VitError
+    from vitcli.predict import convert_image, image_to_tensor, open_image
+
+    ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    deep = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(deep)
+    assert open_image(deep).mode.startswith("I")
+    config = load_checkpoint(real_ckpt)["config"]  # RGB, 16 px
+    pixels = image_to_tensor(open_image(deep), config).float()
+    assert pixels.min() < 20 and pixels.max() > 235 and 100 < pixels.mean() < 155, pixels.mean()
+    result = run_vit("predict", deep, "--ckpt", real_ckpt, "--json", check=True)
+    assert [entry["path"] for entry in json.loads(result.stdout)] == [str(deep)]
+    lab = tmp_path / "lab.tif"
+    Image.new("LAB", (24, 24), (50, 10, 10)).save(lab)
+    with pytest.raises(VitError, match="lab.tif: cannot convert its LAB pixels to L"):  # for a grayscale model
+        convert_image(open_image(lab), "L")
+
+
+def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path, real_ckpt):
+    from conftest import write_png
+
+    image = write_png(tmp_path / "in.png", size=20, mode="RGB")
+    original = image.read_bytes()
+    one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--attention", image), "would write over",
+                   "in.png")
+    assert image.read_bytes() == original
+    report = write(tmp_path / "notes.txt", "mine")
+    one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", report), "is a file")
+    assert report.read_text() == "mine"
+    nowhere = Path("/proc/vitcli-out/model.onnx")  # a folder nobody (not even root) can create
+    one_line_error(run_vit("export", "--ckpt", real_ckpt, "--format", "onnx", "--out", nowhere), "vitcli-out")
+
+
+def test_a_corrupt_image_in_an_image_folder_is_one_line(imagefolder_dir, tmp_path):
+    """It fails inside a DataLoader worker, which wraps the error in its own traceback text."""
+    write(imagefolder_dir / "train" / "circle" / "broken.png", "not a png")
+    result = run_vit("train", "--config", REPO / "configs" / "imagefolder.yaml", "--run-dir", tmp_path / "run",
+                     "--set", f"data.root={imagefolder_dir}", "--set", "data.image_size=32",
+                     "--set", "model.patch_size=8", "--set", "model.dim=32", "--set", "model.depth=1",
+                     "--set", "model.heads=2", "--set", "data.num_workers=1", "--set", "train.batch_size=72",
+                     "--set", "train.epochs=1")
+    one_line_error(result, "broken.png: not an image")
+    assert "Original Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
 
 
 def test_unwritable_run_dir(tmp_path):

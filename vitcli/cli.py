@@ -37,7 +37,16 @@ def run_command(body: Callable[[], int | None]) -> None:
     except VitError as e:
         if STATE["debug"]:
             traceback.print_exc()
-        err(f"error: {e}")
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a DataLoader worker, which wraps it: keep its own line
+            message = message.strip().splitlines()[-1].split("VitError: ", 1)[-1]
+        err(f"error: {message}")
+        raise typer.Exit(2)
+    except OSError as e:  # a path the user gave that cannot be written or read: permissions, a full disk, ...
+        if STATE["debug"]:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        err(f"error: {where}{e.strerror or e}; check the path, its permissions and the free disk space")
         raise typer.Exit(2)
     except Interrupted as e:
         err(f"interrupted; the run is saved in {e}. Continue it with: vit train --resume {e}")
@@ -94,6 +103,9 @@ def train(
         if resume is not None and config is not None:
             raise VitError("--resume continues a run with the config saved in its checkpoint; drop --config "
                            "(use --set train.epochs=N to extend it)")
+        if resume is not None and run_dir is not None:
+            raise VitError("--resume continues in the checkpoint's own run directory; drop --run-dir (to start a "
+                           "new run from its weights: --config ... --set model.init_from=CKPT)")
         cfg = load_config(config, overrides) if config is not None else None
         if print_config:
             if cfg is None:
@@ -170,6 +182,8 @@ def eval_(
                                                                           download=False))
         if batch_size is not None and batch_size <= 0:
             raise VitError(f"--batch-size must be positive, got {batch_size}")
+        if report is not None and report.exists() and not report.is_dir():
+            raise VitError(f"--report {report} is a file; give a folder for the report (nothing was written)")
         dev = resolve_device(device or config.train.device)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
@@ -243,6 +257,11 @@ def predict(
         paths = expand_inputs(images)
         if attention is not None:
             attention_paths = attention_outputs(attention, paths)
+            inputs = {p.resolve() for p in paths}
+            clash = [out for out in attention_paths.values() if out.resolve() in inputs]
+            if clash:
+                raise VitError(f"--attention would write over the input image {clash[0]}; choose another file or "
+                               f"folder (nothing was written)")
         for image_path in paths:
             try:
                 image = open_image(image_path)
@@ -289,13 +308,14 @@ def write_attention(model, config, classes, tensor, device, mode: str, out: Path
 
     from vitcli.data import Preprocess
     from vitcli.errors import VitError
+    from vitcli.predict import convert_image
     from vitcli.visualize import attention_maps, overlay_figure, save_figure
 
     x, _ = Preprocess(config, device, train=False)(tensor[None].to(device), None)
     logits, heat = attention_maps(model, x, mode)
     probs = logits.softmax(dim=1)[0]
     label = classes[int(probs.argmax())]
-    original = original.convert("L" if tensor.shape[0] == 1 else "RGB")
+    original = convert_image(original, "L" if tensor.shape[0] == 1 else "RGB")
     image = np.asarray(original)
     heat = F.interpolate(heat[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     title = f"{label} ({100 * float(probs.max()):.1f}%) - attention {mode}"

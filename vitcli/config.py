@@ -246,6 +246,7 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
 
 def validate(config: Config, source: str = "config") -> None:
     d, m, t = config.data, config.model, config.train
+    channels = DATASET_DEFAULTS[d.dataset]["channels"]
     device_ok = t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:")
     checks = [
         (config.image_size > 0, "data.image_size", "must be positive"),
@@ -276,6 +277,10 @@ def validate(config: Config, source: str = "config") -> None:
         (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
         (device_ok, "train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"),
         (len(config.mean) == len(config.std), "data.mean/std", "must have the same length"),
+        (len(config.mean) == channels, "data.mean/std",
+         f"need one value per channel: {d.dataset} images have {channels}, got {len(config.mean)}"),
+        (d.dataset != "imagefolder" or not d.crop_padding, "data.crop_padding",
+         "applies to in-memory datasets; image folders use random resized crops (leave it unset)"),
         (0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]"),
         (d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha", "must be >= 0"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),

@@ -103,8 +103,11 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
-def _find_idx(root: Path, stem: str) -> Optional[Path]:
-    for folder in (root, root / "FashionMNIST" / "raw", root / "MNIST" / "raw"):
+def _find_idx(root: Path, dataset: str, stem: str) -> Optional[Path]:
+    """The idx file in root itself or in torchvision's download folder of this dataset (never the other one's:
+    MNIST and Fashion-MNIST share file names)."""
+    own = "FashionMNIST" if dataset == "fashion_mnist" else "MNIST"
+    for folder in (root, root / own / "raw"):
         for name in (stem, stem + ".gz"):
             if (folder / name).is_file():
                 return folder / name
@@ -114,7 +117,7 @@ def _find_idx(root: Path, stem: str) -> Optional[Path]:
 def load_idx_dataset(dataset: str, root: Path, split: str) -> ArrayDataset:
     prefix = "train" if split == "train" else "t10k"
     stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
-    paths = [_find_idx(root, s) for s in stems]
+    paths = [_find_idx(root, dataset, s) for s in stems]
     if None in paths:
         raise _missing(dataset, root, f"{stems[0]}[.gz] and {stems[1]}[.gz]")
     images, labels = _read_idx(paths[0]), _read_idx(paths[1])
@@ -227,16 +230,19 @@ def make_imagefolder(config: Config, split: str, train: bool):
     except FileNotFoundError as e:
         raise VitError(f"{root / split}: {e}; put images ({', '.join(IMAGE_EXTENSIONS)}) in class folders") from None
     limit = config.data.max_train_samples if train else config.data.max_val_samples
-    if limit is not None and limit < len(dataset.samples):
-        dataset.samples = dataset.samples[:limit]
-        dataset.targets = dataset.targets[:limit]
+    if limit is not None and limit < len(dataset.samples):  # ImageFolder lists class by class: a seeded sample
+        keep = torch.randperm(len(dataset.samples), generator=torch.Generator().manual_seed(config.train.seed))
+        keep = keep[:limit].sort().values.tolist()
+        dataset.samples = [dataset.samples[i] for i in keep]
+        dataset.targets = [dataset.targets[i] for i in keep]
+        dataset.imgs = dataset.samples
     return dataset
 
 
 def _load_rgb(path: str):
-    from vitcli.predict import open_image
+    from vitcli.predict import convert_image, open_image
 
-    return open_image(path).convert("RGB")
+    return convert_image(open_image(path), "RGB")
 
 
 # ---------------------------------------------------------------------------------------------- batches

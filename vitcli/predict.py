@@ -35,6 +35,26 @@ def open_image(path: str | Path):
         raise VitError(f"{path}: cannot decode image ({e})") from None
 
 
+def convert_image(image, mode: str):
+    """The image in mode L or RGB. 16-bit and float images are scaled to 8 bits first (PIL's own conversion
+    clips them, which turns most 16-bit images white); a mode that cannot be converted is a VitError."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or 255 < array.max() <= 65535:
+            array = array / 257
+        elif image.mode == "F" and array.min() >= 0 and array.max() <= 1:
+            array = array * 255
+        image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), "L")
+    try:
+        return image.convert(mode)
+    except (ValueError, OSError) as e:
+        raise VitError(f"{getattr(image, 'filename', '') or 'image'}: cannot convert its {image.mode} pixels to "
+                       f"{mode} ({e}); save it as an 8-bit RGB or grayscale image") from None
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; folders replaced by the images they hold (sorted)."""
     paths: list[Path] = []
@@ -59,7 +79,7 @@ def image_to_tensor(image, config) -> torch.Tensor:
     from vitcli.config import DATASET_DEFAULTS
 
     channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
-    image = image.convert("L" if channels == 1 else "RGB")
+    image = convert_image(image, "L" if channels == 1 else "RGB")
     size = config.image_size
     if config.data.dataset == "imagefolder":
         short = int(round(size / 0.875))

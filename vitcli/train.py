@@ -264,6 +264,24 @@ def log_pictures(writer: MetricsWriter, model, config: Config, classes: list[str
         writer.image("val/attention_rollout", np.concatenate(overlays, axis=1), step)
 
 
+def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
+    """A resumed run writes into the checkpoint's folder: refuse where that would lose or scatter anything."""
+    new_run = f"start a new run from its weights instead with --config ... --set model.init_from={path}"
+    if ckpt.get("optimizer") is None:
+        raise VitError(f"--resume {path}: it holds weights only (written by vit convert), no training state; "
+                       f"{new_run}")
+    if not (path.parent / "config.yaml").is_file():
+        raise VitError(f"--resume {path}: it is not in its run directory (no config.yaml beside it), where a "
+                       f"resumed run writes; resume it inside a copy of the whole run directory, or {new_run}")
+    last = path.parent / "last.pt"
+    if last.is_file() and not last.samefile(path):
+        later = load_checkpoint(last)["global_step"]
+        if later > ckpt["global_step"]:
+            raise VitError(f"--resume {path}: the run went on to step {later} ({last}); resuming from step "
+                           f"{ckpt['global_step']} would overwrite that. Resume from {last}, or copy the run "
+                           f"directory first to branch off at this point")
+
+
 def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] = None,
         resume_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Trains per `config` (or continues the checkpoint `resume`); returns the final metrics."""
@@ -271,6 +289,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
+        check_resumable(ckpt, Path(resume))
         from vitcli.config import build_config
 
         config_new = build_config(ckpt["config"].to_dict(), resume_overrides, source=f"{resume} + --set")
@@ -382,48 +401,50 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             t_epoch = time.perf_counter()
             t_ready = time.perf_counter()
             stopping = False
-            for step, (images, labels) in enumerate(train_data.epoch(epoch, start_step), start=start_step):
-                t_data = time.perf_counter() - t_ready
-                x, targets = preprocess(images, labels, global_step)
-                if main and step == start_step and epoch == first_epoch:
-                    std, mean = preprocess.std / 255, preprocess.mean / 255
-                    writer.images("train/augmented_batch", (x[:32].float() * std + mean).clamp(0, 1), global_step)
-                lr = lr_at(global_step, total_steps, warmup_steps, config.train.lr, config.train.min_lr)
-                loss, logits = step_fn(x, targets, lr, global_step)
-                correct = (logits.argmax(1) == labels).sum()
-                stats = all_reduce_sum(torch.stack([loss.float() * len(labels), correct.float(),
-                                                    torch.tensor(float(len(labels)), device=device),
-                                                    torch.tensor(float(stop.requested), device=device)]),
-                                       dist_info).tolist()
-                if not math.isfinite(stats[0]):
-                    raise VitError(f"loss became {stats[0] / stats[2]} at epoch {epoch + 1}, step {step + 1} "
-                                   f"(global step {global_step + 1}); the last good checkpoint is kept in {run_dir}; "
-                                   f"lower train.lr or set train.grad_clip")
-                global_step += 1
-                elapsed = time.perf_counter() - t_ready
-                epoch_stats["loss"] += stats[0]
-                epoch_stats["correct"] += stats[1]
-                epoch_stats["seen"] += stats[2]
-                epoch_stats["seconds"] += elapsed
-                epoch_stats["data_seconds"] += t_data
-                if main:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{stats[0] / stats[2]:.3f}", acc=f"{stats[1] / stats[2]:.3f}",
-                                    lr=f"{lr:.2e}", img_s=f"{stats[2] / elapsed:.0f}",
-                                    data_ms=f"{1000 * t_data:.1f}", refresh=False)
-                    if global_step % 10 == 0:
-                        writer.scalars({"train/loss": stats[0] / stats[2], "train/lr": lr}, global_step)
-                stopping = stats[3] > 0  # agreed by all ranks
-                if stopping and step + 1 < train_data.steps_per_epoch:
-                    bar.close()
-                    path = save("last.pt", epoch, step + 1, last_metrics)
-                    raise Interrupted(str(path))
-                # on an epoch's last step the stop waits for the epoch's evaluation and save below
-                every = config.train.checkpoint_every
-                if every and global_step % every == 0 and step + 1 < train_data.steps_per_epoch:
-                    save("last.pt", epoch, step + 1, last_metrics)
-                t_ready = time.perf_counter()
-            bar.close()
+            try:  # the bar is closed before any message, so an error never lands on its line
+                for step, (images, labels) in enumerate(train_data.epoch(epoch, start_step), start=start_step):
+                    t_data = time.perf_counter() - t_ready
+                    x, targets = preprocess(images, labels, global_step)
+                    if main and step == start_step and epoch == first_epoch:
+                        std, mean = preprocess.std / 255, preprocess.mean / 255
+                        writer.images("train/augmented_batch", (x[:32].float() * std + mean).clamp(0, 1),
+                                      global_step)
+                    lr = lr_at(global_step, total_steps, warmup_steps, config.train.lr, config.train.min_lr)
+                    loss, logits = step_fn(x, targets, lr, global_step)
+                    correct = (logits.argmax(1) == labels).sum()
+                    stats = all_reduce_sum(torch.stack([loss.float() * len(labels), correct.float(),
+                                                        torch.tensor(float(len(labels)), device=device),
+                                                        torch.tensor(float(stop.requested), device=device)]),
+                                           dist_info).tolist()
+                    if not math.isfinite(stats[0]):
+                        raise VitError(f"loss became {stats[0] / stats[2]} at epoch {epoch + 1}, step {step + 1} "
+                                       f"(global step {global_step + 1}); the last good checkpoint is kept in {run_dir}; "
+                                       f"lower train.lr or set train.grad_clip")
+                    global_step += 1
+                    elapsed = time.perf_counter() - t_ready
+                    epoch_stats["loss"] += stats[0]
+                    epoch_stats["correct"] += stats[1]
+                    epoch_stats["seen"] += stats[2]
+                    epoch_stats["seconds"] += elapsed
+                    epoch_stats["data_seconds"] += t_data
+                    if main:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{stats[0] / stats[2]:.3f}", acc=f"{stats[1] / stats[2]:.3f}",
+                                        lr=f"{lr:.2e}", img_s=f"{stats[2] / elapsed:.0f}",
+                                        data_ms=f"{1000 * t_data:.1f}", refresh=False)
+                        if global_step % 10 == 0:
+                            writer.scalars({"train/loss": stats[0] / stats[2], "train/lr": lr}, global_step)
+                    stopping = stats[3] > 0  # agreed by all ranks
+                    if stopping and step + 1 < train_data.steps_per_epoch:
+                        path = save("last.pt", epoch, step + 1, last_metrics)
+                        raise Interrupted(str(path))
+                    # on an epoch's last step the stop waits for the epoch's evaluation and save below
+                    every = config.train.checkpoint_every
+                    if every and global_step % every == 0 and step + 1 < train_data.steps_per_epoch:
+                        save("last.pt", epoch, step + 1, last_metrics)
+                    t_ready = time.perf_counter()
+            finally:
+                bar.close()
 
             # ---- end of epoch: evaluate, log, checkpoint
             val = evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info,
