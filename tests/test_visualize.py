@@ -74,7 +74,25 @@ def test_eval_report(smoke_run, tmp_path):
     assert_picture(out / "mistakes.png", 200)
     report = json.loads((out / "report.json").read_text())
     assert np.array(report["confusion"]).sum() == report["num_samples"] == 256
-    assert len(report["per_class"]) == 10 and report["most_confident_mistakes"]
+    assert len(report["per_class"]) == 10
+    mistakes = report["most_confident_mistakes"]
+    confusion = np.array(report["confusion"])
+    assert len(mistakes) == min(16, confusion.sum() - np.trace(confusion)) > 0
+    assert all(m["true"] != m["predicted"] for m in mistakes)
+    assert [m["confidence"] for m in mistakes] == sorted((m["confidence"] for m in mistakes), reverse=True)
+    # kept batch by batch (bounded memory): small batches find the same mistakes as one big one
+    small = tmp_path / "small"
+    run_vit("eval", "--ckpt", smoke_run / "best.pt", "--report", small, "--batch-size", "37", check=True)
+    again = json.loads((small / "report.json").read_text())["most_confident_mistakes"]
+    # (bf16 logits move a little with the batch size: compare away from the 16th mistake's confidence)
+    floor = max(mistakes[-1]["confidence"], again[-1]["confidence"]) + 0.02 if len(mistakes) == 16 else 0.0
+    assert {m["index"] for m in again if m["confidence"] > floor} <= {m["index"] for m in mistakes}
+    assert {m["index"] for m in mistakes if m["confidence"] > floor} <= {m["index"] for m in again}
+    first = {m["index"]: m for m in mistakes}
+    for m in again:
+        if m["index"] in first:
+            assert m["predicted"] == first[m["index"]]["predicted"]
+            assert abs(m["confidence"] - first[m["index"]]["confidence"]) < 0.02
 
 
 def test_tensorboard_holds_the_pictures(smoke_run):

@@ -193,13 +193,9 @@ def eval_(
                            f"{checkpoint['classes'][:5]}...")
         result = evaluate(model, batches, Preprocess(config, dev, train=False), classes, dev, precision)
         if report is not None:
-            import torch
-
             from vitcli.visualize import eval_report
 
-            all_images, all_labels = zip(*[(x.cpu(), y.cpu()) for x, y in batches()])
-            written = eval_report(model, config, classes, torch.cat(all_images), torch.cat(all_labels), dev,
-                                  precision, result, report)
+            written = eval_report(model, config, classes, batches, dev, precision, result, report)
             err(f"report written: {', '.join(str(p) for p in written)}")
         result.pop("confusion")
         synthetic = config.data.dataset == "synthetic"

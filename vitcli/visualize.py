@@ -166,8 +166,8 @@ def to_display(images: torch.Tensor) -> list[np.ndarray]:
     return out
 
 
-def eval_report(model, config, classes: list[str], images: torch.Tensor, labels: torch.Tensor,
-                device: torch.device, precision: str, result: dict, out_dir: Path, top: int = 16) -> list[Path]:
+def eval_report(model, config, classes: list[str], batches, device: torch.device, precision: str, result: dict,
+                out_dir: Path, top: int = 16) -> list[Path]:
     """Confusion matrix, per-class accuracy and the most confident mistakes as PNGs, and the numbers as JSON."""
     import json
 
@@ -180,20 +180,24 @@ def eval_report(model, config, classes: list[str], images: torch.Tensor, labels:
                out_dir / "report.json"]
     save_figure(confusion_figure(confusion, classes), written[0])
     save_figure(per_class_figure(result["per_class"]), written[1])
-    # the most confident mistakes, in batches so memory stays bounded
+    # the most confident mistakes, batch by batch, keeping only the `top` images so far: memory stays bounded
     preprocess = Preprocess(config, device, train=False)
     worst: list[tuple[float, int, int, int]] = []  # (confidence, index, true, predicted)
+    kept: dict[int, torch.Tensor] = {}  # index -> its uint8 image
+    start = 0
     with torch.inference_mode():
-        for start in range(0, len(labels), 512):
-            x, _ = preprocess(images[start:start + 512].to(device), None)
+        for images, labels in batches():
+            x, _ = preprocess(images, None)
             with autocast(device, precision):
                 probs = model(x).float().softmax(dim=1)
             conf, pred = probs.max(dim=1)
-            truth = labels[start:start + 512].to(device)
-            for i in (pred != truth).nonzero().flatten().tolist():
-                worst.append((float(conf[i]), start + i, int(truth[i]), int(pred[i])))
-    worst = sorted(worst, reverse=True)[:top]
-    pictures = to_display(images[[w[1] for w in worst]]) if worst else []
+            for i in (pred != labels).nonzero().flatten().tolist():
+                worst.append((float(conf[i]), start + i, int(labels[i]), int(pred[i])))
+                kept[start + i] = images[i].cpu()
+            worst = sorted(worst, reverse=True)[:top]
+            kept = {w[1]: kept[w[1]] for w in worst}
+            start += len(labels)
+    pictures = to_display(torch.stack([kept[w[1]] for w in worst])) if worst else []
     captions = [f"true {classes[t]}\npredicted {classes[p]} ({100 * c:.0f}%)" for c, _, t, p in worst]
     save_figure(mistakes_figure(pictures, captions), written[2])
     report = {k: v for k, v in result.items()}
