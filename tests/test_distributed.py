@@ -56,3 +56,31 @@ def test_ddp_checkpoint_evaluates_and_resumes_in_one_process(runs, tmp_path):
 def test_batch_must_divide_over_ranks(tmp_path):
     result = run_vit("train", *EQUAL, "--set", "train.batch_size=63", "--run-dir", tmp_path / "r", "--nproc", "2")
     assert result.returncode != 0 and "does not divide over 2 processes" in result.stderr
+
+
+def test_ctrl_c_stops_every_rank_after_it_saved(tmp_path):
+    """Ctrl-C on `vit train --nproc 2`: torchrun hands the signal to both workers, they save and stop, and the
+    command returns only then, leaving no process behind; the run resumes to the end."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import VIT
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([VIT, "train", *map(str, EQUAL), "--set", "train.epochs=12", "--run-dir", str(run_dir),
+                             "--nproc", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (run_dir / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Continue it with: vit train --resume" in err and "Traceback" not in err, err[-3000:]
+    left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout
+    assert left == "", f"processes still running: {left}"
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    assert 0 < ckpt["global_step"] < 12 * 8, ckpt["global_step"]
+    run_vit("train", "--resume", run_dir / "last.pt", "--nproc", "2", check=True)
+    assert [r["epoch"] for r in metrics(run_dir) if "epoch" in r] == list(range(1, 13))

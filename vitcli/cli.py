@@ -129,8 +129,6 @@ def train(
 
 def launch_torchrun(nproc: int) -> int:
     """`vit train --nproc N ...` = `torchrun --nproc_per_node N -m vitcli train ...` (without --nproc)."""
-    import subprocess
-
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -142,10 +140,22 @@ def launch_torchrun(nproc: int) -> int:
         if arg.startswith("--nproc="):
             continue
         args.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "vitcli", *args]
-    err("launching: " + " ".join(cmd[1:]))
-    return subprocess.call(cmd)
+    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "vitcli", *args]
+    err("launching: torchrun " + " ".join(argv))
+    # torchrun in this process: a Ctrl-C / SIGTERM reaches it once; it passes the signal on to the workers, which
+    # finish their step, save last.pt and stop (each prints how to resume), and it waits for them
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except SignalException:
+        return 130
+    except ChildFailedError:
+        err("error: a training process failed; its own message is above")
+        return 1
+    return 0
 
 
 @app.command("eval")

@@ -93,6 +93,9 @@ def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """(1, 1+g*g, D) -> (1, 1+grid*grid, D): the patch part interpolated bicubically, as timm does."""
     class_pos, patch_pos = pos[:, :1], pos[:, 1:]
     old = int(round(patch_pos.shape[1] ** 0.5))
+    if old * old != patch_pos.shape[1]:
+        raise VitError(f"positional embedding {tuple(pos.shape)} is not a class token plus a square patch grid "
+                       f"(a model without a class-token position?); vitcli cannot resize it")
     patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
     patch_pos = torch.nn.functional.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False,
                                                 antialias=True)
@@ -113,11 +116,11 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
         state[pos_key] = resize_position_embedding(state[pos_key], grid)
         log(f"resized {pos_key} {before} -> {tuple(state[pos_key].shape)} (bicubic)")
     reinit = [k for k in ("head.weight", "head.bias") if k in state and state[k].shape != own[k].shape]
+    if reinit:
+        theirs = state[reinit[0]].shape[0]
+        log(f"re-initialised the head: {len(own['head.bias'])} classes instead of the checkpoint's {theirs}")
     for key in reinit:
         del state[key]
-    if reinit:
-        log(f"re-initialised the head: {len(own['head.bias'])} classes instead of the checkpoint's "
-            f"{state.get('head.bias', torch.empty(0)).shape[0] or 'other'}")
     missing = [k for k in own if k not in state and k not in reinit]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:

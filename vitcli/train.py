@@ -25,7 +25,8 @@ from vitcli.model import build_model, no_weight_decay
 from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
                             resolve_device, resolve_precision)
 
-# Keys that may differ on --resume: they do not change what the run computes.
+# Keys that may differ on --resume: they change where or how fast the run computes, not what; train.epochs
+# extends it (the cosine schedule is stretched over the new total, as the README says).
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("data", "num_workers"), ("data", "root"),
                      ("train", "checkpoint_every"), ("data", "download"), ("train", "eval_batch_size"),
                      ("train", "compile")}
@@ -139,13 +140,16 @@ class StopSignals:
 
     def __init__(self):
         self.requested = False
+        self.first = 0.0
         self.previous = {}
 
     def _handle(self, signum, frame):
+        if self.requested and time.monotonic() - self.first < 2.0:
+            return  # the same stop delivered twice (Slurm signals torchrun and the workers, torchrun forwards)
         if self.requested:
             print("\nvit: second interrupt, exiting now (the last checkpoint is intact)", file=sys.stderr)
             os._exit(130)
-        self.requested = True
+        self.requested, self.first = True, time.monotonic()
         print("\nvit: interrupt received, saving last.pt after this step (after the evaluation if it ends the epoch; "
               "press Ctrl-C again to quit at once)", file=sys.stderr)
 
@@ -157,6 +161,13 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def barrier(dist_info) -> None:
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def default_run_dir(config: Config) -> Path:
@@ -437,6 +448,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                     stopping = stats[3] > 0  # agreed by all ranks
                     if stopping and step + 1 < train_data.steps_per_epoch:
                         path = save("last.pt", epoch, step + 1, last_metrics)
+                        barrier(dist_info)  # no rank exits before rank 0 has saved
                         raise Interrupted(str(path))
                     # on an epoch's last step the stop waits for the epoch's evaluation and save below
                     every = config.train.checkpoint_every
@@ -489,6 +501,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                       f"loss {val['loss']:.4f}{' (best)' if is_best else ''}", file=sys.stderr)
             epoch, start_step = epoch + 1, 0
             if stopping and epoch < config.train.epochs:
+                barrier(dist_info)
                 raise Interrupted(str(run_dir / "last.pt"))
 
     if main and writer.tb:
