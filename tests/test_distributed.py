@@ -60,16 +60,20 @@ def test_batch_must_divide_over_ranks(tmp_path):
 
 def test_ctrl_c_stops_every_rank_after_it_saved(tmp_path):
     """Ctrl-C on `vit train --nproc 2`: torchrun hands the signal to both workers, they save and stop, and the
-    command returns only then, leaving no process behind; the run resumes to the end."""
+    command returns only then, leaving no process behind; resumed with 2 processes, the run ends bit for bit where
+    an uninterrupted one does, dropout and stochastic depth included (each rank's own RNG stream is saved)."""
     import signal
     import subprocess
     import time
 
     from conftest import VIT
 
+    noisy = [*map(str, EQUAL), "--set", "train.epochs=12", "--set", "model.dropout=0.1",
+             "--set", "model.drop_path=0.1", "--nproc", "2"]
+    run_vit("train", *noisy, "--run-dir", tmp_path / "reference", check=True)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([VIT, "train", *map(str, EQUAL), "--set", "train.epochs=12", "--run-dir", str(run_dir),
-                             "--nproc", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([VIT, "train", *noisy, "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while not (run_dir / "metrics.jsonl").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
@@ -84,3 +88,7 @@ def test_ctrl_c_stops_every_rank_after_it_saved(tmp_path):
     assert 0 < ckpt["global_step"] < 12 * 8, ckpt["global_step"]
     run_vit("train", "--resume", run_dir / "last.pt", "--nproc", "2", check=True)
     assert [r["epoch"] for r in metrics(run_dir) if "epoch" in r] == list(range(1, 13))
+    resumed = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    reference = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)["model"]
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key

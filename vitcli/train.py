@@ -16,7 +16,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from vitcli.checkpoint import atomic_save, load_checkpoint, load_weights, make_checkpoint, set_rng_state
+from vitcli.checkpoint import (atomic_save, load_checkpoint, load_weights, make_checkpoint, rng_state,
+                               set_rng_state)
 from vitcli.config import Config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import Interrupted, VitError
@@ -333,6 +334,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     optimizer = make_optimizer(model, config, device)
     ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if dist_info.rank:  # the same initial weights everywhere (above), then each rank its own dropout draws
+        torch.manual_seed(config.train.seed + dist_info.rank)
     epoch, start_step, global_step, best_top1 = 0, 0, 0, -1.0
     epoch_stats = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0, "data_seconds": 0.0}
     if ckpt is not None:
@@ -344,7 +347,13 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             scaler.load_state_dict(ckpt["scaler"])
         epoch, start_step, global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
         best_top1, epoch_stats = ckpt["best_top1"], dict(ckpt["epoch_stats"])
-        set_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks")
+        if ranks and len(ranks) == dist_info.world_size:
+            set_rng_state(ranks[dist_info.rank])
+        else:  # another number of processes: rank 0 continues its stream, the others start their own
+            set_rng_state(ckpt["rng"])
+            if dist_info.rank:
+                torch.manual_seed(config.train.seed + dist_info.rank + 7919 * global_step)
         if start_step >= train_data.steps_per_epoch:
             epoch, start_step = epoch + 1, 0
             epoch_stats = {k: 0.0 for k in epoch_stats}
@@ -386,12 +395,19 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                   file=sys.stderr)
 
     def save(name: str, epoch_now: int, step_now: int, metrics: dict[str, Any]) -> Path:
+        """Called by every rank at the same points; rank 0 writes."""
         path = run_dir / name
+        rng_ranks = None
+        if dist_info.enabled:
+            import torch.distributed as dist
+
+            rng_ranks = [None] * dist_info.world_size
+            dist.all_gather_object(rng_ranks, rng_state())
         if main:
             atomic_save(make_checkpoint(
                 config=config, classes=classes, model=model, ema=ema.module if ema else None, optimizer=optimizer,
                 scaler=scaler, epoch=epoch_now, step=step_now, global_step=global_step, best_top1=best_top1,
-                epoch_stats=epoch_stats, metrics=metrics), path)
+                epoch_stats=epoch_stats, metrics=metrics, rng_ranks=rng_ranks), path)
         return path
 
     from tqdm import tqdm
