@@ -36,6 +36,9 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"train": {"precision": "fp8"}}, "train.precision must be one of"),
     ({"model": {"stem": "conv", "patch_size": 6}, "data": {"image_size": 36}}, "power-of-two patch_size"),
     ({"model": {"stem": "conv", "stem_channels": [16]}}, "model.stem_channels needs one positive width"),
+    ({"model": {"patch_size": 0}}, "model.patch_size must be positive, got 0"),  # not a ZeroDivisionError
+    ({"data": {"image_size": 0}}, "data.image_size must be positive, got 0"),  # not the dataset's default
+    ({"data": {"dataset": "cifar10", "mean": [], "std": []}}, "need one value per channel"),
 ])
 def test_invalid_configs_name_the_key(raw, message):
     with pytest.raises(VitError, match=message):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, VIT, run_vit
 
@@ -140,6 +141,11 @@ def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     assert refused.returncode == 2 and "train.lr" in refused.stderr
     finished = run_vit("train", "--resume", run_dir / "last.pt")
     assert finished.returncode == 2 and "already finished" in finished.stderr
+    # --print-config shows what the resumed run would use, and refuses what the resume refuses
+    shown = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", "--print-config", check=True)
+    assert yaml.safe_load(shown.stdout)["train"]["epochs"] == 4
+    refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.lr=0.1", "--print-config")
+    assert refused.returncode == 2 and "train.lr" in refused.stderr
     run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", check=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2, 3, 4]

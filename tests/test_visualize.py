@@ -1,8 +1,10 @@
 """Attention maps, evaluation reports and TensorBoard pictures from a real training run."""
 
+import collections
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -79,6 +81,10 @@ def test_eval_report(smoke_run, tmp_path):
     confusion = np.array(report["confusion"])
     assert len(mistakes) == min(16, confusion.sum() - np.trace(confusion)) > 0
     assert all(m["true"] != m["predicted"] for m in mistakes)
+    # the mistakes come from the same pass as the confusion matrix: each (true, predicted) pair is one of its cells
+    index = {name: i for i, name in enumerate(report["classes"])}
+    pairs = collections.Counter((index[m["true"]], index[m["predicted"]]) for m in mistakes)
+    assert all(confusion[t, p] >= count for (t, p), count in pairs.items())
     assert [m["confidence"] for m in mistakes] == sorted((m["confidence"] for m in mistakes), reverse=True)
     # kept batch by batch (bounded memory): small batches find the same mistakes as one big one
     small = tmp_path / "small"
@@ -107,3 +113,27 @@ def test_tensorboard_holds_the_pictures(smoke_run):
     assert len(events.Images("val/confusion_matrix")) == 3
     encoded = events.Images("val/attention_rollout")[-1]
     assert encoded.width >= 160 * 8 and encoded.height >= 160
+
+
+def test_attention_map_covers_what_the_model_saw():
+    """Image folders are resized and centre-cropped: the heat map is drawn over that crop, not the whole image."""
+    from PIL import Image
+
+    from vitcli.config import build_config
+    from vitcli.predict import image_to_tensor, view_box
+
+    config = build_config({"data": {"dataset": "imagefolder", "image_size": 64}, "model": {"patch_size": 8}})
+    yy, xx = np.mgrid[0:200, 0:400]
+    original = Image.fromarray(np.stack([xx * 255 // 399, yy * 255 // 199, (xx + yy) % 256], -1).astype(np.uint8))
+    seen = image_to_tensor(original, config).permute(1, 2, 0).numpy().astype(float)
+
+    def as_model_input(box):
+        cut = original.crop(tuple(round(v) for v in box)).resize((64, 64), Image.BILINEAR)
+        return np.asarray(cut).astype(float)
+
+    box = view_box(config, *original.size)
+    assert 100 < box[0] < 125 and 5 < box[1] < 20 and box[2] - box[0] == pytest.approx(box[3] - box[1], abs=1)
+    assert np.abs(as_model_input(box)[..., :2] - seen[..., :2]).mean() < 3  # the gradients (channel 2 wraps)
+    assert np.abs(as_model_input((0, 0, 400, 200))[..., :2] - seen[..., :2]).mean() > 20  # the old, wrong box
+    cifar = build_config({"data": {"dataset": "cifar10"}})
+    assert view_box(cifar, 400, 200) == (0, 0, 400, 200)

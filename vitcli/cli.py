@@ -108,10 +108,10 @@ def train(
                            "new run from its weights: --config ... --set model.init_from=CKPT)")
         cfg = load_config(config, overrides) if config is not None else None
         if print_config:
-            if cfg is None:
-                from vitcli.checkpoint import load_checkpoint
+            if cfg is None:  # what the resumed run would use: the saved config with the allowed --set changes
+                from vitcli.train import resume_config
 
-                cfg = load_checkpoint(resume)["config"]
+                cfg = resume_config(resume, overrides)[1]
             typer.echo(cfg.to_yaml(), nl=False)
             return 0
         if nproc > 1:
@@ -201,11 +201,17 @@ def eval_(
         if classes != checkpoint["classes"]:
             raise VitError(f"the {split} split's classes {classes[:5]}... differ from the checkpoint's "
                            f"{checkpoint['classes'][:5]}...")
-        result = evaluate(model, batches, Preprocess(config, dev, train=False), classes, dev, precision)
+        mistakes = None
+        if report is not None:
+            from vitcli.visualize import Mistakes
+
+            mistakes = Mistakes()
+        result = evaluate(model, batches, Preprocess(config, dev, train=False), classes, dev, precision,
+                          on_batch=mistakes)
         if report is not None:
             from vitcli.visualize import eval_report
 
-            written = eval_report(model, config, classes, batches, dev, precision, result, report)
+            written = eval_report(classes, result, mistakes, report)
             err(f"report written: {', '.join(str(p) for p in written)}")
         result.pop("confusion")
         synthetic = config.data.dataset == "synthetic"
@@ -314,7 +320,7 @@ def write_attention(model, config, classes, tensor, device, mode: str, out: Path
 
     from vitcli.data import Preprocess
     from vitcli.errors import VitError
-    from vitcli.predict import convert_image
+    from vitcli.predict import convert_image, view_box
     from vitcli.visualize import attention_maps, overlay_figure, save_figure
 
     x, _ = Preprocess(config, device, train=False)(tensor[None].to(device), None)
@@ -322,6 +328,10 @@ def write_attention(model, config, classes, tensor, device, mode: str, out: Path
     probs = logits.softmax(dim=1)[0]
     label = classes[int(probs.argmax())]
     original = convert_image(original, "L" if tensor.shape[0] == 1 else "RGB")
+    # the heat map covers what the model saw: image folders' centre crop, at the original's resolution
+    left, top, right, bottom = view_box(config, *original.size)
+    if (left, top, right, bottom) != (0, 0, *original.size):
+        original = original.crop((round(left), round(top), round(right), round(bottom)))
     image = np.asarray(original)
     heat = F.interpolate(heat[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     title = f"{label} ({100 * float(probs.max()):.1f}%) - attention {mode}"

@@ -103,15 +103,16 @@ class Config:
     # Values resolved from the dataset when the config leaves them open.
     @property
     def image_size(self) -> int:
-        return self.data.image_size or DATASET_DEFAULTS[self.data.dataset]["image_size"]
+        size = self.data.image_size
+        return DATASET_DEFAULTS[self.data.dataset]["image_size"] if size is None else size
 
     @property
     def mean(self) -> list[float]:
-        return list(self.data.mean or DATASET_DEFAULTS[self.data.dataset]["mean"])
+        return list(DATASET_DEFAULTS[self.data.dataset]["mean"] if self.data.mean is None else self.data.mean)
 
     @property
     def std(self) -> list[float]:
-        return list(self.data.std or DATASET_DEFAULTS[self.data.dataset]["std"])
+        return list(DATASET_DEFAULTS[self.data.dataset]["std"] if self.data.std is None else self.data.std)
 
     @property
     def crop_padding(self) -> int:
@@ -249,11 +250,11 @@ def validate(config: Config, source: str = "config") -> None:
     channels = DATASET_DEFAULTS[d.dataset]["channels"]
     device_ok = t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:")
     checks = [
-        (config.image_size > 0, "data.image_size", "must be positive"),
-        (config.image_size % m.patch_size == 0, "model.patch_size",
+        (config.image_size > 0, "data.image_size", f"must be positive, got {config.image_size}"),
+        (m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}"),
+        (m.patch_size <= 0 or config.image_size % m.patch_size == 0, "model.patch_size",
          f"image_size {config.image_size} is not divisible by patch_size {m.patch_size}; "
          f"pick a patch size that divides it"),
-        (m.patch_size > 0, "model.patch_size", "must be positive"),
         (m.dim > 0 and m.depth > 0 and m.heads > 0, "model.dim/depth/heads", "must be positive"),
         (m.dim % max(m.heads, 1) == 0, "model.heads",
          f"dim {m.dim} is not divisible by heads {m.heads}; pick heads that divide dim"),

@@ -13,9 +13,12 @@ from vitcli.runtime import Distributed, all_reduce_sum, autocast
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess, classes: list[str],
              device: torch.device, precision: str, dist_info: Distributed = Distributed(),
-             forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, Any]:
+             forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             on_batch: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None) -> dict[str, Any]:
     """Loss, top-1, top-5, per-class accuracy and the confusion matrix over all batches (and all ranks).
-    `forward`: how to run the model (its compiled forward during training); the model itself by default."""
+    `forward`: how to run the model (its compiled forward during training); the model itself by default.
+    `on_batch(images, labels, logits)`: called with each uint8 batch and its float logits (`vit eval --report`
+    collects its mistakes there, so the split is run through the model once)."""
     model.eval()
     forward = forward or model
     k = len(classes)
@@ -27,6 +30,8 @@ def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess
         with autocast(device, precision):
             logits = forward(x)
         logits = logits.float()
+        if on_batch is not None:
+            on_batch(images, labels, logits)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         top = logits.topk(min(5, k), dim=1).indices
         top5_hits += (top == labels[:, None]).any(dim=1).sum()

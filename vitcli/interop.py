@@ -177,6 +177,10 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
 
 
 def _export_onnx(model, x: torch.Tensor, out: Path) -> torch.Tensor:
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 5):  # torch.onnx.export(dynamo=True, dynamic_shapes=...) arrived in 2.5
+        raise VitError(f"ONNX export needs torch 2.5 or newer (this is {torch.__version__}): pip install -U torch; "
+                       f"--format torchscript or safetensors work with this torch")
     try:
         import onnxruntime
     except ImportError:

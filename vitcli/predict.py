@@ -70,6 +70,20 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def view_box(config, width: int, height: int) -> tuple[float, float, float, float]:
+    """The part of a width x height image the model sees, (left, top, right, bottom) in the image's pixels: the
+    centre crop of image folders (as image_to_tensor cuts it), the whole image otherwise."""
+    if config.data.dataset != "imagefolder":
+        return 0.0, 0.0, float(width), float(height)
+    size = config.image_size
+    short = int(round(size / 0.875))
+    scale = short / min(width, height)
+    resized_w, resized_h = max(short, round(width * scale)), max(short, round(height * scale))
+    left, top = (resized_w - size) // 2, (resized_h - size) // 2
+    sx, sy = resized_w / width, resized_h / height
+    return left / sx, top / sy, (left + size) / sx, (top + size) / sy
+
+
 def image_to_tensor(image, config) -> torch.Tensor:
     """PIL image -> uint8 (C, H, W) as the checkpoint's evaluation saw its images: grayscale or RGB, resized to the
     model's size (image folders: resize to size/0.875 then centre crop, as in evaluation)."""

@@ -11,7 +11,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,7 @@ class StopSignals:
             os._exit(130)
         self.requested, self.first = True, time.monotonic()
         print("\nvit: interrupt received, saving last.pt after this step (after the evaluation if it ends the epoch; "
-              "press Ctrl-C again to quit at once)", file=sys.stderr)
+              "press Ctrl-C again, 2 s or more later, to quit at once)", file=sys.stderr)
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -294,19 +294,25 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
                            f"directory first to branch off at this point")
 
 
+def resume_config(resume: Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Config]:
+    """The checkpoint and the config a resumed run continues with: the saved config plus the `--set` changes that
+    keep it the same run (any other change is one clear error)."""
+    from vitcli.config import build_config
+
+    ckpt = load_checkpoint(resume)
+    check_resumable(ckpt, Path(resume))
+    config = build_config(ckpt["config"].to_dict(), overrides, source=f"{resume} + --set")
+    check_resume_overrides(ckpt["config"], config, resume)
+    return ckpt, config
+
+
 def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] = None,
         resume_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Trains per `config` (or continues the checkpoint `resume`); returns the final metrics."""
     # ---- resume: the checkpoint's config, with only harmless changes allowed
     ckpt = None
     if resume is not None:
-        ckpt = load_checkpoint(resume)
-        check_resumable(ckpt, Path(resume))
-        from vitcli.config import build_config
-
-        config_new = build_config(ckpt["config"].to_dict(), resume_overrides, source=f"{resume} + --set")
-        check_resume_overrides(ckpt["config"], config_new, resume)
-        config = config_new
+        ckpt, config = resume_config(resume, resume_overrides)
         run_dir = Path(resume).parent
 
     # ---- where and how to run
@@ -372,6 +378,12 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
     # ---- the run directory
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
+    if dist_info.enabled:  # rank 0's: the default name holds a timestamp, which ranks could read in different seconds
+        import torch.distributed as dist
+
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
     if main:
         if ckpt is None:
             prepare_run_dir(run_dir)
@@ -509,9 +521,11 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             if is_best:
                 best_top1 = val["top1"]
             epoch_stats = {k: 0.0 for k in epoch_stats}
-            save("last.pt", epoch, train_data.steps_per_epoch, last_metrics)
+            # best.pt first: a run killed between the two saves resumes from the older last.pt and redoes the epoch,
+            # instead of believing a best.pt that was never written
             if is_best:
                 save("best.pt", epoch, train_data.steps_per_epoch, last_metrics)
+            save("last.pt", epoch, train_data.steps_per_epoch, last_metrics)
             if main:
                 print(f"vit: epoch {epoch + 1}: val top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}, "
                       f"loss {val['loss']:.4f}{' (best)' if is_best else ''}", file=sys.stderr)

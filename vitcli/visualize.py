@@ -166,13 +166,29 @@ def to_display(images: torch.Tensor) -> list[np.ndarray]:
     return out
 
 
-def eval_report(model, config, classes: list[str], batches, device: torch.device, precision: str, result: dict,
-                out_dir: Path, top: int = 16) -> list[Path]:
+class Mistakes:
+    """The `top` most confident mistakes, gathered batch by batch as `evaluate(..., on_batch=...)` goes: only those
+    images are kept, so memory stays bounded whatever the split's size."""
+
+    def __init__(self, top: int = 16):
+        self.top = top
+        self.worst: list[tuple[float, int, int, int]] = []  # (confidence, index, true, predicted)
+        self.kept: dict[int, torch.Tensor] = {}  # index -> its uint8 image
+        self.seen = 0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> None:
+        conf, pred = logits.float().softmax(dim=1).max(dim=1)
+        for i in (pred != labels).nonzero().flatten().tolist():
+            self.worst.append((float(conf[i]), self.seen + i, int(labels[i]), int(pred[i])))
+            self.kept[self.seen + i] = images[i].cpu()
+        self.worst = sorted(self.worst, reverse=True)[:self.top]
+        self.kept = {w[1]: self.kept[w[1]] for w in self.worst}
+        self.seen += len(labels)
+
+
+def eval_report(classes: list[str], result: dict, mistakes: Mistakes, out_dir: Path) -> list[Path]:
     """Confusion matrix, per-class accuracy and the most confident mistakes as PNGs, and the numbers as JSON."""
     import json
-
-    from vitcli.data import Preprocess
-    from vitcli.runtime import autocast
 
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion = np.array(result["confusion"])
@@ -180,24 +196,8 @@ def eval_report(model, config, classes: list[str], batches, device: torch.device
                out_dir / "report.json"]
     save_figure(confusion_figure(confusion, classes), written[0])
     save_figure(per_class_figure(result["per_class"]), written[1])
-    # the most confident mistakes, batch by batch, keeping only the `top` images so far: memory stays bounded
-    preprocess = Preprocess(config, device, train=False)
-    worst: list[tuple[float, int, int, int]] = []  # (confidence, index, true, predicted)
-    kept: dict[int, torch.Tensor] = {}  # index -> its uint8 image
-    start = 0
-    with torch.inference_mode():
-        for images, labels in batches():
-            x, _ = preprocess(images, None)
-            with autocast(device, precision):
-                probs = model(x).float().softmax(dim=1)
-            conf, pred = probs.max(dim=1)
-            for i in (pred != labels).nonzero().flatten().tolist():
-                worst.append((float(conf[i]), start + i, int(labels[i]), int(pred[i])))
-                kept[start + i] = images[i].cpu()
-            worst = sorted(worst, reverse=True)[:top]
-            kept = {w[1]: kept[w[1]] for w in worst}
-            start += len(labels)
-    pictures = to_display(torch.stack([kept[w[1]] for w in worst])) if worst else []
+    worst = mistakes.worst
+    pictures = to_display(torch.stack([mistakes.kept[w[1]] for w in worst])) if worst else []
     captions = [f"true {classes[t]}\npredicted {classes[p]} ({100 * c:.0f}%)" for c, _, t, p in worst]
     save_figure(mistakes_figure(pictures, captions), written[2])
     report = {k: v for k, v in result.items()}
