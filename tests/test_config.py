@@ -37,6 +37,8 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"model": {"stem": "conv", "patch_size": 6}, "data": {"image_size": 36}}, "power-of-two patch_size"),
     ({"model": {"stem": "conv", "stem_channels": [16]}}, "model.stem_channels needs one positive width"),
     ({"model": {"patch_size": 0}}, "model.patch_size must be positive, got 0"),  # not a ZeroDivisionError
+    ({"model": {"patch_size": -4}}, "model.patch_size must be positive, got -4"),
+    ({"model": {"heads": 0}}, "model.dim/depth/heads must be positive"),
     ({"data": {"image_size": 0}}, "data.image_size must be positive, got 0"),  # not the dataset's default
     ({"data": {"dataset": "cifar10", "mean": [], "std": []}}, "need one value per channel"),
 ])

@@ -100,6 +100,10 @@ def test_converted_weights_predict_like_the_peer(tmp_path, peer, suffix):
     # and it refuses to overwrite
     again = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out", ckpt)
     assert again.returncode == 2 and "exists" in again.stderr
+    # and an --out that cannot be written is one line naming it
+    nowhere = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path),
+                      "--out", "/proc/vitcli-convert/model.pt")  # a folder nobody (not even root) can create
+    assert nowhere.returncode != 0 and "Traceback" not in nowhere.stderr and "vitcli-convert" in nowhere.stderr
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):

@@ -35,6 +35,11 @@ def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 12
         time.sleep(0.005)
 
 
+def saved_step(path: Path) -> int:
+    """The global step of a checkpoint, -1 while there is none (saves rename whole files, so a read never tears)."""
+    return torch.load(path, weights_only=True)["global_step"] if path.exists() else -1
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     wait_until(path.exists, proc, f"{path} appearing", timeout)
 
@@ -65,17 +70,19 @@ def uninterrupted(tmp_path_factory) -> dict:
 
 def test_ctrl_c_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start_vit("train", *EXACT, "--run-dir", run_dir)
-    wait_for(run_dir / "metrics.jsonl", proc)  # epoch 1 finished: interrupt in the middle of epoch 2
-    time.sleep(0.3)
+    # a save at global step 36 (epoch 2, step 4) tells the test that epoch 2 is under way (saves alter nothing)
+    proc = start_vit("train", *EXACT, "--run-dir", run_dir, "--set", "train.checkpoint_every=36")
+    wait_until(lambda: saved_step(run_dir / "last.pt") >= 36, proc, "the save at global step 36")
     proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # within 2 s: the same stop (as Slurm + torchrun deliver it), not a hard exit
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "vit train --resume" in err and "Traceback" not in err
+    assert "vit train --resume" in err and "Traceback" not in err and "second interrupt" not in err
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
     # stopped inside epoch 2 (0-based 1), with part of it trained: the case that needs data position, RNG and the
     # epoch's running statistics back
-    assert ckpt["epoch"] == 1 and 0 < ckpt["step"] < 32, (ckpt["epoch"], ckpt["step"])
+    assert ckpt["epoch"] == 1 and 4 <= ckpt["step"] < 32, (ckpt["epoch"], ckpt["step"])
     assert metrics_epochs(run_dir) == [1]
     run_vit("train", "--resume", run_dir / "last.pt", check=True)
     assert_same_weights(weights(run_dir / "last.pt"), uninterrupted)
@@ -125,6 +132,7 @@ def test_sigterm_and_kill_9_during_saves_then_resume(uninterrupted, tmp_path):
                 torch.load(run_dir / name, weights_only=True)  # never torn
         steps.append(weights(last)["global_step"])
     assert all(a < b for a, b in zip(steps, steps[1:])), f"every resumed run got further: {steps}"
+    (run_dir / ".last.pt.tmp99999").write_bytes(b"half a checkpoint")  # as a kill in the middle of a save leaves
     run_vit("train", "--resume", last, check=True)
     assert_same_weights(weights(run_dir / "last.pt"), uninterrupted)
     assert not list(run_dir.glob(".*.tmp*")), "temporary files of killed saves are cleaned up on resume"
@@ -152,21 +160,31 @@ def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
-    result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", tmp_path / "run",
-                     "--set", "train.lr=1e6", "--set", "train.grad_clip=null", "--set", "train.warmup_epochs=0",
-                     "--set", "train.precision=fp32")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "loss became" in result.stderr and "step" in result.stderr
+    import re
+
+    bad = ["--config", REPO / "configs" / "smoke.yaml", "--set", "train.lr=1e6", "--set", "train.grad_clip=null",
+           "--set", "train.warmup_epochs=0", "--set", "train.precision=fp32"]
+    result = run_vit("train", *bad, "--run-dir", tmp_path / "run", "--set", "train.checkpoint_every=1")
+    one_line_error(result, "lower train.lr")
+    found = re.search(r"loss became \S+ at epoch 1, step (\d+) \(global step (\d+)\); last.pt \(global step (\d+)\) "
+                      r"is kept in", result.stderr)
+    assert found, result.stderr
+    step, global_step, kept = map(int, found.groups())
+    assert step == global_step >= 2 and kept == global_step - 1  # saved after every step up to the bad one
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["global_step"] == kept
+    # without a save before the bad step the message says so, instead of pointing at a checkpoint
+    result = run_vit("train", *bad, "--run-dir", tmp_path / "run2")
+    one_line_error(result, "no checkpoint had been saved")
 
 
 # ------------------------------------------------------------------------------------------- bad input
 
 
-def one_line_error(result, *needles):
+def one_line_error(result, *needles, lines_expected: int = 1):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("vit: error:")]
-    assert len(lines) >= 1, result.stderr
+    assert len(lines) == lines_expected, result.stderr
     for needle in needles:
         assert needle in result.stderr, (needle, result.stderr)
 
@@ -241,7 +259,7 @@ def test_imagefolder_without_images(tmp_path):
     (tmp_path / "imgs" / "val" / "cat").mkdir(parents=True)
     result = run_vit("train", "--config", REPO / "configs" / "imagefolder.yaml", "--set",
                      f"data.root={tmp_path / 'imgs'}", "--run-dir", tmp_path / "run")
-    one_line_error(result, str(tmp_path / "imgs"))
+    one_line_error(result, f"no images found in {tmp_path / 'imgs'}")
 
 
 @pytest.fixture
@@ -306,7 +324,8 @@ def test_bad_images_are_reported_and_the_rest_predicted(tmp_path, real_ckpt):
     Image.new("L", (9500, 9500)).save(bomb)  # 90 Mpx: over PIL's decompression-bomb limit, 90 KB on disk
     missing = tmp_path / "missing.png"
     result = run_vit("predict", not_image, good, bomb, missing, "--ckpt", real_ckpt, "--json")
-    one_line_error(result, "fake.png: not an image", "bomb.png: image too large", "image not found")
+    one_line_error(result, "fake.png: not an image", "bomb.png: image too large", "image not found",
+                   lines_expected=3)  # one per bad image
     out = json.loads(result.stdout)
     assert [entry["path"] for entry in out] == [str(good)]
     assert result.returncode == 1
@@ -352,6 +371,7 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
     assert report.read_text() == "mine"
     nowhere = Path("/proc/vitcli-out/model.onnx")  # a folder nobody (not even root) can create
     one_line_error(run_vit("export", "--ckpt", real_ckpt, "--format", "onnx", "--out", nowhere), "vitcli-out")
+    one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", "/proc/vitcli-report"), "vitcli-report")
 
 
 def test_a_corrupt_image_in_an_image_folder_is_one_line(imagefolder_dir, tmp_path):
@@ -364,6 +384,23 @@ def test_a_corrupt_image_in_an_image_folder_is_one_line(imagefolder_dir, tmp_pat
                      "--set", "train.epochs=1")
     one_line_error(result, "broken.png: not an image")
     assert "Original Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
+
+
+def test_a_full_disk_is_one_line(tmp_path):
+    """The process may write files of 100 kB at most (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk):
+    TensorBoard's writer thread fails first, then the checkpoint save; one error line, no traceback, no temporary
+    file left behind."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing write()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    run_dir = tmp_path / "run"
+    result = subprocess.run([VIT, "train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", run_dir],
+                            capture_output=True, text=True, preexec_fn=small_files, timeout=600)
+    one_line_error(result, "cannot write checkpoint", "File too large", "free disk space")
+    assert not list(run_dir.glob(".*.tmp*"))
 
 
 def test_unwritable_run_dir(tmp_path):

@@ -227,8 +227,11 @@ def make_imagefolder(config: Config, split: str, train: bool):
         dataset = torchvision.datasets.ImageFolder(
             str(root / split), transform=transform, loader=_load_rgb,
             is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
-    except FileNotFoundError as e:
-        raise VitError(f"{root / split}: {e}; put images ({', '.join(IMAGE_EXTENSIONS)}) in class folders") from None
+    except FileNotFoundError:  # ImageFolder: some class folder holds no image
+        empty = [d.name for d in sorted((root / split).iterdir()) if d.is_dir() and not any(
+            f.name.lower().endswith(IMAGE_EXTENSIONS) and f.is_file() for f in d.rglob("*"))]
+        raise VitError(f"no images found in {root / split} for the classes {', '.join(empty)}: put images "
+                       f"({', '.join(IMAGE_EXTENSIONS)}) in each class folder") from None
     limit = config.data.max_train_samples if train else config.data.max_val_samples
     if limit is not None and limit < len(dataset.samples):  # ImageFolder lists class by class: a seeded sample
         keep = torch.randperm(len(dataset.samples), generator=torch.Generator().manual_seed(config.train.seed))

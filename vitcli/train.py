@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -205,8 +206,18 @@ def check_resume_overrides(saved: Config, new: Config, path: Path) -> None:
                        f"({saved.train.epochs} -> {new.train.epochs})")
 
 
+def _quiet_tensorboard_thread(args) -> None:
+    """threading.excepthook: TensorBoard's writer thread dies with its OSError (full disk, say) and prints a
+    traceback; the same error reaches MetricsWriter at its next write, which reports it in one line."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    threading.__excepthook__(args)
+
+
 class MetricsWriter:
-    """metrics.jsonl and TensorBoard, written by rank 0 only: every metric goes through here."""
+    """metrics.jsonl and TensorBoard, written by rank 0 only: every metric goes through here. TensorBoard is the
+    secondary record: if its file cannot be written, one warning and the run goes on (metrics.jsonl and the
+    checkpoints are written as before, and fail with one clear error of their own)."""
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
@@ -215,24 +226,37 @@ class MetricsWriter:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            threading.excepthook = _quiet_tensorboard_thread
             self.tb = SummaryWriter(str(run_dir))
 
+    def _tensorboard(self, write) -> None:
+        if not self.tb:
+            return
+        try:
+            write(self.tb)
+        except OSError as e:
+            print(f"vit: warning: TensorBoard logging stopped, cannot write to {self.path.parent}: "
+                  f"{e.strerror or e} (metrics.jsonl and checkpoints go on)", file=sys.stderr)
+            self.tb = None
+
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.tb:
+        def write(tb):
             for key, value in values.items():
-                self.tb.add_scalar(key, value, step)
+                tb.add_scalar(key, value, step)
+
+        self._tensorboard(write)
 
     def image(self, tag: str, array, step: int) -> None:
         """An RGB uint8 (H, W, 3) array."""
-        if self.tb:
-            self.tb.add_image(tag, array, step, dataformats="HWC")
+        self._tensorboard(lambda tb: tb.add_image(tag, array, step, dataformats="HWC"))
 
     def images(self, tag: str, batch: torch.Tensor, step: int) -> None:
         """A grid of float images in [0, 1], (B, C, H, W)."""
         if self.tb:
             from torchvision.utils import make_grid
 
-            self.tb.add_image(tag, make_grid(batch.float().cpu(), nrow=8, padding=1), step)
+            grid = make_grid(batch.float().cpu(), nrow=8, padding=1)
+            self._tensorboard(lambda tb: tb.add_image(tag, grid, step))
 
     def record(self, row: dict[str, Any]) -> None:
         if self.enabled:
@@ -242,8 +266,7 @@ class MetricsWriter:
                 os.fsync(f.fileno())
 
     def close(self) -> None:
-        if self.tb:
-            self.tb.close()
+        self._tensorboard(lambda tb: tb.close())
 
 
 def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
@@ -406,8 +429,11 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             print(f"vit: continuing at epoch {epoch + 1}, step {start_step} of {train_data.steps_per_epoch}",
                   file=sys.stderr)
 
+    saved_step = global_step if ckpt is not None else None  # the global step last.pt holds
+
     def save(name: str, epoch_now: int, step_now: int, metrics: dict[str, Any]) -> Path:
         """Called by every rank at the same points; rank 0 writes."""
+        nonlocal saved_step
         path = run_dir / name
         rng_ranks = None
         if dist_info.enabled:
@@ -420,6 +446,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 config=config, classes=classes, model=model, ema=ema.module if ema else None, optimizer=optimizer,
                 scaler=scaler, epoch=epoch_now, step=step_now, global_step=global_step, best_top1=best_top1,
                 epoch_stats=epoch_stats, metrics=metrics, rng_ranks=rng_ranks), path)
+        if name == "last.pt":
+            saved_step = global_step
         return path
 
     from tqdm import tqdm
@@ -456,9 +484,11 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                                                         torch.tensor(float(stop.requested), device=device)]),
                                            dist_info).tolist()
                     if not math.isfinite(stats[0]):
+                        kept = (f"last.pt (global step {saved_step}) is kept in {run_dir}" if saved_step is not None
+                                else "no checkpoint had been saved")
                         raise VitError(f"loss became {stats[0] / stats[2]} at epoch {epoch + 1}, step {step + 1} "
-                                       f"(global step {global_step + 1}); the last good checkpoint is kept in {run_dir}; "
-                                       f"lower train.lr or set train.grad_clip")
+                                       f"(global step {global_step + 1}); {kept}; lower train.lr or set "
+                                       f"train.grad_clip")
                     global_step += 1
                     elapsed = time.perf_counter() - t_ready
                     epoch_stats["loss"] += stats[0]
@@ -543,12 +573,11 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     final = {"final": True, "best_val_top1": best_top1, "test_top1": last_metrics.get("val_top1"),
              "epochs": config.train.epochs, "elapsed_seconds": time.perf_counter() - start_time}
     writer.record(final)
-    if writer.tb:
-        writer.tb.add_hparams(
-            {"dim": config.model.dim, "depth": config.model.depth, "heads": config.model.heads,
-             "patch_size": config.model.patch_size, "lr": config.train.lr, "batch_size": config.train.batch_size,
-             "epochs": config.train.epochs, "precision": precision},
-            {"hparam/best_val_top1": best_top1}, run_name="hparams")
+    writer._tensorboard(lambda tb: tb.add_hparams(
+        {"dim": config.model.dim, "depth": config.model.depth, "heads": config.model.heads,
+         "patch_size": config.model.patch_size, "lr": config.train.lr, "batch_size": config.train.batch_size,
+         "epochs": config.train.epochs, "precision": precision},
+        {"hparam/best_val_top1": best_top1}, run_name="hparams"))
     writer.close()
     if dist_info.enabled:
         import torch.distributed as dist
