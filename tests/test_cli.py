@@ -75,10 +75,14 @@ def test_smoke_train_eval_predict(smoke_run, tmp_path):
 def test_ckpt_defaults_to_newest_run(smoke_run, tmp_path):
     import shutil
 
-    (tmp_path / "runs" / "smoke" / "x").mkdir(parents=True)
-    shutil.copy(smoke_run / "best.pt", tmp_path / "runs" / "smoke" / "x" / "best.pt")
+    import os
+
+    for name, age in (("a", 3600), ("m", 0), ("x", 7200)):  # "m" is the newest and neither first nor last by name
+        (tmp_path / "runs" / "smoke" / name).mkdir(parents=True)
+        copy = shutil.copy(smoke_run / "best.pt", tmp_path / "runs" / "smoke" / name / "best.pt")
+        os.utime(copy, (os.path.getmtime(copy) - age,) * 2)
     result = run_vit("eval", "--json", cwd=tmp_path, check=True)
-    assert "runs/smoke/x/best.pt" in result.stderr and json.loads(result.stdout)["num_samples"] == 256
+    assert "runs/smoke/m/best.pt" in result.stderr and json.loads(result.stdout)["num_samples"] == 256
     empty = tmp_path / "empty"
     empty.mkdir()
     result = run_vit("predict", "x.png", cwd=empty)
@@ -106,8 +110,13 @@ def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):
     assert report["num_samples"] == 128
     assert set(report["per_class"]) == set(FASHION_MNIST_CLASSES)  # the idx files carry no names: vitcli's own
     image = write_png(tmp_path / "gray.png", size=28, mode="L")
-    out = json.loads(run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
-    assert out[0]["predictions"][0]["label"] in FASHION_MNIST_CLASSES
+    out = json.loads(run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", "--top-k", "10",
+                             check=True).stdout)
+    predictions = out[0]["predictions"]  # every class once, best first, a probability distribution
+    assert [p["label"] for p in predictions] == [FASHION_MNIST_CLASSES[p["index"]] for p in predictions]
+    assert sorted(p["label"] for p in predictions) == sorted(FASHION_MNIST_CLASSES)
+    assert [p["probability"] for p in predictions] == sorted((p["probability"] for p in predictions), reverse=True)
+    assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_imagefolder(imagefolder_dir, tmp_path):
@@ -151,4 +160,22 @@ def test_bench_reports_the_train_step_and_its_flops():
                              check=True).stdout)
     assert out["train_images_per_second"] > 0 and out["infer_images_per_second"] > 0
     assert out["precision"] in ("fp32", "bf16") and out["device"] == "cpu"
-    assert out["train_gflops_per_second"] > 0 and out["forward_gflops_per_image"] > 0
+    assert out["train_gflops_per_second"] > 0
+    # the FLOPs `vit bench` reports are those torch's own counter finds in one forward pass of the model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitcli.config import load_config
+    from vitcli.model import build_model
+
+    from vitcli.bench import forward_flops
+
+    def counted(config, channels: int) -> int:
+        model = build_model(config, 10).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.randn(1, channels, config.image_size, config.image_size))
+        return counter.get_total_flops()
+
+    smoke = load_config(REPO / "configs" / "smoke.yaml")
+    assert out["forward_gflops_per_image"] * 1e9 == pytest.approx(counted(smoke, 3), rel=1e-9)
+    conv_stem = load_config(REPO / "configs" / "fashion_mnist.yaml")  # the count follows the stem's convolutions
+    assert forward_flops(conv_stem, 10) == pytest.approx(counted(conv_stem, 1), rel=1e-9)

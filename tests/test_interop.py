@@ -186,3 +186,7 @@ def test_torchscript_and_safetensors_exports(converted, tmp_path):
         assert json.loads(meta["config"])["model"]["dim"] == 48
         assert json.loads(meta["classes"]) == [f"class_{i}" for i in range(5)]
         assert "head.weight" in f.keys()
+        weights = model_from_checkpoint(ckpt, converted).float().state_dict()  # the EMA weights where there are
+        assert set(f.keys()) == set(weights)
+        for key in f.keys():
+            assert torch.equal(f.get_tensor(key), weights[key]), key

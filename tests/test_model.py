@@ -89,8 +89,14 @@ def test_fused_and_explicit_attention_agree(dtype, tol):
 def test_fused_model_still_returns_attention():
     model = VisionTransformer(image_size=16, patch_size=4, in_channels=3, num_classes=10, dim=32, depth=2, heads=4)
     model.set_fused_attention(True)
-    _, attentions = model(torch.randn(1, 3, 16, 16), return_attention=True)
+    x = torch.randn(1, 3, 16, 16)
+    logits, attentions = model(x, return_attention=True)
     assert len(attentions) == 2 and attentions[0].shape == (1, 4, 17, 17)
+    model.set_fused_attention(False)  # the weights it hands back are the explicit path's, to float tolerance
+    explicit_logits, explicit = model(x, return_attention=True)
+    torch.testing.assert_close(logits, explicit_logits, atol=1e-5, rtol=1e-5)
+    for fused, plain in zip(attentions, explicit):
+        torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)
 
 
 def test_patch_embedding_is_a_linear_map_of_each_patch():

@@ -59,6 +59,9 @@ def test_predict_attention_maps(smoke_run, tmp_path):
         assert json.loads(result.stdout)[0]["attention"] == str(out)
         picture = assert_picture(out, 300)
         assert picture.size[0] >= 300
+    # the two modes draw different maps over the same image
+    rollout, last = (np.asarray(Image.open(tmp_path / f"{m}.png").convert("RGB"), dtype=float) for m in ("rollout", "last"))
+    assert rollout.shape == last.shape and np.abs(rollout - last).mean() > 1.0
     small = [write_png(tmp_path / f"s{i}.png", size=16, seed=i) for i in range(3)]
     folder = tmp_path / "maps"
     run_vit("predict", *small, "--ckpt", smoke_run / "best.pt", "--attention", folder, check=True)

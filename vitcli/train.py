@@ -229,7 +229,7 @@ class MetricsWriter:
             threading.excepthook = _quiet_tensorboard_thread
             self.tb = SummaryWriter(str(run_dir))
 
-    def _tensorboard(self, write) -> None:
+    def tensorboard(self, write) -> None:
         if not self.tb:
             return
         try:
@@ -244,11 +244,11 @@ class MetricsWriter:
             for key, value in values.items():
                 tb.add_scalar(key, value, step)
 
-        self._tensorboard(write)
+        self.tensorboard(write)
 
     def image(self, tag: str, array, step: int) -> None:
         """An RGB uint8 (H, W, 3) array."""
-        self._tensorboard(lambda tb: tb.add_image(tag, array, step, dataformats="HWC"))
+        self.tensorboard(lambda tb: tb.add_image(tag, array, step, dataformats="HWC"))
 
     def images(self, tag: str, batch: torch.Tensor, step: int) -> None:
         """A grid of float images in [0, 1], (B, C, H, W)."""
@@ -256,7 +256,7 @@ class MetricsWriter:
             from torchvision.utils import make_grid
 
             grid = make_grid(batch.float().cpu(), nrow=8, padding=1)
-            self._tensorboard(lambda tb: tb.add_image(tag, grid, step))
+            self.tensorboard(lambda tb: tb.add_image(tag, grid, step))
 
     def record(self, row: dict[str, Any]) -> None:
         if self.enabled:
@@ -266,7 +266,7 @@ class MetricsWriter:
                 os.fsync(f.fileno())
 
     def close(self) -> None:
-        self._tensorboard(lambda tb: tb.close())
+        self.tensorboard(lambda tb: tb.close())
 
 
 def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
@@ -573,7 +573,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     final = {"final": True, "best_val_top1": best_top1, "test_top1": last_metrics.get("val_top1"),
              "epochs": config.train.epochs, "elapsed_seconds": time.perf_counter() - start_time}
     writer.record(final)
-    writer._tensorboard(lambda tb: tb.add_hparams(
+    writer.tensorboard(lambda tb: tb.add_hparams(
         {"dim": config.model.dim, "depth": config.model.depth, "heads": config.model.heads,
          "patch_size": config.model.patch_size, "lr": config.train.lr, "batch_size": config.train.batch_size,
          "epochs": config.train.epochs, "precision": precision},
