@@ -70,16 +70,22 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def _centre_crop(size: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """Image folders' evaluation view: the short side resized to size/0.875, then the centre size x size.
+    Returns (resized width, resized height, left, top)."""
+    short = int(round(size / 0.875))
+    scale = short / min(width, height)
+    resized_w, resized_h = max(short, round(width * scale)), max(short, round(height * scale))
+    return resized_w, resized_h, (resized_w - size) // 2, (resized_h - size) // 2
+
+
 def view_box(config, width: int, height: int) -> tuple[float, float, float, float]:
     """The part of a width x height image the model sees, (left, top, right, bottom) in the image's pixels: the
     centre crop of image folders (as image_to_tensor cuts it), the whole image otherwise."""
     if config.data.dataset != "imagefolder":
         return 0.0, 0.0, float(width), float(height)
     size = config.image_size
-    short = int(round(size / 0.875))
-    scale = short / min(width, height)
-    resized_w, resized_h = max(short, round(width * scale)), max(short, round(height * scale))
-    left, top = (resized_w - size) // 2, (resized_h - size) // 2
+    resized_w, resized_h, left, top = _centre_crop(size, width, height)
     sx, sy = resized_w / width, resized_h / height
     return left / sx, top / sy, (left + size) / sx, (top + size) / sy
 
@@ -96,12 +102,8 @@ def image_to_tensor(image, config) -> torch.Tensor:
     image = convert_image(image, "L" if channels == 1 else "RGB")
     size = config.image_size
     if config.data.dataset == "imagefolder":
-        short = int(round(size / 0.875))
-        w, h = image.size
-        scale = short / min(w, h)
-        image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
-        w, h = image.size
-        left, top = (w - size) // 2, (h - size) // 2
+        resized_w, resized_h, left, top = _centre_crop(size, *image.size)
+        image = image.resize((resized_w, resized_h), Image.BILINEAR)
         image = image.crop((left, top, left + size, top + size))
     elif image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
