@@ -104,11 +104,20 @@ def test_cifar10_real_format(cifar10_dir, tmp_path):
 def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):
     run_dir = tmp_path / "run"
     run_vit("train", "--config", REPO / "configs" / "fashion_mnist.yaml", "--run-dir", run_dir, "--set",
-            f"data.root={fmnist_idx}", "--set", "train.ema_decay=0", "--set", "train.compile=false", *TINY,
-            check=True)
+            f"data.root={fmnist_idx}", "--set", "train.ema_decay=0", "--set", "train.compile=false",
+            "--set", "train.eval_hflip=true", *TINY, check=True)
     report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
     assert report["num_samples"] == 128
     assert set(report["per_class"]) == set(FASHION_MNIST_CLASSES)  # the idx files carry no names: vitcli's own
+    # test-time flips: the run's final figure is with them (and says so), the single-view one beside it; a fresh
+    # `vit eval` of last.pt gives each again, with the checkpoint's setting by default and --no-tta without
+    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["final"] and final["tta_hflip"] is True
+    with_tta = json.loads(run_vit("eval", "--ckpt", run_dir / "last.pt", "--json", check=True).stdout)
+    single = json.loads(run_vit("eval", "--ckpt", run_dir / "last.pt", "--json", "--no-tta", check=True).stdout)
+    assert with_tta["tta_hflip"] is True and single["tta_hflip"] is False
+    assert with_tta["top1"] == final["test_top1"] and single["top1"] == final["test_top1_single_view"]
+    assert with_tta["loss"] != single["loss"]
     image = write_png(tmp_path / "gray.png", size=28, mode="L")
     out = json.loads(run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", "--top-k", "10",
                              check=True).stdout)

@@ -41,6 +41,8 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"model": {"heads": 0}}, "model.dim/depth/heads must be positive"),
     ({"data": {"image_size": 0}}, "data.image_size must be positive, got 0"),  # not the dataset's default
     ({"data": {"dataset": "cifar10", "mean": [], "std": []}}, "need one value per channel"),
+    ({"data": {"dataset": "mnist"}, "train": {"eval_hflip": True}}, "train.eval_hflip .* needs data.hflip: true"),
+    ({"data": {"hflip": False}, "train": {"eval_hflip": True}}, "train.eval_hflip .* needs data.hflip: true"),
 ])
 def test_invalid_configs_name_the_key(raw, message):
     with pytest.raises(VitError, match=message):

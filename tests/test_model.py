@@ -115,3 +115,44 @@ def test_no_weight_decay_on_norms_biases_tokens():
     assert "patch_embedding.position_embedding" in skipped
     assert "encoder.norm.weight" in skipped and "head.bias" in skipped
     assert "head.weight" not in skipped and "encoder.blocks.0.attention.to_qkv.weight" not in skipped
+
+
+def test_test_time_flip_averages_the_probabilities_of_each_image_and_its_mirror():
+    from vitcli.config import build_config
+    from vitcli.data import Preprocess
+    from vitcli.evaluate import evaluate, mirror_average
+    from vitcli.predict import predict
+
+    torch.manual_seed(0)
+    config = build_config({"data": {"dataset": "synthetic", "image_size": 16},
+                           "model": {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2}})
+    model = VisionTransformer(image_size=16, patch_size=4, in_channels=3, num_classes=10, dim=32, depth=2,
+                              heads=2).eval()
+    logits, mirrored = torch.randn(6, 10), torch.randn(6, 10)
+    averaged = (logits.softmax(-1) + mirrored.softmax(-1)) / 2
+    torch.testing.assert_close(mirror_average(logits, mirrored).softmax(-1), averaged)
+    torch.testing.assert_close(mirror_average(logits, mirrored).exp().sum(-1), torch.ones(6))
+
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,))
+    classes = [str(i) for i in range(10)]
+    cpu = torch.device("cpu")
+    preprocess = Preprocess(config, cpu, train=False)
+    with torch.no_grad():
+        x, _ = preprocess(images, labels)
+        probs = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+    # predict: the averaged distribution, as worked out above
+    top = predict(model, config, classes, images[:3], cpu, "fp32", top_k=10, hflip=True)
+    for row, p in zip(top, probs[:3]):
+        torch.testing.assert_close(torch.tensor([e["probability"] for e in row]), p.sort(descending=True).values)
+    # evaluate: top-1 and loss of the averaged distribution over all batches
+    def batches():
+        return [(images[:25], labels[:25]), (images[25:], labels[25:])]
+    seen = []
+    result = evaluate(model, batches, preprocess, classes, cpu, "fp32", hflip=True,
+                      on_batch=lambda images, labels, logits: seen.append(logits))
+    torch.testing.assert_close(torch.cat(seen).softmax(-1), probs)
+    assert result["top1"] * 40 == pytest.approx(int((probs.argmax(-1) == labels).sum()))
+    assert result["loss"] == pytest.approx(torch.nn.functional.nll_loss(probs.log(), labels).item(), rel=1e-5)
+    plain = evaluate(model, batches, preprocess, classes, cpu, "fp32")
+    assert plain["loss"] != pytest.approx(result["loss"], rel=1e-5)

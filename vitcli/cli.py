@@ -22,6 +22,9 @@ CkptOpt = Annotated[Optional[Path], typer.Option(
     "--ckpt", help="Checkpoint (best.pt / last.pt). Default: best.pt of the newest run under runs/.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+TtaOpt = Annotated[Optional[bool], typer.Option(
+    "--tta/--no-tta", help="Average each image's prediction with its mirror image's (test-time augmentation). "
+    "Default: the checkpoint's train.eval_hflip.")]
 
 
 def err(message: str) -> None:
@@ -171,6 +174,7 @@ def eval_(
     report: Annotated[Optional[Path], typer.Option(
         "--report", help="Write a confusion matrix, per-class accuracy chart, the most confident mistakes and "
         "report.json to this folder.")] = None,
+    tta: TtaOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Loss, top-1, top-5 and per-class accuracy of a checkpoint on the test split."""
@@ -206,8 +210,9 @@ def eval_(
             from vitcli.visualize import Mistakes
 
             mistakes = Mistakes()
+        hflip = config.train.eval_hflip if tta is None else tta
         result = evaluate(model, batches, Preprocess(config, dev, train=False), classes, dev, precision,
-                          on_batch=mistakes)
+                          on_batch=mistakes, hflip=hflip)
         if report is not None:
             from vitcli.visualize import eval_report
 
@@ -216,11 +221,12 @@ def eval_(
         result.pop("confusion")
         synthetic = config.data.dataset == "synthetic"
         if json_:
-            typer.echo(json.dumps({**result, "checkpoint": str(path), "split": split,
+            typer.echo(json.dumps({**result, "checkpoint": str(path), "split": split, "tta_hflip": hflip,
                                    "dataset": config.data.dataset, **({"synthetic": True} if synthetic else {})}))
         else:
             tag = " [SYNTHETIC DATA]" if synthetic else ""
-            typer.echo(f"{path} on {config.data.dataset} {split}{tag}: {result['num_samples']} images")
+            mode = ", each with its mirror image (--tta)" if hflip else ""
+            typer.echo(f"{path} on {config.data.dataset} {split}{tag}: {result['num_samples']} images{mode}")
             typer.echo(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}")
             width = max(len(c) for c in result["per_class"]) if result["per_class"] else 0
             for name, acc in result["per_class"].items():
@@ -244,6 +250,7 @@ def predict(
     attention_mode: Annotated[str, typer.Option(
         "--attention-mode", help="rollout (all layers, Abnar & Zuidema 2020) or last (class token, last "
         "layer).")] = "rollout",
+    tta: TtaOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Top-k classes for each image, optionally with its attention map."""
@@ -282,7 +289,8 @@ def predict(
                 err(f"error: {e}")
                 failures += 1
                 continue
-            predictions = run_predict(model, config, classes, tensor[None], dev, precision, top_k)[0]
+            predictions = run_predict(model, config, classes, tensor[None], dev, precision, top_k,
+                                      hflip=config.train.eval_hflip if tta is None else tta)[0]
             entry = {"path": str(image_path), "predictions": predictions}
             if attention is not None:
                 entry["attention"] = str(write_attention(model, config, classes, tensor, dev, attention_mode,

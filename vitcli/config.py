@@ -85,6 +85,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables the EMA of the weights
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
     eval_batch_size: int = 512
+    eval_hflip: bool = False  # test-time augmentation: score each image with its mirror image (needs data.hflip)
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,9 @@ def validate(config: Config, source: str = "config") -> None:
         (t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}"),
         (t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}"),
         (t.eval_batch_size > 0, "train.eval_batch_size", f"must be positive, got {t.eval_batch_size}"),
+        (not t.eval_hflip or config.hflip, "train.eval_hflip",
+         "averages each image's prediction with its mirror image's, so it needs data.hflip: true (a model trained "
+         "without mirrored images has not learned them)"),
         (t.lr > 0, "train.lr", f"must be positive, got {t.lr}"),
         (t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),

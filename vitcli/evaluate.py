@@ -4,21 +4,32 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from vitcli.runtime import Distributed, all_reduce_sum, autocast
 
 
+def mirror_average(logits: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the log of the mean of the class probabilities of each image (`logits`) and of its
+    horizontal mirror (`mirrored`). Log-probabilities are valid logits: softmax of them gives the averaged ones."""
+    both = torch.stack([logits.float().log_softmax(dim=-1), mirrored.float().log_softmax(dim=-1)])
+    return torch.logsumexp(both, dim=0) - math.log(2)
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess, classes: list[str],
              device: torch.device, precision: str, dist_info: Distributed = Distributed(),
              forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-             on_batch: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None) -> dict[str, Any]:
+             on_batch: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None,
+             hflip: bool = False) -> dict[str, Any]:
     """Loss, top-1, top-5, per-class accuracy and the confusion matrix over all batches (and all ranks).
     `forward`: how to run the model (its compiled forward during training); the model itself by default.
     `on_batch(images, labels, logits)`: called with each uint8 batch and its float logits (`vit eval --report`
-    collects its mistakes there, so the split is run through the model once)."""
+    collects its mistakes there, so the split is run through the model once).
+    `hflip`: score each image by its and its mirror's averaged class probabilities (`mirror_average`)."""
     model.eval()
     forward = forward or model
     k = len(classes)
@@ -29,7 +40,8 @@ def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess
         x, labels = preprocess(images, labels)
         with autocast(device, precision):
             logits = forward(x)
-        logits = logits.float()
+            mirrored = forward(x.flip(-1)) if hflip else None
+        logits = logits.float() if mirrored is None else mirror_average(logits, mirrored)
         if on_batch is not None:
             on_batch(images, labels, logits)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")

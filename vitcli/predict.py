@@ -115,15 +115,17 @@ def image_to_tensor(image, config) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict(model, config, classes: list[str], images: torch.Tensor, device: torch.device, precision: str,
-            top_k: int) -> list[list[dict[str, Any]]]:
-    """Top-k predictions, best first, for a uint8 batch (B, C, H, W)."""
+            top_k: int, hflip: bool = False) -> list[list[dict[str, Any]]]:
+    """Top-k predictions, best first, for a uint8 batch (B, C, H, W); `hflip`: averaged with each mirror's."""
     from vitcli.data import Preprocess
+    from vitcli.evaluate import mirror_average
     from vitcli.runtime import autocast
 
     x, _ = Preprocess(config, device, train=False)(images.to(device), None)
     with autocast(device, precision):
         logits = model(x)
-    probs = logits.float().softmax(dim=1)
+        mirrored = model(x.flip(-1)) if hflip else None
+    probs = (logits.float() if mirrored is None else mirror_average(logits, mirrored)).softmax(dim=1)
     top = probs.topk(min(top_k, len(classes)), dim=1)
     return [[{"label": classes[i], "index": i, "probability": p} for p, i in zip(ps, idx)]
             for ps, idx in zip(top.values.tolist(), top.indices.tolist())]

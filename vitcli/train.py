@@ -518,7 +518,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
             # ---- end of epoch: evaluate, log, checkpoint
             val = evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info,
-                           forward=eval_forward)
+                           forward=eval_forward, hflip=config.train.eval_hflip)
             seen = max(epoch_stats["seen"], 1.0)
             last_metrics = {
                 "epoch": epoch + 1,
@@ -572,6 +572,10 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                      global_step)
     final = {"final": True, "best_val_top1": best_top1, "test_top1": last_metrics.get("val_top1"),
              "epochs": config.train.epochs, "elapsed_seconds": time.perf_counter() - start_time}
+    if config.train.eval_hflip:  # the figure with its mirror images, and the one without, side by side
+        final["tta_hflip"] = True
+        final["test_top1_single_view"] = evaluate(eval_model, val_batches, eval_preprocess, classes, device,
+                                                  precision, dist_info, forward=eval_forward)["top1"]
     writer.record(final)
     writer.tensorboard(lambda tb: tb.add_hparams(
         {"dim": config.model.dim, "depth": config.model.depth, "heads": config.model.heads,
