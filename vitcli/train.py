@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import math
@@ -136,6 +137,11 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"
     return torch.compile(model)
 
 
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopSignals:
     """First Ctrl-C / SIGTERM: finish the current step, save last.pt, stop. Second: exit at once (saves are
     atomic, so nothing is torn)."""
@@ -161,6 +167,13 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc):
+        if self.requested:
+            # A stop is under way and the process is on its way out (message, exit 130): this handler stays, so a
+            # repeated signal is still ignored (within 2 s) or exits 130, never Python's KeyboardInterrupt or a -2
+            # exit. Interpreter teardown puts the default action back on handlers written in Python, not on an
+            # ignored signal, hence the atexit hook for its last moments (all threads are joined by then).
+            atexit.register(_ignore_stop_signals)
+            return
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
