@@ -293,8 +293,8 @@ def predict(
                                       hflip=config.train.eval_hflip if tta is None else tta)[0]
             entry = {"path": str(image_path), "predictions": predictions}
             if attention is not None:
-                entry["attention"] = str(write_attention(model, config, classes, tensor, dev, attention_mode,
-                                                         attention_paths[image_path], image))
+                entry["attention"] = str(write_attention(model, config, tensor, dev, attention_mode,
+                                                         attention_paths[image_path], image, predictions[0]))
             results.append(entry)
             if not json_:
                 best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in predictions)
@@ -321,8 +321,9 @@ def attention_outputs(out: Path, paths: list[Path]) -> dict[Path, Path]:
     return names
 
 
-def write_attention(model, config, classes, tensor, device, mode: str, out: Path, original) -> Path:
-    """The image at its own size (at least 256 px) with the attention heat map and the predicted label."""
+def write_attention(model, config, tensor, device, mode: str, out: Path, original, best: dict) -> Path:
+    """The image at its own size (at least 256 px) with the attention heat map and `best`, the prediction printed
+    for it (so the picture agrees with the printed answer, --tta and precision included)."""
     import numpy as np
     import torch.nn.functional as F
 
@@ -332,9 +333,7 @@ def write_attention(model, config, classes, tensor, device, mode: str, out: Path
     from vitcli.visualize import attention_maps, overlay_figure, save_figure
 
     x, _ = Preprocess(config, device, train=False)(tensor[None].to(device), None)
-    logits, heat = attention_maps(model, x, mode)
-    probs = logits.softmax(dim=1)[0]
-    label = classes[int(probs.argmax())]
+    _, heat = attention_maps(model, x, mode)
     original = convert_image(original, "L" if tensor.shape[0] == 1 else "RGB")
     # the heat map covers what the model saw: image folders' centre crop, at the original's resolution
     left, top, right, bottom = view_box(config, *original.size)
@@ -342,7 +341,7 @@ def write_attention(model, config, classes, tensor, device, mode: str, out: Path
         original = original.crop((round(left), round(top), round(right), round(bottom)))
     image = np.asarray(original)
     heat = F.interpolate(heat[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-    title = f"{label} ({100 * float(probs.max()):.1f}%) - attention {mode}"
+    title = f"{best['label']} ({100 * best['probability']:.1f}%) - attention {mode}"
     try:
         save_figure(overlay_figure(image, heat.cpu().numpy(), title), out)
     except OSError as e:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
-
 import math
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
