@@ -117,7 +117,10 @@ def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):
     single = json.loads(run_vit("eval", "--ckpt", run_dir / "last.pt", "--json", "--no-tta", check=True).stdout)
     assert with_tta["tta_hflip"] is True and single["tta_hflip"] is False
     assert with_tta["top1"] == final["test_top1"] and single["top1"] == final["test_top1_single_view"]
-    assert with_tta["loss"] != single["loss"]
+    assert with_tta["top1_single_view"] == single["top1"]
+    last_epoch = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-2]
+    assert last_epoch["val_loss"] == pytest.approx(with_tta["loss"], rel=1e-6)  # the run's own evaluation had it
+    assert with_tta["loss"] != single["loss"]  # (band images look nearly the same mirrored: 1e-4 apart)
     image = write_png(tmp_path / "gray.png", size=28, mode="L")
     out = json.loads(run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", "--top-k", "10",
                              check=True).stdout)
@@ -126,6 +129,23 @@ def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):
     assert sorted(p["label"] for p in predictions) == sorted(FASHION_MNIST_CLASSES)
     assert [p["probability"] for p in predictions] == sorted((p["probability"] for p in predictions), reverse=True)
     assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
+    # --tta (the checkpoint's default here): the mean of the image's and its mirror image's probabilities
+    from PIL import Image, ImageOps
+
+    image, mirror = tmp_path / "half.png", tmp_path / "mirror.png"
+    half = Image.new("L", (28, 28))
+    half.paste(255, (0, 0, 10, 28))  # bright on the left only: its mirror is another picture for the model
+    half.save(image)
+    ImageOps.mirror(half).save(mirror)
+    by_label = {}
+    for path, flag in ((image, "--no-tta"), (mirror, "--no-tta"), (image, "--tta")):
+        out = json.loads(run_vit("predict", path, "--ckpt", run_dir / "best.pt", "--json", "-k", "10", flag,
+                                 check=True).stdout)
+        by_label[path, flag] = {p["label"]: p["probability"] for p in out[0]["predictions"]}
+    for label in FASHION_MNIST_CLASSES:
+        mean = (by_label[image, "--no-tta"][label] + by_label[mirror, "--no-tta"][label]) / 2
+        assert by_label[image, "--tta"][label] == pytest.approx(mean, abs=1e-5)
+    assert by_label[image, "--no-tta"] != pytest.approx(by_label[mirror, "--no-tta"], abs=1e-5)
 
 
 def test_imagefolder(imagefolder_dir, tmp_path):

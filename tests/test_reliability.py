@@ -90,6 +90,34 @@ def test_ctrl_c_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
     assert metrics_epochs(run_dir) == [1, 2, 3]
 
 
+def test_the_stop_handler_stays_only_on_the_way_out():
+    """After a stop that ends the run early (Interrupted), the handler stays until the process exits; a stop that
+    came too late to matter (the run finished) or a run that ends normally gives the caller its handlers back."""
+    import atexit
+
+    from vitcli.errors import Interrupted
+    from vitcli.train import StopSignals, _ignore_stop_signals
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with StopSignals():
+            pass
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+        with StopSignals() as stop:
+            stop._handle(signal.SIGINT, None)  # e.g. on the final step: the run finishes anyway
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+        with pytest.raises(Interrupted):
+            with StopSignals() as stop:
+                stop._handle(signal.SIGINT, None)
+                raise Interrupted("runs/x/last.pt")
+        assert signal.getsignal(signal.SIGINT) == stop._handle and signal.getsignal(signal.SIGTERM) == stop._handle
+        stop._handle(signal.SIGINT, None)  # repeated within 2 s: the same stop, nothing happens
+    finally:
+        atexit.unregister(_ignore_stop_signals)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_ctrl_c_on_the_last_step_of_an_epoch_still_evaluates_it(tmp_path):
     """With one step per epoch every interruption lands on an epoch's last step: the epoch is finished (evaluated,
     logged, saved) before the run stops, so no metrics row is lost."""

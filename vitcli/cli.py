@@ -71,6 +71,16 @@ def find_latest_checkpoint(runs: Path = Path("runs")) -> Path:
     return found[-1]
 
 
+def _tta_choice(tta: Optional[bool], config) -> bool:
+    """--tta / --no-tta, else the checkpoint's train.eval_hflip; a note when the model never saw mirror images."""
+    if tta is None:
+        return config.train.eval_hflip
+    if tta and not config.hflip:
+        err("note: --tta with a model trained without mirrored images (data.hflip off): its mirror-image "
+            "predictions may be worse than its plain ones")
+    return tta
+
+
 def _resolve_ckpt(ckpt: Optional[Path]) -> Path:
     return ckpt if ckpt is not None else find_latest_checkpoint()
 
@@ -210,9 +220,10 @@ def eval_(
             from vitcli.visualize import Mistakes
 
             mistakes = Mistakes()
-        hflip = config.train.eval_hflip if tta is None else tta
+        hflip = _tta_choice(tta, config)
         result = evaluate(model, batches, Preprocess(config, dev, train=False), classes, dev, precision,
                           on_batch=mistakes, hflip=hflip)
+        result["tta_hflip"] = hflip
         if report is not None:
             from vitcli.visualize import eval_report
 
@@ -221,13 +232,14 @@ def eval_(
         result.pop("confusion")
         synthetic = config.data.dataset == "synthetic"
         if json_:
-            typer.echo(json.dumps({**result, "checkpoint": str(path), "split": split, "tta_hflip": hflip,
+            typer.echo(json.dumps({**result, "checkpoint": str(path), "split": split,
                                    "dataset": config.data.dataset, **({"synthetic": True} if synthetic else {})}))
         else:
             tag = " [SYNTHETIC DATA]" if synthetic else ""
             mode = ", each with its mirror image (--tta)" if hflip else ""
             typer.echo(f"{path} on {config.data.dataset} {split}{tag}: {result['num_samples']} images{mode}")
-            typer.echo(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}")
+            single = f"  (single view: top-1 {result['top1_single_view']:.4f})" if hflip else ""
+            typer.echo(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}{single}")
             width = max(len(c) for c in result["per_class"]) if result["per_class"] else 0
             for name, acc in result["per_class"].items():
                 typer.echo(f"  {name:<{width}}  {acc:.4f}")
@@ -272,6 +284,7 @@ def predict(
         dev = resolve_device(device or config.train.device)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
+        hflip = _tta_choice(tta, config)
         results, failures = [], 0
         paths = expand_inputs(images)
         if attention is not None:
@@ -289,8 +302,7 @@ def predict(
                 err(f"error: {e}")
                 failures += 1
                 continue
-            predictions = run_predict(model, config, classes, tensor[None], dev, precision, top_k,
-                                      hflip=config.train.eval_hflip if tta is None else tta)[0]
+            predictions = run_predict(model, config, classes, tensor[None], dev, precision, top_k, hflip=hflip)[0]
             entry = {"path": str(image_path), "predictions": predictions}
             if attention is not None:
                 entry["attention"] = str(write_attention(model, config, tensor, dev, attention_mode,

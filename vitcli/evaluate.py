@@ -28,27 +28,33 @@ def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess
     `forward`: how to run the model (its compiled forward during training); the model itself by default.
     `on_batch(images, labels, logits)`: called with each uint8 batch and its float logits (`vit eval --report`
     collects its mistakes there, so the split is run through the model once).
-    `hflip`: score each image by its and its mirror's averaged class probabilities (`mirror_average`)."""
+    `hflip`: score each image by its and its mirror's averaged class probabilities (`mirror_average`); the
+    result then also holds `top1_single_view`, the top-1 of the image alone, from the same pass."""
     model.eval()
     forward = forward or model
     k = len(classes)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     top5_hits = torch.zeros((), device=device, dtype=torch.float64)
+    single_hits = torch.zeros((), device=device, dtype=torch.float64)  # with hflip: the unmirrored view alone
     confusion = torch.zeros(k * k, device=device, dtype=torch.float64)  # row: true class, column: predicted
     for images, labels in batches():
         x, labels = preprocess(images, labels)
         with autocast(device, precision):
             logits = forward(x)
             mirrored = forward(x.flip(-1)) if hflip else None
-        logits = logits.float() if mirrored is None else mirror_average(logits, mirrored)
+        if mirrored is not None:
+            single_hits += (logits.float().topk(min(5, k), dim=1).indices[:, 0] == labels).sum()  # as without
+            logits = mirror_average(logits, mirrored)
+        logits = logits.float()
         if on_batch is not None:
             on_batch(images, labels, logits)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         top = logits.topk(min(5, k), dim=1).indices
         top5_hits += (top == labels[:, None]).any(dim=1).sum()
         confusion += torch.bincount(labels * k + top[:, 0], minlength=k * k)
-    totals = all_reduce_sum(torch.cat([loss_sum[None], top5_hits[None], confusion]), dist_info).cpu()
-    confusion = totals[2:].view(k, k).long()
+    totals = all_reduce_sum(torch.cat([loss_sum[None], top5_hits[None], single_hits[None], confusion]),
+                            dist_info).cpu()
+    confusion = totals[3:].view(k, k).long()
     n = int(confusion.sum())
     per_class_total = confusion.sum(dim=1)
     per_class = (confusion.diagonal() / per_class_total.clamp(min=1)).tolist()
@@ -60,4 +66,5 @@ def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess
         "per_class": {name: acc for name, acc, count in zip(classes, per_class, per_class_total.tolist())
                       if count > 0},
         "confusion": confusion.tolist(),
+        **({"top1_single_view": float(totals[2]) / max(n, 1)} if hflip else {}),
     }

@@ -166,12 +166,13 @@ class StopSignals:
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc):
-        if self.requested:
-            # A stop is under way and the process is on its way out (message, exit 130): this handler stays, so a
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, Interrupted):
+            # The stop is done and the process is on its way out (message, exit 130): this handler stays, so a
             # repeated signal is still ignored (within 2 s) or exits 130, never Python's KeyboardInterrupt or a -2
             # exit. Interpreter teardown puts the default action back on handlers written in Python, not on an
             # ignored signal, hence the atexit hook for its last moments (all threads are joined by then).
+            # Any other way out (the run finished, an error) gives the caller its own handlers back.
             atexit.register(_ignore_stop_signals)
             return
         for sig, handler in self.previous.items():
@@ -541,6 +542,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 "val_loss": val["loss"],
                 "val_top1": val["top1"],
                 "val_top5": val["top5"],
+                **({"val_top1_single_view": val["top1_single_view"]} if "top1_single_view" in val else {}),
                 "lr": lr,
                 "train_images_per_second": seen / max(epoch_stats["seconds"], 1e-9),
                 "data_ms_per_step": 1000 * epoch_stats["data_seconds"] / max(train_data.steps_per_epoch, 1),
@@ -587,8 +589,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
              "epochs": config.train.epochs, "elapsed_seconds": time.perf_counter() - start_time}
     if config.train.eval_hflip:  # the figure with its mirror images, and the one without, side by side
         final["tta_hflip"] = True
-        final["test_top1_single_view"] = evaluate(eval_model, val_batches, eval_preprocess, classes, device,
-                                                  precision, dist_info, forward=eval_forward)["top1"]
+        final["test_top1_single_view"] = last_metrics.get("val_top1_single_view")
     writer.record(final)
     writer.tensorboard(lambda tb: tb.add_hparams(
         {"dim": config.model.dim, "depth": config.model.depth, "heads": config.model.heads,
