@@ -2,10 +2,14 @@
 
     python benchmarks/vs_timm.py [--configs configs/fashion_mnist.yaml configs/cifar10.yaml] [--rounds 3]
                                  [--epoch]   (also one end-to-end epoch of real Fashion-MNIST)
+    python benchmarks/vs_timm.py --device cuda --out benchmarks/results/cuda   (a GPU: bf16, fp16, fp32,
+                                 eager and compiled, against timm fp32, timm AMP and timm AMP compiled)
 
 Train step: vitcli's exact `vit train` step (vitcli.bench.Workload) against timm's VisionTransformer of the same
 shape, (a) fp32 eager with timm's defaults and (b) timm's best setting seen here: fused attention off, bf16
-autocast, torch.compile. Eval: inference forward at the eval batch size. Each contender is timed for a few steps in
+autocast, torch.compile. Eval: inference forward at the eval batch size. On a GPU (`--device cuda`) timm's best setting is its default
+fused attention with bf16 autocast and torch.compile, and vitcli runs in each precision, eager and compiled.
+Each contender is timed for a few steps in
 every round, rounds alternate, the median per contender is reported. Writes benchmarks/results/*.json and *.md.
 """
 
@@ -35,7 +39,8 @@ from vitcli.config import DATASET_DEFAULTS, load_config  # noqa: E402
 class TimmWorkload:
     """timm's VisionTransformer with the config's shape, trained the way a timm user would."""
 
-    def __init__(self, config, precision: str, fused_attention: bool, compile: bool):
+    def __init__(self, config, precision: str, fused_attention: bool, compile: bool,
+                 device: torch.device = torch.device("cpu")):
         import timm.layers
         from timm.models.vision_transformer import VisionTransformer
 
@@ -44,29 +49,40 @@ class TimmWorkload:
         channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
         self.model = VisionTransformer(img_size=config.image_size, patch_size=m.patch_size, in_chans=channels,
                                        num_classes=10, embed_dim=m.dim, depth=m.depth, num_heads=m.heads,
-                                       mlp_ratio=m.mlp_ratio, class_token=True, global_pool="token")
+                                       mlp_ratio=m.mlp_ratio, class_token=True,
+                                       global_pool="token").to(device)
         self.forward = torch.compile(self.model) if compile else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
-        self.precision = precision
+        self.device, self.precision = device, precision
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # as timm's train.py
         b, eb, size = config.train.batch_size, config.train.eval_batch_size, config.image_size
         self.batch_size, self.eval_batch_size = b, eb
-        self.x = torch.randn(b, channels, size, size)
-        self.y = torch.randint(0, 10, (b,))
-        self.eval_x = torch.randn(eb, channels, size, size)
+        self.x = torch.randn(b, channels, size, size, device=device)
+        self.y = torch.randint(0, 10, (b,), device=device)
+        self.eval_x = torch.randn(eb, channels, size, size, device=device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
     def train_step(self) -> float:
         self.model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with self.autocast():
             loss = F.cross_entropy(self.forward(self.x), self.y, label_smoothing=0.1)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return float(loss.detach())  # waits for the GPU: each timed step is complete
 
     @torch.inference_mode()
     def infer(self) -> None:
         self.model.eval()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with self.autocast():
             float(self.forward(self.eval_x).float().sum())
 
 
@@ -85,12 +101,53 @@ def measure(contenders: dict, rounds: int, steps: int) -> dict[str, dict[str, fl
                    "infer_images_per_second": statistics.median(infer[name])} for name in contenders}
 
 
-def bf16_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    for _ in range(3):
+def bf16_matmul_peak(device: torch.device = torch.device("cpu"), repeats: int = 10) -> float:
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(2))
+
+    def product():
         a @ b
-    seconds = timed(lambda: a @ b, repeats)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        product()
+    seconds = timed(product, repeats)
     return 2 * n**3 / seconds / 1e9
+
+
+TIMM_BEST = {"cpu": "timm best (bf16, explicit attn, compiled)", "cuda": "timm best (bf16, fused attn, compiled)"}
+
+
+def contenders_for(config, device: torch.device) -> dict:
+    """On the CPU: vit bench as configured (and in timm's linear-stem shape), timm fp32 eager and timm's best.
+    On a GPU: vitcli in bf16, fp16 and fp32, eager and compiled (fp32 eager only), timm fp32 eager, timm bf16
+    autocast eager and timm's best (bf16, fused attention, compiled)."""
+    def vitcli(**train):
+        return Workload(dataclasses.replace(config, train=dataclasses.replace(config.train, **train)))
+
+    if device.type == "cpu":
+        contenders = {"vitcli (vit bench)": Workload(config)}
+        if config.model.stem != "linear":  # timm's ViT has the linear patch embedding: compare that shape too
+            contenders["vitcli, linear stem (timm's shape)"] = Workload(linear_stem(config))
+        contenders["timm fp32 eager"] = TimmWorkload(config, "fp32", fused_attention=True, compile=False)
+        contenders[TIMM_BEST["cpu"]] = TimmWorkload(config, "bf16", fused_attention=False, compile=True)
+        return contenders
+    d = str(device)
+    return {
+        "vitcli bf16": vitcli(device=d, precision="bf16", compile=False),
+        "vitcli bf16 compiled": vitcli(device=d, precision="bf16", compile=True),
+        "vitcli fp16": vitcli(device=d, precision="fp16", compile=False),
+        "vitcli fp16 compiled": vitcli(device=d, precision="fp16", compile=True),
+        "vitcli fp32": vitcli(device=d, precision="fp32", compile=False),
+        "timm fp32 eager": TimmWorkload(config, "fp32", fused_attention=True, compile=False, device=device),
+        "timm bf16 eager": TimmWorkload(config, "bf16", fused_attention=True, compile=False, device=device),
+        TIMM_BEST["cuda"]: TimmWorkload(config, "bf16", fused_attention=True, compile=True, device=device),
+    }
+
+
+def linear_stem(config):
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, stem="linear", stem_channels=None))
 
 
 def timm_epoch(root: str, epochs: int = 1) -> dict[str, float]:
@@ -170,16 +227,21 @@ def main() -> None:
     parser.add_argument("--epoch", action="store_true", help="also one end-to-end epoch of real Fashion-MNIST")
     parser.add_argument("--fmnist-root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "bf16_matmul_peak_gflops": bf16_matmul_peak()}
+               "torch": torch.__version__, "device": device.type,
+               "bf16_matmul_peak_gflops": bf16_matmul_peak(device)}
     try:
         machine["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                               if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
     results = {"machine": machine, "step": {}, "measured": {}, "epoch": None}
     previous = out / "vs_timm.json"
     if previous.exists():  # configs not measured this time keep their earlier figures (each row says when)
@@ -189,24 +251,17 @@ def main() -> None:
         results["epoch"] = None if args.epoch else old.get("epoch")
     for path in args.configs:
         config = load_config(REPO / path)
-        contenders = {"vitcli (vit bench)": Workload(config)}
-        linear = dataclasses.replace(config, model=dataclasses.replace(config.model, stem="linear",
-                                                                       stem_channels=None))
-        if config.model.stem != "linear":  # timm's ViT has the linear patch embedding: compare that shape too
-            contenders["vitcli, linear stem (timm's shape)"] = Workload(linear)
-        contenders.update({
-            "timm fp32 eager": TimmWorkload(config, "fp32", fused_attention=True, compile=False),
-            "timm best (bf16, explicit attn, compiled)": TimmWorkload(config, "bf16", fused_attention=False,
-                                                                      compile=True),
-        })
+        contenders = contenders_for(config, device)
         figures = measure(contenders, args.rounds, args.steps)
-        for name, f in figures.items():  # each contender's own FLOPs: only vit bench's has the conv stem
-            flops = forward_flops(config if name == "vitcli (vit bench)" else linear)
+        for name, f in figures.items():  # each contender's own FLOPs: timm's and the linear-stem row lack the stem
+            own = name.startswith("vitcli") and "linear stem" not in name
+            flops = forward_flops(config if own else linear_stem(config))
             f["train_gflops_per_second"] = 3 * flops * f["train_images_per_second"] / 1e9
         results["measured"][path] = {"date": time.strftime("%Y-%m-%d"), "stem": config.model.stem,
                                 "stem_channels": config.model.stem_channels, "compile": config.train.compile}
         results["step"][path] = figures
         print(path, json.dumps(figures, indent=1), flush=True)
+        (out / "vs_timm.json").write_text(json.dumps(results, indent=1))  # each config's figures as they come
     if args.epoch:
         import tempfile
 
@@ -220,23 +275,30 @@ def main() -> None:
     print(markdown(results))
 
 
+def percent(part: float, whole: float) -> str:
+    share = 100 * part / whole
+    return f"{share:.0f}%" if share >= 10 else f"{share:.1f}%"
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}; measured bf16 matmul peak "
+    where = f"{m['gpu']} (host CPU {m['cpu']})" if m.get("gpu") else f"{m['cpu']}, {m['threads']} threads"
+    lines = [f"Machine: {where}, torch {m['torch']}; measured bf16 matmul peak "
              f"{m['bf16_matmul_peak_gflops']:.0f} GFLOP/s.", "",
              "| config | contender | train img/s | x timm fp32 | x timm best | train GFLOP/s (% of bf16 peak) "
              "| eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|"]
     for path, figures in results["step"].items():
         base = figures["timm fp32 eager"]
-        best = figures["timm best (bf16, explicit attn, compiled)"]
+        best = figures[TIMM_BEST[m.get("device", "cpu")]]
         when = results.get("measured", {}).get(path)
-        label = f"{path} ({when['date']}{', compiled' if when.get('compile') else ''})" if when else path
+        compiled = when and when.get("compile") and m.get("device", "cpu") == "cpu"  # on a GPU: per contender
+        label = f"{path} ({when['date']}{', compiled' if compiled else ''})" if when else path
         for name, f in figures.items():
             lines.append(
                 f"| {label} | {name} | {f['train_images_per_second']:.0f} | "
                 f"{f['train_images_per_second'] / base['train_images_per_second']:.2f} | "
                 f"{f['train_images_per_second'] / best['train_images_per_second']:.2f} | "
-                f"{f['train_gflops_per_second']:.0f} ({100 * f['train_gflops_per_second'] / m['bf16_matmul_peak_gflops']:.0f}%) | "
+                f"{f['train_gflops_per_second']:.0f} ({percent(f['train_gflops_per_second'], m['bf16_matmul_peak_gflops'])}) | "
                 f"{f['infer_images_per_second']:.0f} | "
                 f"{f['infer_images_per_second'] / base['infer_images_per_second']:.2f} |")
     if results["epoch"]:

@@ -156,3 +156,36 @@ def test_test_time_flip_averages_the_probabilities_of_each_image_and_its_mirror(
     assert result["loss"] == pytest.approx(torch.nn.functional.nll_loss(probs.log(), labels).item(), rel=1e-5)
     plain = evaluate(model, batches, preprocess, classes, cpu, "fp32")
     assert plain["loss"] != pytest.approx(result["loss"], rel=1e-5)
+
+
+def test_ema_follows_the_weights_and_the_batchnorm_statistics():
+    """EMA of every floating-point weight and buffer (the conv stem's BatchNorm running statistics included),
+    decay warmed up as (1+n)/(10+n), worked out here with the formula, over real AdamW steps."""
+    from vitcli.train import EMA
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=4, in_channels=1, num_classes=3, dim=16, depth=1, heads=2,
+                              stem="conv")
+    ema = EMA(model, decay=0.9)
+    expected = {k: v.clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    for step in range(5):
+        model.train()
+        loss = model(torch.randn(8, 1, 16, 16)).logsumexp(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(model, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if k in expected:
+                expected[k] = d * expected[k] + (1 - d) * v
+    got = ema.module.state_dict()
+    assert any("running_mean" in k for k in expected)
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got["head.weight"], model.state_dict()["head.weight"])  # an average, not a copy
+    other = VisionTransformer(image_size=16, patch_size=4, in_channels=1, num_classes=3, dim=16, depth=1, heads=2,
+                              stem="conv")
+    ema.update(other, 10**6)  # another model object: its own tensors, not the first model's
+    torch.testing.assert_close(ema.module.head.weight, 0.9 * expected["head.weight"] + 0.1 * other.head.weight.detach())
