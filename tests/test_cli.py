@@ -72,6 +72,38 @@ def test_smoke_train_eval_predict(smoke_run, tmp_path):
     assert {"label", "index", "probability"} <= set(entry["predictions"][0])
 
 
+def test_eval_every_skips_evaluations_but_not_the_last(tmp_path):
+    every = tmp_path / "every2"
+    result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", every,
+                     "--set", "train.epochs=5", "--set", "train.eval_every=2", check=True)
+    assert result.stderr.count("not evaluated: train.eval_every is 2") == 2
+    rows = read_metrics(every)
+    epochs = [r for r in rows if "epoch" in r]
+    assert [r["epoch"] for r in epochs if "val_top1" in r] == [2, 4, 5]  # every 2nd epoch, and the last
+    assert all("train_loss" in r and "val_loss" not in r for r in epochs if r["epoch"] in (1, 3))
+    assert rows[-1]["test_top1"] == epochs[-1]["val_top1"]
+    best = max(epochs, key=lambda r: r.get("val_top1", -1))
+    assert rows[-1]["best_val_top1"] == best["val_top1"]
+    assert torch.load(every / "best.pt", weights_only=False)["metrics"]["epoch"] == best["epoch"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(every))
+    events.Reload()
+    step_of = {r["epoch"]: r["global_step"] for r in epochs}
+    assert [e.step for e in events.Scalars("val/top1")] == [step_of[2], step_of[4], step_of[5]]
+    assert len(events.Scalars("train/epoch_loss")) == 5
+
+    # skipping evaluations changes what is measured, not what is trained: the same weights as evaluating each epoch
+    each = tmp_path / "every1"
+    run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", each, "--set", "train.epochs=5",
+            check=True)
+    a = torch.load(every / "last.pt", weights_only=False)["model"]
+    b = torch.load(each / "last.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_metrics(each)[-1]["test_top1"] == rows[-1]["test_top1"]
+
+
 def test_ckpt_defaults_to_newest_run(smoke_run, tmp_path):
     import shutil
 

@@ -32,6 +32,7 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"model": {"patch_size": 5}}, "image_size 32 is not divisible by patch_size 5"),
     ({"train": {"epochs": 0}}, "train.epochs must be positive"),
     ({"train": {"batch_size": -1}}, "train.batch_size must be positive"),
+    ({"train": {"eval_every": 0}}, "train.eval_every must be >= 1, got 0"),
     ({"data": {"dataset": "imagenet21k"}}, "data.dataset must be one of"),
     ({"train": {"precision": "fp8"}}, "train.precision must be one of"),
     ({"model": {"stem": "conv", "patch_size": 6}, "data": {"image_size": 36}}, "power-of-two patch_size"),

@@ -85,6 +85,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables the EMA of the weights
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
     eval_batch_size: int = 512
+    eval_every: int = 1  # epochs between evaluations on the test split; the last epoch is always evaluated
     eval_hflip: bool = False  # test-time augmentation: score each image with its mirror image (needs data.hflip)
 
 
@@ -279,6 +280,7 @@ def validate(config: Config, source: str = "config") -> None:
         (0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
         (0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1); 0 disables it"),
         (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
+        (t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}"),
         (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
         (device_ok, "train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"),
         (len(config.mean) == len(config.std), "data.mean/std", "must have the same length"),

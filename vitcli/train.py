@@ -32,7 +32,7 @@ from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_
 # extends it (the cosine schedule is stretched over the new total, as the README says).
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("data", "num_workers"), ("data", "root"),
                      ("train", "checkpoint_every"), ("data", "download"), ("train", "eval_batch_size"),
-                     ("train", "compile")}
+                     ("train", "compile"), ("train", "eval_every")}
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -482,6 +482,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         watch = next(iter(val_batches()))
         watch = (watch[0][:8], watch[1][:8])
     attention_every = max(1, config.train.epochs // 5)
+    drawn_at: Optional[int] = None  # the epoch whose attention maps TensorBoard last got
 
     last_metrics: dict[str, Any] = {}
     start_time = time.perf_counter()
@@ -540,19 +541,18 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             finally:
                 bar.close()
 
-            # ---- end of epoch: evaluate, log, checkpoint
-            val = evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info,
-                           forward=eval_forward, hflip=config.train.eval_hflip)
+            # ---- end of epoch: evaluate (every train.eval_every epochs, and the last), log, checkpoint
+            evaluated = (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs
+            val = (evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info,
+                            forward=eval_forward, hflip=config.train.eval_hflip) if evaluated else None)
             seen = max(epoch_stats["seen"], 1.0)
             last_metrics = {
                 "epoch": epoch + 1,
                 "global_step": global_step,
                 "train_loss": epoch_stats["loss"] / seen,
                 "train_top1": epoch_stats["correct"] / seen,
-                "val_loss": val["loss"],
-                "val_top1": val["top1"],
-                "val_top5": val["top5"],
-                **({"val_top1_single_view": val["top1_single_view"]} if "top1_single_view" in val else {}),
+                **({"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]} if val is not None else {}),
+                **({"val_top1_single_view": val["top1_single_view"]} if val and "top1_single_view" in val else {}),
                 "lr": lr,
                 "train_images_per_second": seen / max(epoch_stats["seconds"], 1e-9),
                 "data_ms_per_step": 1000 * epoch_stats["data_seconds"] / max(train_data.steps_per_epoch, 1),
@@ -563,27 +563,34 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 last_metrics["synthetic"] = True
             writer.record(last_metrics)
             writer.scalars({"train/epoch_loss": last_metrics["train_loss"],
-                            "train/top1": last_metrics["train_top1"], "val/loss": val["loss"],
-                            "val/top1": val["top1"], "val/top5": val["top5"],
-                            "perf/train_images_per_second": last_metrics["train_images_per_second"]},
-                           global_step)
-            writer.scalars({f"val_per_class/{name}": acc for name, acc in val["per_class"].items()}, global_step)
-            if main:
-                log_pictures(writer, eval_model, config, classes, val, watch, device, global_step,
-                             attention=(epoch + 1) % attention_every == 0 or epoch == first_epoch
-                             or epoch + 1 == config.train.epochs)
-            is_best = val["top1"] > best_top1
-            if is_best:
-                best_top1 = val["top1"]
+                            "train/top1": last_metrics["train_top1"],
+                            "perf/train_images_per_second": last_metrics["train_images_per_second"]}, global_step)
+            is_best = False
+            if val is not None:
+                writer.scalars({"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"]},
+                               global_step)
+                writer.scalars({f"val_per_class/{name}": acc for name, acc in val["per_class"].items()},
+                               global_step)
+                if main:  # attention maps at the first evaluation, then every few epochs, and at the end
+                    draw = (drawn_at is None or epoch + 1 - drawn_at >= attention_every
+                            or epoch + 1 == config.train.epochs)
+                    log_pictures(writer, eval_model, config, classes, val, watch, device, global_step, attention=draw)
+                    drawn_at = epoch + 1 if draw else drawn_at
+                is_best = val["top1"] > best_top1
+                if is_best:
+                    best_top1 = val["top1"]
             epoch_stats = {k: 0.0 for k in epoch_stats}
             # best.pt first: a run killed between the two saves resumes from the older last.pt and redoes the epoch,
             # instead of believing a best.pt that was never written
             if is_best:
                 save("best.pt", epoch, train_data.steps_per_epoch, last_metrics)
             save("last.pt", epoch, train_data.steps_per_epoch, last_metrics)
-            if main:
+            if main and val is not None:
                 print(f"vit: epoch {epoch + 1}: val top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}, "
                       f"loss {val['loss']:.4f}{' (best)' if is_best else ''}", file=sys.stderr)
+            elif main:
+                print(f"vit: epoch {epoch + 1}: train loss {last_metrics['train_loss']:.4f} (not evaluated: "
+                      f"train.eval_every is {config.train.eval_every})", file=sys.stderr)
             epoch, start_step = epoch + 1, 0
             if stopping and epoch < config.train.epochs:
                 barrier(dist_info)
