@@ -4,6 +4,8 @@
                                  [--epoch]   (also one end-to-end epoch of real Fashion-MNIST)
     python benchmarks/vs_timm.py --device cuda --out benchmarks/results/cuda   (a GPU: bf16, fp16, fp32,
                                  eager and compiled, against timm fp32, timm AMP and timm AMP compiled)
+    python benchmarks/vs_timm.py --fp32 --out benchmarks/results/cpu-fp32   (a CPU without bf16, as most
+                                 laptops: every contender in fp32, timm eager and compiled)
 
 Train step: vitcli's exact `vit train` step (vitcli.bench.Workload) against timm's VisionTransformer of the same
 shape, (a) fp32 eager with timm's defaults and (b) timm's best setting seen here: fused attention off, bf16
@@ -101,9 +103,10 @@ def measure(contenders: dict, rounds: int, steps: int) -> dict[str, dict[str, fl
                    "infer_images_per_second": statistics.median(infer[name])} for name in contenders}
 
 
-def bf16_matmul_peak(device: torch.device = torch.device("cpu"), repeats: int = 10) -> float:
+def bf16_matmul_peak(device: torch.device = torch.device("cpu"), repeats: int = 10,
+                     dtype: torch.dtype = torch.bfloat16) -> float:
     n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(2))
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
 
     def product():
         a @ b
@@ -116,16 +119,26 @@ def bf16_matmul_peak(device: torch.device = torch.device("cpu"), repeats: int = 
     return 2 * n**3 / seconds / 1e9
 
 
-TIMM_BEST = {"cpu": "timm best (bf16, explicit attn, compiled)", "cuda": "timm best (bf16, fused attn, compiled)"}
+TIMM_BEST = {"cpu": "timm best (bf16, explicit attn, compiled)", "cuda": "timm best (bf16, fused attn, compiled)",
+             "cpu-fp32": "timm fp32 compiled"}
 
 
-def contenders_for(config, device: torch.device) -> dict:
-    """On the CPU: vit bench as configured (and in timm's linear-stem shape), timm fp32 eager and timm's best.
+def contenders_for(config, device: torch.device, fp32: bool = False) -> dict:
+    """On the CPU: vit bench as configured (and in timm's linear-stem shape), timm fp32 eager and timm's best;
+    with `fp32` (a CPU without bf16) vitcli in fp32 and timm fp32 eager and compiled.
     On a GPU: vitcli in bf16, fp16 and fp32, eager and compiled (fp32 eager only), timm fp32 eager, timm bf16
     autocast eager and timm's best (bf16, fused attention, compiled)."""
     def vitcli(**train):
         return Workload(dataclasses.replace(config, train=dataclasses.replace(config.train, **train)))
 
+    if device.type == "cpu" and fp32:  # what train.precision: auto picks on a CPU without bf16
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision="fp32"))
+        contenders = {"vitcli fp32 (vit bench)": Workload(config)}
+        if config.model.stem != "linear":
+            contenders["vitcli fp32, linear stem (timm's shape)"] = Workload(linear_stem(config))
+        contenders["timm fp32 eager"] = TimmWorkload(config, "fp32", fused_attention=True, compile=False)
+        contenders[TIMM_BEST["cpu-fp32"]] = TimmWorkload(config, "fp32", fused_attention=True, compile=True)
+        return contenders
     if device.type == "cpu":
         contenders = {"vitcli (vit bench)": Workload(config)}
         if config.model.stem != "linear":  # timm's ViT has the linear patch embedding: compare that shape too
@@ -228,6 +241,8 @@ def main() -> None:
     parser.add_argument("--fmnist-root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--fp32", action="store_true",
+                        help="CPU: every contender in fp32 (what a CPU without bf16, as most laptops, runs)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,6 +250,9 @@ def main() -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "device": device.type,
                "bf16_matmul_peak_gflops": bf16_matmul_peak(device)}
+    if args.fp32:
+        machine["precision"] = "fp32"
+        machine["fp32_matmul_peak_gflops"] = bf16_matmul_peak(device, dtype=torch.float32)
     try:
         machine["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                               if line.startswith("model name"))
@@ -251,7 +269,7 @@ def main() -> None:
         results["epoch"] = None if args.epoch else old.get("epoch")
     for path in args.configs:
         config = load_config(REPO / path)
-        contenders = contenders_for(config, device)
+        contenders = contenders_for(config, device, args.fp32)
         figures = measure(contenders, args.rounds, args.steps)
         for name, f in figures.items():  # each contender's own FLOPs: timm's and the linear-stem row lack the stem
             own = name.startswith("vitcli") and "linear stem" not in name
@@ -283,13 +301,15 @@ def percent(part: float, whole: float) -> str:
 def markdown(results: dict) -> str:
     m = results["machine"]
     where = f"{m['gpu']} (host CPU {m['cpu']})" if m.get("gpu") else f"{m['cpu']}, {m['threads']} threads"
-    lines = [f"Machine: {where}, torch {m['torch']}; measured bf16 matmul peak "
-             f"{m['bf16_matmul_peak_gflops']:.0f} GFLOP/s.", "",
-             "| config | contender | train img/s | x timm fp32 | x timm best | train GFLOP/s (% of bf16 peak) "
-             "| eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|"]
+    fp32 = m.get("precision") == "fp32"
+    dtype, peak = ("fp32", m["fp32_matmul_peak_gflops"]) if fp32 else ("bf16", m["bf16_matmul_peak_gflops"])
+    lines = [f"Machine: {where}, torch {m['torch']}; measured {dtype} matmul peak {peak:.0f} GFLOP/s"
+             + (" (every contender in fp32, as on a CPU without bf16)." if fp32 else "."), "",
+             f"| config | contender | train img/s | x timm fp32 | x {'timm fp32 compiled' if fp32 else 'timm best'} "
+             f"| train GFLOP/s (% of {dtype} peak) | eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|"]
     for path, figures in results["step"].items():
         base = figures["timm fp32 eager"]
-        best = figures[TIMM_BEST[m.get("device", "cpu")]]
+        best = figures[TIMM_BEST["cpu-fp32" if fp32 else m.get("device", "cpu")]]
         when = results.get("measured", {}).get(path)
         compiled = when and when.get("compile") and m.get("device", "cpu") == "cpu"  # on a GPU: per contender
         label = f"{path} ({when['date']}{', compiled' if compiled else ''})" if when else path
@@ -298,7 +318,7 @@ def markdown(results: dict) -> str:
                 f"| {label} | {name} | {f['train_images_per_second']:.0f} | "
                 f"{f['train_images_per_second'] / base['train_images_per_second']:.2f} | "
                 f"{f['train_images_per_second'] / best['train_images_per_second']:.2f} | "
-                f"{f['train_gflops_per_second']:.0f} ({percent(f['train_gflops_per_second'], m['bf16_matmul_peak_gflops'])}) | "
+                f"{f['train_gflops_per_second']:.0f} ({percent(f['train_gflops_per_second'], peak)}) | "
                 f"{f['infer_images_per_second']:.0f} | "
                 f"{f['infer_images_per_second'] / base['infer_images_per_second']:.2f} |")
     if results["epoch"]:
