@@ -432,6 +432,38 @@ def test_a_full_disk_is_one_line(tmp_path):
     assert not list(run_dir.glob(".*.tmp*"))
 
 
+def test_running_out_of_memory_is_one_line_and_the_run_continues(tmp_path):
+    """A real allocation failure: the process may map 10 GB (RLIMIT_AS). Training at batch 1 fits; evaluating 64
+    images of 4097 tokens (a 64x64 image in 1x1 patches) needs a 4 GiB attention matrix. The error names the batch
+    size and the kept last.pt; resuming with the smaller evaluation batch it suggests finishes the run, and vit eval
+    at too large a --batch-size is one line too."""
+    import resource
+
+    def ten_gigabytes():
+        resource.setrlimit(resource.RLIMIT_AS, (10 * 10**9, 10 * 10**9))
+
+    def vit(*args):
+        return subprocess.run([VIT, *map(str, args)], capture_output=True, text=True, preexec_fn=ten_gigabytes,
+                              timeout=600)
+
+    run_dir = tmp_path / "run"
+    big = ["--set", "data.image_size=64", "--set", "model.patch_size=1", "--set", "data.max_train_samples=16",
+           "--set", "data.max_val_samples=64", "--set", "train.batch_size=1", "--set", "train.eval_batch_size=64",
+           "--set", "train.epochs=2", "--set", "train.eval_every=2"]
+    result = vit("train", "--config", REPO / "configs" / "smoke.yaml", *big, "--run-dir", run_dir)
+    one_line_error(result, "out of memory (tried to allocate", "while evaluating at train.eval_batch_size 64",
+                   "last.pt (global step 16) is kept", "train.eval_batch_size=16")
+    resume = result.stderr.split("continue with a smaller evaluation batch: ")[1].split()
+    assert resume[:3] == ["vit", "train", "--resume"] and Path(resume[3]) == run_dir / "last.pt"
+    finished = vit(*resume[1:])
+    assert finished.returncode == 0, finished.stderr
+    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["final"] and final["epochs"] == 2 and 0 <= final["test_top1"] <= 1
+
+    result = vit("eval", "--ckpt", run_dir / "last.pt", "--batch-size", "64")
+    one_line_error(result, "out of memory (tried to allocate", "--batch-size")
+
+
 def test_unwritable_run_dir(tmp_path):
     if os.geteuid() == 0:
         target = Path("/proc/vitcli-run")  # not creatable even by root

@@ -33,7 +33,7 @@ def err(message: str) -> None:
 
 def run_command(body: Callable[[], int | None]) -> None:
     """Runs a command body: user errors become one line and a non-zero exit; --debug shows the traceback."""
-    from vitcli.errors import Interrupted, VitError
+    from vitcli.errors import Interrupted, VitError, out_of_memory
 
     try:
         code = body() or 0
@@ -44,6 +44,15 @@ def run_command(body: Callable[[], int | None]) -> None:
         if "Original Traceback" in message:  # raised in a DataLoader worker, which wraps it: keep its own line
             message = message.strip().splitlines()[-1].split("VitError: ", 1)[-1]
         err(f"error: {message}")
+        raise typer.Exit(2)
+    except RuntimeError as e:  # running out of memory is a size the user chose; anything else is our bug
+        what = out_of_memory(e)
+        if what is None:
+            raise
+        if STATE["debug"]:
+            traceback.print_exc()
+        err(f"error: out of memory ({what}); lower the batch size (train.batch_size, train.eval_batch_size "
+            f"or vit eval's --batch-size), data.image_size or the model size")
         raise typer.Exit(2)
     except OSError as e:  # a path the user gave that cannot be written or read: permissions, a full disk, ...
         if STATE["debug"]:

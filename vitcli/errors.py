@@ -7,3 +7,22 @@ class VitError(Exception):
 
 class Interrupted(Exception):
     """Training was stopped by Ctrl-C / SIGTERM after `last.pt` was written."""
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """For an allocation failure (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError), a short
+    "tried to allocate ..." phrase; None for any other error. Needs no torch import."""
+    import re
+
+    gpu = any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__)
+    text = str(error)
+    if not gpu and not (isinstance(error, RuntimeError) and "can't allocate memory" in text):
+        return None
+    found = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", text)
+    if not found:
+        return "tried to allocate more than the device has"
+    size = found.group(1)
+    if size.endswith(" bytes"):
+        n = int(size.split()[0])
+        size = f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{max(n / 2**20, 0.1):.1f} MiB"
+    return f"tried to allocate {size}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import json
 import math
@@ -13,7 +14,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from vitcli.checkpoint import (atomic_save, load_checkpoint, load_weights, make_
                                set_rng_state)
 from vitcli.config import Config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
-from vitcli.errors import Interrupted, VitError
+from vitcli.errors import Interrupted, VitError, out_of_memory
 from vitcli.evaluate import evaluate
 from vitcli.model import build_model, no_weight_decay
 from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
@@ -293,6 +294,18 @@ class MetricsWriter:
         self.tensorboard(lambda tb: tb.close())
 
 
+@contextlib.contextmanager
+def memory_errors(advice: Callable[[], str]):
+    """Running out of memory (a batch or model too large for the device) becomes one VitError line with advice."""
+    try:
+        yield
+    except RuntimeError as e:
+        what = out_of_memory(e)
+        if what is None:
+            raise
+        raise VitError(f"out of memory ({what}) {advice()}") from None
+
+
 def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
     """model.init_from: start from a vitcli checkpoint or a timm / torchvision state dict."""
     from vitcli.interop import from_peer, load_pretrained, read_state_dict
@@ -486,7 +499,25 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
     last_metrics: dict[str, Any] = {}
     start_time = time.perf_counter()
-    with StopSignals() as stop:
+    evaluating = False  # which of the two a memory error happened in
+
+    def kept() -> str:
+        return (f"last.pt (global step {saved_step}) is kept in {run_dir}" if saved_step is not None
+                else "no checkpoint had been saved")
+
+    def out_of_memory_advice() -> str:
+        if evaluating:
+            smaller = max(config.train.eval_batch_size // 4, 1)
+            how = (f"continue with a smaller evaluation batch: vit train --resume {run_dir / 'last.pt'} --set "
+                   f"train.eval_batch_size={smaller}" if saved_step is not None else
+                   "lower train.eval_batch_size")
+            return (f"while evaluating at train.eval_batch_size {config.train.eval_batch_size} on {device}; {kept()}; "
+                    f"{how}")
+        tokens = (config.image_size // config.model.patch_size) ** 2 + 1
+        return (f"in the training step at train.batch_size {config.train.batch_size} ({tokens} tokens per image) "
+                f"on {device}; {kept()}; lower train.batch_size, data.image_size or the model size in a new run")
+
+    with StopSignals() as stop, memory_errors(out_of_memory_advice):
         while epoch < config.train.epochs:
             bar = tqdm(total=train_data.steps_per_epoch, initial=start_step, disable=not main, leave=True,
                        desc=f"epoch {epoch + 1}/{config.train.epochs}", file=sys.stderr, dynamic_ncols=True)
@@ -509,10 +540,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                                                         torch.tensor(float(stop.requested), device=device)]),
                                            dist_info).tolist()
                     if not math.isfinite(stats[0]):
-                        kept = (f"last.pt (global step {saved_step}) is kept in {run_dir}" if saved_step is not None
-                                else "no checkpoint had been saved")
                         raise VitError(f"loss became {stats[0] / stats[2]} at epoch {epoch + 1}, step {step + 1} "
-                                       f"(global step {global_step + 1}); {kept}; lower train.lr or set "
+                                       f"(global step {global_step + 1}); {kept()}; lower train.lr or set "
                                        f"train.grad_clip")
                     global_step += 1
                     elapsed = time.perf_counter() - t_ready
@@ -543,6 +572,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
             # ---- end of epoch: evaluate (every train.eval_every epochs, and the last), log, checkpoint
             evaluated = (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs
+            evaluating = evaluated
             val = (evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info,
                             forward=eval_forward, hflip=config.train.eval_hflip) if evaluated else None)
             seen = max(epoch_stats["seen"], 1.0)
@@ -591,7 +621,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             elif main:
                 print(f"vit: epoch {epoch + 1}: train loss {last_metrics['train_loss']:.4f} (not evaluated: "
                       f"train.eval_every is {config.train.eval_every})", file=sys.stderr)
-            epoch, start_step = epoch + 1, 0
+            epoch, start_step, evaluating = epoch + 1, 0, False
             if stopping and epoch < config.train.epochs:
                 barrier(dist_info)
                 raise Interrupted(str(run_dir / "last.pt"))

@@ -24,14 +24,16 @@ def _plt():
 def attention_rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema, 2020): per layer, average the heads, add the residual (identity) and
     renormalise; multiply through the layers. Returns the class token's share of each patch, (B, N)."""
-    B, _, T, _ = attentions[0].shape
+    T = attentions[0].shape[-1]
     eye = torch.eye(T, device=attentions[0].device)
-    rollout = eye.expand(B, T, T)
-    for attention in attentions:
+    # The rollout is A_L @ ... @ A_1; only the class token's row is wanted, so the row is carried from the last
+    # layer down (a vector-matrix product per layer) instead of multiplying T x T matrices.
+    row = None
+    for attention in reversed(attentions):
         a = attention.float().mean(dim=1) + eye  # (B, T, T)
         a = a / a.sum(dim=-1, keepdim=True)
-        rollout = a @ rollout
-    return rollout[:, 0, 1:]
+        row = a[:, 0] if row is None else torch.bmm(row.unsqueeze(1), a).squeeze(1)
+    return row[:, 1:]
 
 
 def last_layer_attention(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
