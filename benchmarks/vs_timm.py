@@ -244,12 +244,14 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true",
                         help="CPU: every contender in fp32 (what a CPU without bf16, as most laptops, runs)")
     args = parser.parse_args()
+    if args.fp32 and not args.device.startswith("cpu"):
+        parser.error("--fp32 is the CPU comparison; --device cuda measures fp32 beside bf16 and fp16 already")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "device": device.type,
-               "bf16_matmul_peak_gflops": bf16_matmul_peak(device)}
+               "bf16_matmul_peak_gflops": None if args.fp32 else bf16_matmul_peak(device)}
     if args.fp32:
         machine["precision"] = "fp32"
         machine["fp32_matmul_peak_gflops"] = bf16_matmul_peak(device, dtype=torch.float32)
@@ -262,8 +264,9 @@ def main() -> None:
         machine["gpu"] = torch.cuda.get_device_name(device)
     results = {"machine": machine, "step": {}, "measured": {}, "epoch": None}
     previous = out / "vs_timm.json"
-    if previous.exists():  # configs not measured this time keep their earlier figures (each row says when)
-        old = json.loads(previous.read_text())
+    old = json.loads(previous.read_text()) if previous.exists() else {}
+    same_kind = all(old.get("machine", {}).get(k) == machine.get(k) for k in ("device", "precision", "cpu", "gpu"))
+    if old and same_kind:  # configs not measured this time keep their earlier figures (each row says when)
         results["step"] = {k: v for k, v in old.get("step", {}).items() if k not in args.configs}
         results["measured"] = {k: v for k, v in old.get("measured", {}).items() if k not in args.configs}
         results["epoch"] = None if args.epoch else old.get("epoch")

@@ -432,6 +432,23 @@ def test_a_full_disk_is_one_line(tmp_path):
     assert not list(run_dir.glob(".*.tmp*"))
 
 
+def test_out_of_memory_messages_are_recognised_and_sized():
+    """The CPU allocator's and CUDA's wording; other RuntimeErrors are not memory errors."""
+    from vitcli.errors import out_of_memory
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+    assert out_of_memory(cpu) == "tried to allocate 4.0 GiB"
+    small = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3072 bytes.")
+    assert out_of_memory(small) == "tried to allocate 3.0 KiB"
+    assert out_of_memory(RuntimeError("can't allocate memory: you tried to allocate 12 bytes.")) == \
+        "tried to allocate 12 bytes"
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of ...")
+    assert out_of_memory(gpu) == "tried to allocate 2.00 GiB"
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert out_of_memory(ValueError("can't allocate memory")) is None
+
+
 def test_running_out_of_memory_is_one_line_and_the_run_continues(tmp_path):
     """A real allocation failure: the process may map 10 GB (RLIMIT_AS). Training at batch 1 fits; evaluating 64
     images of 4097 tokens (a 64x64 image in 1x1 patches) needs a 4 GiB attention matrix. The error names the batch
@@ -449,7 +466,10 @@ def test_running_out_of_memory_is_one_line_and_the_run_continues(tmp_path):
     run_dir = tmp_path / "run"
     big = ["--set", "data.image_size=64", "--set", "model.patch_size=1", "--set", "data.max_train_samples=16",
            "--set", "data.max_val_samples=64", "--set", "train.batch_size=1", "--set", "train.eval_batch_size=64",
-           "--set", "train.epochs=2", "--set", "train.eval_every=2"]
+           "--set", "train.epochs=2", "--set", "train.eval_every=2",
+           # the explicit path materialises the matrix on any machine (fused attention on a GPU or without bf16
+           # would not); the CPU is where RLIMIT_AS applies
+           "--set", "model.attention=explicit", "--set", "train.device=cpu"]
     result = vit("train", "--config", REPO / "configs" / "smoke.yaml", *big, "--run-dir", run_dir)
     one_line_error(result, "out of memory (tried to allocate", "while evaluating at train.eval_batch_size 64",
                    "last.pt (global step 16) is kept", "train.eval_batch_size=16")
@@ -460,7 +480,7 @@ def test_running_out_of_memory_is_one_line_and_the_run_continues(tmp_path):
     final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["final"] and final["epochs"] == 2 and 0 <= final["test_top1"] <= 1
 
-    result = vit("eval", "--ckpt", run_dir / "last.pt", "--batch-size", "64")
+    result = vit("eval", "--ckpt", run_dir / "last.pt", "--batch-size", "64", "--device", "cpu")
     one_line_error(result, "out of memory (tried to allocate", "--batch-size")
 
 

@@ -334,8 +334,10 @@ def eval_batches(config: Config, split: str, device: torch.device, batch_size: i
         raise VitError(f"no images found in {config.data.root}/{split_name(split, 'imagefolder')}")
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     workers = config.data.num_workers
+    # its own generator: the workers' base seed is not drawn from the global RNG, so an evaluation leaves the
+    # training's random stream (dropout, drop_path) as it was, and eval_every does not change the trained weights
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", generator=torch.Generator())
 
     def batches():
         for images, labels in loader:

@@ -24,5 +24,6 @@ def out_of_memory(error: BaseException) -> str | None:
     size = found.group(1)
     if size.endswith(" bytes"):
         n = int(size.split()[0])
-        size = f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{max(n / 2**20, 0.1):.1f} MiB"
+        shift, unit = next((s, u) for s, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "bytes")) if n >= 2**s or not s)
+        size = f"{n / 2**shift:.1f} {unit}" if shift else f"{n} bytes"
     return f"tried to allocate {size}"

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -507,10 +508,14 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
     def out_of_memory_advice() -> str:
         if evaluating:
-            smaller = max(config.train.eval_batch_size // 4, 1)
-            how = (f"continue with a smaller evaluation batch: vit train --resume {run_dir / 'last.pt'} --set "
-                   f"train.eval_batch_size={smaller}" if saved_step is not None else
-                   "lower train.eval_batch_size")
+            size = config.train.eval_batch_size
+            smaller = max(size // 4, 1)
+            # the command resumes the run as it was started; --set overrides given then are in last.pt already
+            how = (f"continue with a smaller evaluation batch: vit train --resume "
+                   f"{shlex.quote(str(run_dir / 'last.pt'))} --set train.eval_batch_size={smaller}"
+                   if saved_step is not None and smaller < size else
+                   "lower train.eval_batch_size" if smaller < size else
+                   "train.eval_batch_size is 1 already: use a smaller model or data.image_size, or a larger device")
             return (f"while evaluating at train.eval_batch_size {config.train.eval_batch_size} on {device}; {kept()}; "
                     f"{how}")
         tokens = (config.image_size // config.model.patch_size) ** 2 + 1
@@ -575,6 +580,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             evaluating = evaluated
             val = (evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info,
                             forward=eval_forward, hflip=config.train.eval_hflip) if evaluated else None)
+            evaluating = False  # pictures and saves below are not the evaluation batch's doing
             seen = max(epoch_stats["seen"], 1.0)
             last_metrics = {
                 "epoch": epoch + 1,
