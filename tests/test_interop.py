@@ -65,7 +65,7 @@ def write_pngs(tmp_path, n=3):
 def reference_probs(model, paths):
     from PIL import Image
 
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
     x = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     with torch.inference_mode():
         return model(x).softmax(1)
@@ -161,7 +161,7 @@ def test_onnx_export_matches_vit_predict(converted, tmp_path):
     out = tmp_path / "model.onnx"
     run_vit("export", "--ckpt", converted, "--format", "onnx", "--out", out, check=True)
     paths = write_pngs(tmp_path, 4)
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1) for p in paths]).float() / 255
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in paths]).float() / 255
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     logits = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])  # batch 4: the batch axis is dynamic

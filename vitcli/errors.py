@@ -24,6 +24,9 @@ def out_of_memory(error: BaseException) -> str | None:
     size = found.group(1)
     if size.endswith(" bytes"):
         n = int(size.split()[0])
-        shift, unit = next((s, u) for s, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "bytes")) if n >= 2**s or not s)
-        size = f"{n / 2**shift:.1f} {unit}" if shift else f"{n} bytes"
+        size = f"{n} bytes"
+        for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+            if n >= 2**shift:
+                size = f"{n / 2**shift:.1f} {unit}"
+                break
     return f"tried to allocate {size}"
