@@ -256,17 +256,21 @@ def main() -> None:
     if args.fp32:
         machine["precision"] = "fp32"
         machine["fp32_matmul_peak_gflops"] = bf16_matmul_peak(device, dtype=torch.float32)
-    try:
-        machine["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                              if line.startswith("model name"))
-    except (OSError, StopIteration):
+    try:  # "AMD EPYC" alone names two CPUs of 2x different speed here: keep the family and model numbers too
+        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                    if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        machine["cpu"] = info["model name"]
+        machine["cpu_family_model"] = f"{info['cpu family']}/{info['model']}"
+    except (OSError, KeyError):
         pass
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     results = {"machine": machine, "step": {}, "measured": {}, "epoch": None}
     previous = out / "vs_timm.json"
     old = json.loads(previous.read_text()) if previous.exists() else {}
-    same_kind = all(old.get("machine", {}).get(k) == machine.get(k) for k in ("device", "precision", "cpu", "gpu"))
+    kind = ("device", "precision", "cpu", "cpu_family_model", "gpu")
+    same_kind = all(old.get("machine", {}).get(k) == machine.get(k) for k in kind)
     if old and same_kind:  # configs not measured this time keep their earlier figures (each row says when)
         results["step"] = {k: v for k, v in old.get("step", {}).items() if k not in args.configs}
         results["measured"] = {k: v for k, v in old.get("measured", {}).items() if k not in args.configs}
@@ -304,7 +308,8 @@ def percent(part: float, whole: float) -> str:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    where = f"{m['gpu']} (host CPU {m['cpu']})" if m.get("gpu") else f"{m['cpu']}, {m['threads']} threads"
+    cpu = f"{m['cpu']} (family/model {m['cpu_family_model']})" if m.get("cpu_family_model") else m["cpu"]
+    where = f"{m['gpu']} (host CPU {cpu})" if m.get("gpu") else f"{cpu}, {m['threads']} threads"
     fp32 = m.get("precision") == "fp32"
     dtype, peak = ("fp32", m["fp32_matmul_peak_gflops"]) if fp32 else ("bf16", m["bf16_matmul_peak_gflops"])
     lines = [f"Machine: {where}, torch {m['torch']}; measured {dtype} matmul peak {peak:.0f} GFLOP/s"
