@@ -257,7 +257,7 @@ def main() -> None:
         machine["precision"] = "fp32"
         machine["fp32_matmul_peak_gflops"] = bf16_matmul_peak(device, dtype=torch.float32)
     try:  # "AMD EPYC" alone names two CPUs of 2x different speed here: keep the family and model numbers too
-        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
                     if ":" in line)
         info = {k.strip(): v.strip() for k, v in info.items()}
         machine["cpu"] = info["model name"]
