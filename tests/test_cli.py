@@ -251,3 +251,9 @@ def test_bench_reports_the_train_step_and_its_flops():
     assert out["forward_gflops_per_image"] * 1e9 == pytest.approx(counted(smoke, 3), rel=1e-9)
     conv_stem = load_config(REPO / "configs" / "fashion_mnist.yaml")  # the count follows the stem's convolutions
     assert forward_flops(conv_stem, 10) == pytest.approx(counted(conv_stem, 1), rel=1e-9)
+    # the full last block (timm's way) is more work, and counted as such
+    full = forward_flops(smoke, 10, class_token_only=False)
+    model = build_model(smoke, 10).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.forward_head(model.forward_features(torch.randn(1, 3, smoke.image_size, smoke.image_size)))
+    assert full == pytest.approx(counter.get_total_flops(), rel=1e-9) and full > forward_flops(smoke, 10)

@@ -86,6 +86,31 @@ def test_fused_and_explicit_attention_agree(dtype, tol):
     assert grads[0].norm() > 0 and (grads[0] - grads[1]).norm() / grads[0].norm() < tol / 2
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("stem", ["linear", "conv"])
+def test_class_token_only_last_block_gives_the_full_models_logits_and_gradients(fused, stem):
+    # the plain forward computes only the class token in the last block; the full computation is
+    # forward_features (every token) then the head on the class token: same logits, same gradients of every weight
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=4, in_channels=3, num_classes=10, dim=32, depth=3, heads=4,
+                              stem=stem).double()
+    model.set_fused_attention(fused)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    assert model.forward_features(x).shape == (4, 17, 32)
+    assert model.forward_features(x, class_token_only=True).shape == (4, 1, 32)
+    results = []
+    for forward in (model, lambda images: model.forward_head(model.forward_features(images))):
+        model.zero_grad()
+        logits = forward(x)
+        (logits.square().sum() + logits[:, 0].sum()).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (fast, fast_grads), (full, full_grads) = results
+    torch.testing.assert_close(fast, full, atol=1e-12, rtol=1e-10)
+    assert len(fast_grads) == len(full_grads) and all(g.abs().sum() > 0 for g in full_grads[-6:])
+    for a, b in zip(fast_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
+
+
 def test_fused_model_still_returns_attention():
     model = VisionTransformer(image_size=16, patch_size=4, in_channels=3, num_classes=10, dim=32, depth=2, heads=4)
     model.set_fused_attention(True)

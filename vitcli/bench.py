@@ -14,14 +14,19 @@ from vitcli.runtime import autocast, resolve_attention, resolve_device, resolve_
 from vitcli.train import EMA, Forward, TrainStep, make_optimizer
 
 
-def forward_flops(config: Config, num_classes: int = 10) -> float:
+def forward_flops(config: Config, num_classes: int = 10, class_token_only: bool = True) -> float:
     """Multiply-adds x 2 of one image's forward pass: the patch embedding (or conv stem), linears on every token,
-    the two attention matmuls and the head."""
+    the two attention matmuls and the head. By default as vitcli's forward runs it, whose last block computes the
+    class token alone (keys and values of every token); class_token_only=False counts the full last block, as
+    timm's and torchvision's ViTs run it."""
     m = config.model
     tokens = (config.image_size // m.patch_size) ** 2 + 1
     channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
     hidden = int(m.dim * m.mlp_ratio)
     per_block = tokens * (4 * m.dim * m.dim + 2 * m.dim * hidden) + 2 * tokens * tokens * m.dim
+    last_block = per_block
+    if class_token_only:  # keys and values of every token; query, attention row, projection and MLP of one
+        last_block = tokens * 2 * m.dim * m.dim + (2 * m.dim * m.dim + 2 * m.dim * hidden) + 2 * tokens * m.dim
     if m.stem == "conv":  # count the stem's own convolutions, so this follows the module (widths, strides)
         side, embed = config.image_size, 0
         for conv in ConvStem(m.patch_size, channels, m.dim, m.stem_channels).modules():
@@ -30,7 +35,7 @@ def forward_flops(config: Config, num_classes: int = 10) -> float:
                 embed += side * side * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
     else:
         embed = (tokens - 1) * channels * m.patch_size**2 * m.dim
-    return 2.0 * (m.depth * per_block + embed + m.dim * num_classes)
+    return 2.0 * ((m.depth - 1) * per_block + last_block + embed + m.dim * num_classes)
 
 
 class Workload:

@@ -105,16 +105,25 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, class_token_only: bool = False):
+        """(B, T, D) -> (B, T, D); with class_token_only the output of the class token alone, (B, 1, D): its
+        query attends to every key, but no other token's query, output projection or attention row is computed."""
         B, T, D = x.shape
-        qkv = self.to_qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        if class_token_only:  # queries of the class token; keys and values of all tokens
+            w, b = self.to_qkv.weight, self.to_qkv.bias
+            q = F.linear(x[:, :1], w[:D], b[:D]).reshape(B, 1, self.heads, self.head_dim).transpose(1, 2)
+            kv = F.linear(x, w[D:], b[D:]).reshape(B, T, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            k, v = kv.unbind(0)
+            T = 1
+        else:
+            qkv = self.to_qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
         attention = None
         if self.fused and not return_attention:
             p = self.attention_dropout.p if self.training else 0.0
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:
-            attention = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
+            attention = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T_q, T)
             x = self.attention_dropout(attention) @ v  # (B, heads, T, head_dim)
         x = x.transpose(1, 2).reshape(B, T, D)
         x = self.dropout(self.to_out(x))
@@ -162,11 +171,14 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, class_token_only: bool = False):
+        """With class_token_only, only the class token's output (B, 1, D), all tokens still attended to."""
         if return_attention:
-            y, attention = self.attention(self.norm1(x), return_attention=True)
+            y, attention = self.attention(self.norm1(x), return_attention=True, class_token_only=class_token_only)
         else:
-            y, attention = self.attention(self.norm1(x)), None
+            y, attention = self.attention(self.norm1(x), class_token_only=class_token_only), None
+        if class_token_only:
+            x = x[:, :1]
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, attention) if return_attention else x
@@ -184,14 +196,17 @@ class Encoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, class_token_only: bool = False):
+        """(B, T, D) -> (B, T, D), or (B, 1, D) with class_token_only: the last block then computes the class
+        token alone, which is all a classifier reads. The same logits, ~1/depth less work (see VisionTransformer)."""
         attentions = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            last_only = class_token_only and i == len(self.blocks) - 1
             if return_attention:
-                x, attention = block(x, return_attention=True)
+                x, attention = block(x, return_attention=True, class_token_only=last_only)
                 attentions.append(attention)
             else:
-                x = block(x)
+                x = block(x, class_token_only=last_only)
         x = self.norm(x)
         return (x, attentions) if return_attention else x
 
@@ -231,20 +246,28 @@ class VisionTransformer(nn.Module):
             if isinstance(module, Attention):
                 module.fused = fused
 
-    def forward_features(self, images: torch.Tensor, return_attention: bool = False):
+    def forward_features(self, images: torch.Tensor, return_attention: bool = False,
+                         class_token_only: bool = False):
+        """The final LayerNorm's output for every token, (B, 1+N, D); (B, 1, D) with class_token_only."""
         x = self.patch_embedding(images)
-        return self.encoder(x, return_attention=return_attention)
+        return self.encoder(x, return_attention=return_attention, class_token_only=class_token_only)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x[:, 0])  # the class token
 
     def forward(self, images: torch.Tensor, return_attention: bool = False):
         """Logits (B, num_classes); with return_attention also the per-layer attention weights
-        [(B, heads, 1+N, 1+N)] * depth."""
+        [(B, heads, 1+N, 1+N)] * depth.
+
+        The head reads the class token alone, and in the last block nothing else depends on the other tokens'
+        outputs: so the last block computes the class token's query, attention row, output projection and MLP
+        only (keys and values still of every token). The logits and every gradient are those of the full
+        computation (tests/test_model.py checks both); the step does ~1/depth less work. With return_attention
+        the last block runs in full, so every layer's whole attention matrix comes back."""
         if return_attention:
             x, attentions = self.forward_features(images, return_attention=True)
             return self.forward_head(x), attentions
-        return self.forward_head(self.forward_features(images))
+        return self.forward_head(self.forward_features(images, class_token_only=True))
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
