@@ -241,10 +241,11 @@ def test_bench_reports_the_train_step_and_its_flops():
 
     from vitcli.bench import forward_flops
 
-    def counted(config, channels: int) -> int:
+    def counted(config, channels: int, full_last_block: bool = False) -> int:
         model = build_model(config, 10).eval()
+        x = torch.randn(1, channels, config.image_size, config.image_size)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(torch.randn(1, channels, config.image_size, config.image_size))
+            model.forward_head(model.forward_features(x)) if full_last_block else model(x)
         return counter.get_total_flops()
 
     smoke = load_config(REPO / "configs" / "smoke.yaml")
@@ -253,7 +254,4 @@ def test_bench_reports_the_train_step_and_its_flops():
     assert forward_flops(conv_stem, 10) == pytest.approx(counted(conv_stem, 1), rel=1e-9)
     # the full last block (timm's way) is more work, and counted as such
     full = forward_flops(smoke, 10, class_token_only=False)
-    model = build_model(smoke, 10).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.forward_head(model.forward_features(torch.randn(1, 3, smoke.image_size, smoke.image_size)))
-    assert full == pytest.approx(counter.get_total_flops(), rel=1e-9) and full > forward_flops(smoke, 10)
+    assert full == pytest.approx(counted(smoke, 3, full_last_block=True), rel=1e-9) and full > forward_flops(smoke, 10)
