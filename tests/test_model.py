@@ -66,6 +66,20 @@ def test_attention_matches_plain_softmax_formula():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("class_token_only", [False, True])
+def test_per_head_slices_and_all_heads_at_once_agree(class_token_only):
+    # eager runs the per-head slices, torch.compile the all-heads layout: the same attention and outputs
+    torch.manual_seed(0)
+    attn = Attention(dim=24, heads=3).eval()
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    attn.double()
+    out, weights = attn(x, return_attention=True, class_token_only=class_token_only)
+    out_all, weights_all = attn._all_heads(x, return_attention=True, class_token_only=class_token_only)
+    assert out.shape == (2, 1 if class_token_only else 5, 24) and weights.shape == (2, 3, out.shape[1], 5)
+    torch.testing.assert_close(out, out_all)
+    torch.testing.assert_close(weights, weights_all)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_fused_and_explicit_attention_agree(dtype, tol):
     torch.manual_seed(0)
