@@ -228,3 +228,33 @@ def test_ema_follows_the_weights_and_the_batchnorm_statistics():
                               stem="conv")
     ema.update(other, 10**6)  # another model object: its own tensors, not the first model's
     torch.testing.assert_close(ema.module.head.weight, 0.9 * expected["head.weight"] + 0.1 * other.head.weight.detach())
+
+
+def test_compiled_models_take_the_all_heads_layout(monkeypatch):
+    # under torch.compile the per-head slices measured slower: the module must route to _all_heads there
+    calls = []
+    original = Attention._all_heads
+
+    def spy(self, *args, **kwargs):
+        calls.append(torch.compiler.is_compiling())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Attention, "_all_heads", spy)
+    model = VisionTransformer(image_size=8, patch_size=4, in_channels=1, num_classes=3, dim=16, depth=2, heads=2)
+    x = torch.randn(2, 1, 8, 8)
+    expected = model(x)
+    assert calls == []  # eager: per-head slices
+    out = torch.compile(model, backend="eager")(x)  # dynamo traces the module; no C++ compiler needed
+    assert calls == [True, True]
+    torch.testing.assert_close(out, expected)
+
+
+def test_attention_dropout_on_the_per_head_path():
+    torch.manual_seed(0)
+    attn = Attention(dim=16, heads=2, attention_dropout=0.5).train()
+    x = torch.randn(3, 6, 16)
+    out, weights = attn(x, return_attention=True)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 2, 6))  # weights are returned before dropout
+    assert not torch.allclose(out, attn(x))  # a new dropout mask each call
+    attn.eval()
+    torch.testing.assert_close(attn(x), attn(x))
