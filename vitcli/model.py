@@ -110,38 +110,35 @@ class Attention(nn.Module):
         query attends to every key, but no other token's query, output projection or attention row is computed."""
         if (self.fused and not return_attention) or torch.compiler.is_compiling():
             return self._all_heads(x, return_attention, class_token_only)
-        B, T, D = x.shape
-        H, w, b = self.heads, self.to_qkv.weight, self.to_qkv.bias
+        H = self.heads
         # Eager: each head's query, key and value are column slices of the projection, (B, T, head_dim) with a row
         # stride of 3D, which the batched matmuls read in place: no copies into a (B, heads, T, head_dim) layout and
         # back (cifar10.yaml's 12 heads on a CPU: train +1-5%, eval +16-21%; README Performance).
-        if class_token_only:  # queries of the class token; keys and values of all tokens
-            pieces = (*F.linear(x[:, :1], w[:D], b[:D]).split(self.head_dim, dim=-1),
-                      *F.linear(x, w[D:], b[D:]).split(self.head_dim, dim=-1))
-        else:
-            pieces = self.to_qkv(x).split(self.head_dim, dim=-1)  # heads queries, heads keys, heads values
+        pieces = [p for t in self._project(x, class_token_only) for p in t.split(self.head_dim, dim=-1)]
         outputs, attentions = [], []
-        for q, k, v in zip(pieces[:H], pieces[H:2 * H], pieces[2 * H:]):
+        for q, k, v in zip(pieces[:H], pieces[H:2 * H], pieces[2 * H:]):  # heads queries, heads keys, heads values
             attention = ((q * self.scale) @ k.transpose(1, 2)).softmax(dim=-1)  # (B, T_q, T)
             outputs.append(self.attention_dropout(attention) @ v)  # (B, T_q, head_dim)
             attentions.append(attention)
         x = self.dropout(self.to_out(torch.cat(outputs, dim=-1)))  # heads side by side: (B, T_q, D)
         return (x, torch.stack(attentions, dim=1)) if return_attention else x  # (B, heads, T_q, T)
 
+    def _project(self, x: torch.Tensor, class_token_only: bool) -> tuple[torch.Tensor, ...]:
+        """The query/key/value projection, [queries | keys | values] along the last dim: one (B, T, 3D) tensor, or
+        with class_token_only the class token's queries (B, 1, D) and every token's keys and values (B, T, 2D)."""
+        if not class_token_only:
+            return (self.to_qkv(x),)
+        D, w, b = x.shape[-1], self.to_qkv.weight, self.to_qkv.bias
+        return F.linear(x[:, :1], w[:D], b[:D]), F.linear(x, w[D:], b[D:])
+
     def _all_heads(self, x: torch.Tensor, return_attention: bool = False, class_token_only: bool = False):
         """The same on (B, heads, T, head_dim) views of all heads at once: torch's scaled_dot_product_attention
         (`fused`), or the explicit formula under torch.compile, whose kernels absorb the layout copies (there the
         per-head slices above measured ~2% slower)."""
-        B, T, D = x.shape
-        if class_token_only:
-            w, b = self.to_qkv.weight, self.to_qkv.bias
-            q = F.linear(x[:, :1], w[:D], b[:D]).reshape(B, 1, self.heads, self.head_dim).transpose(1, 2)
-            kv = F.linear(x, w[D:], b[D:]).reshape(B, T, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            k, v = kv.unbind(0)
-            T = 1
-        else:
-            qkv = self.to_qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        B, D = x.shape[0], x.shape[-1]
+        q, k, v = [h for t in self._project(x, class_token_only)  # each (B, heads, T or T_q, head_dim)
+                   for h in t.reshape(B, t.shape[1], -1, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)]
+        T_q = q.shape[2]
         attention = None
         if self.fused and not return_attention:
             p = self.attention_dropout.p if self.training else 0.0
@@ -149,7 +146,7 @@ class Attention(nn.Module):
         else:
             attention = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T_q, T)
             x = self.attention_dropout(attention) @ v  # (B, heads, T_q, head_dim)
-        x = self.dropout(self.to_out(x.transpose(1, 2).reshape(B, T, D)))
+        x = self.dropout(self.to_out(x.transpose(1, 2).reshape(B, T_q, D)))
         return (x, attention) if return_attention else x
 
 
