@@ -141,8 +141,10 @@ def train(
                 raise VitError(f"train.batch_size {cfg.train.batch_size} does not divide over {nproc} processes; "
                                f"use a multiple of {nproc}")
             return launch_torchrun(nproc)
+        from vitcli.runtime import tune_malloc
         from vitcli.train import fit
 
+        tune_malloc()
         fit(cfg, run_dir=run_dir, resume=resume, resume_overrides=tuple(overrides))
         return 0
 
@@ -205,8 +207,9 @@ def eval_(
         from vitcli.data import Preprocess, eval_batches
         from vitcli.errors import VitError
         from vitcli.evaluate import evaluate
-        from vitcli.runtime import resolve_device, resolve_precision
+        from vitcli.runtime import resolve_device, resolve_precision, tune_malloc
 
+        tune_malloc()
         path = _resolve_ckpt(ckpt)
         checkpoint = load_checkpoint(path)
         config = checkpoint["config"]
@@ -384,10 +387,12 @@ def bench(
         from vitcli.bench import bench as run_bench
         from vitcli.config import load_config
         from vitcli.errors import VitError
+        from vitcli.runtime import tune_malloc
 
         if steps <= 0:
             raise VitError(f"--steps must be positive, got {steps}")
         cfg = load_config(config, list(set_ or []) + ([f"train.device={device}"] if device else []))
+        tune_malloc()  # as `vit train` does, so that the figures are the training's
         result = run_bench(cfg, steps=steps)
         if json_:
             typer.echo(json.dumps(result))
