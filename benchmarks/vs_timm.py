@@ -1,7 +1,7 @@
 """vitcli against timm on this machine, side by side in one process, alternating rounds.
 
-    python benchmarks/vs_timm.py [--configs configs/fashion_mnist.yaml configs/cifar10.yaml] [--rounds 3]
-                                 [--epoch]   (also one end-to-end epoch of real Fashion-MNIST)
+    python benchmarks/vs_timm.py [--configs configs/fashion_mnist.yaml configs/cifar10.yaml] [--rounds 5]
+                                 [--epoch [--epoch-rounds 2]]   (also end-to-end epochs of real Fashion-MNIST)
     python benchmarks/vs_timm.py --device cuda --out benchmarks/results/cuda   (a GPU: bf16, fp16, fp32,
                                  eager and compiled, against timm fp32, timm AMP and timm AMP compiled)
     python benchmarks/vs_timm.py --fp32 --out benchmarks/results/cpu-fp32   (a CPU without bf16, as most
@@ -13,7 +13,8 @@ autocast, torch.compile. Eval: inference forward at the eval batch size. On a GP
 fused attention with bf16 autocast and torch.compile, and vitcli runs in each precision, eager and compiled.
 Each contender is timed for a few steps in
 every round, rounds alternate, the median per contender is reported. Writes benchmarks/results/*.json and *.md.
-The end-to-end epoch runs `vit train` twice, with the recipe's conv stem and with timm's linear patch embedding.
+End to end: one epoch of `vit train` with the recipe's conv stem, one with timm's linear patch embedding, and the
+timm + DataLoader pipeline, in alternating rounds (--epoch-rounds; the median is reported).
 glibc's malloc is tuned for the whole process as `vit` tunes its own (vitcli.runtime.tune_malloc), timm included.
 """
 
@@ -103,7 +104,9 @@ def measure(contenders: dict, rounds: int, steps: int) -> dict[str, dict[str, fl
             train[name].append(w.batch_size / timed(w.train_step, steps))
             infer[name].append(w.eval_batch_size / timed(w.infer, max(2, steps // 2)))
     return {name: {"train_images_per_second": statistics.median(train[name]),
-                   "infer_images_per_second": statistics.median(infer[name])} for name in contenders}
+                   "infer_images_per_second": statistics.median(infer[name]),
+                   "train_rounds": [round(v, 1) for v in train[name]],
+                   "infer_rounds": [round(v, 1) for v in infer[name]]} for name in contenders}
 
 
 def bf16_matmul_peak(device: torch.device = torch.device("cpu"), repeats: int = 10,
@@ -244,9 +247,11 @@ def torchvision_fmnist_root(root: str, tmp: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", nargs="+", default=["configs/fashion_mnist.yaml", "configs/cifar10.yaml"])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--epoch", action="store_true", help="also one end-to-end epoch of real Fashion-MNIST")
+    parser.add_argument("--epoch-rounds", type=int, default=2,
+                        help="alternating rounds of the end-to-end epochs (the median is reported)")
     parser.add_argument("--fmnist-root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -304,11 +309,17 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             tv_root = torchvision_fmnist_root(args.fmnist_root, Path(tmp))
-            results["epoch"] = {"vitcli": vitcli_epoch(args.fmnist_root, Path(tmp)),
-                                LINEAR_EPOCH: vitcli_epoch(
-                                    args.fmnist_root, Path(tmp), extra=LINEAR_STEM_SETS),
-                                "timm + DataLoader": timm_epoch(tv_root)}
-        print(json.dumps(results["epoch"], indent=1), flush=True)
+            runs = {"vitcli": lambda: vitcli_epoch(args.fmnist_root, Path(tmp)),
+                    LINEAR_EPOCH: lambda: vitcli_epoch(args.fmnist_root, Path(tmp), extra=LINEAR_STEM_SETS),
+                    "timm + DataLoader": lambda: timm_epoch(tv_root)}
+            rounds = {name: [] for name in runs}
+            for r in range(args.epoch_rounds):  # alternating, the order reversed every other round
+                for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                    rounds[name].append(runs[name]())
+                    print(name, rounds[name][-1], flush=True)
+        results["epoch"] = {name: {"seconds": statistics.median(f["seconds"] for f in figures),
+                                   "test_top1": statistics.median(f["test_top1"] for f in figures),
+                                   "rounds": figures} for name, figures in rounds.items()}
     (out / "vs_timm.json").write_text(json.dumps(results, indent=1))
     (out / "vs_timm.md").write_text(markdown(results))
     print(markdown(results))
@@ -350,6 +361,10 @@ def markdown(results: dict) -> str:
         lines += ["", "| one epoch of real Fashion-MNIST + test | wall seconds | test top-1 |", "|---|---|---|"]
         for name, f in e.items():
             lines.append(f"| {name} | {f['seconds']:.0f} | {f['test_top1']:.4f} |")
+        if len(e["vitcli"].get("rounds", [])) > 1:
+            lines.append(f"\nWall seconds are the median of {len(e['vitcli']['rounds'])} alternating rounds: "
+                         + "; ".join(f"{name} " + ", ".join(f"{r['seconds']:.0f}" for r in f["rounds"])
+                                     for name, f in e.items()) + ".")
         timm = e["timm + DataLoader"]["seconds"]
         lines.append(f"\nvitcli is {timm / e['vitcli']['seconds']:.2f}x faster end to end"
                      + (f"; with timm's model (linear stem) {timm / e[LINEAR_EPOCH]['seconds']:.2f}x."
