@@ -258,13 +258,15 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true",
                         help="CPU: every contender in fp32 (what a CPU without bf16, as most laptops, runs)")
     args = parser.parse_args()
+    if args.epoch_rounds < 1 or args.rounds < 1:
+        parser.error("--rounds and --epoch-rounds must be at least 1")
     if args.fp32 and not args.device.startswith("cpu"):
         parser.error("--fp32 is the CPU comparison; --device cuda measures fp32 beside bf16 and fp16 already")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     # `vit train` and `vit bench` keep freed memory in the process (vitcli.runtime.tune_malloc); done here for the
-    # whole process, so timm's contenders and its epoch (and DataLoader workers, forked from it) run with it too
+    # whole process, so timm's contenders and its epoch (and its DataLoader workers, where they fork) run with it too
     malloc_tuned = tune_malloc()
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "device": device.type, "malloc_tuned_for_all": malloc_tuned,
@@ -285,7 +287,7 @@ def main() -> None:
     results = {"machine": machine, "step": {}, "measured": {}, "epoch": None}
     previous = out / "vs_timm.json"
     old = json.loads(previous.read_text()) if previous.exists() else {}
-    kind = ("device", "precision", "cpu", "cpu_family_model", "gpu")
+    kind = ("device", "precision", "cpu", "cpu_family_model", "gpu", "malloc_tuned_for_all")
     same_kind = all(old.get("machine", {}).get(k) == machine.get(k) for k in kind)
     if old and same_kind:  # configs not measured this time keep their earlier figures (each row says when)
         results["step"] = {k: v for k, v in old.get("step", {}).items() if k not in args.configs}

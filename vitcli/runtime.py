@@ -20,17 +20,24 @@ MALLOC_MMAP_THRESHOLD = 32 << 20  # blocks up to this size come from the heap, n
 MALLOC_TRIM_THRESHOLD = 1 << 30  # freed heap memory up to this size stays in the process
 
 
+# the user's own settings of the same thresholds, from the environment, win over ours
+OWN_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+                       "glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad",
+                       "glibc.malloc.mmap_max")
+
+
 def tune_malloc() -> bool:
     """Keeps freed activation memory in the process instead of handing it back to the OS after every step (glibc on
     Linux): a training step frees and re-allocates the same few MB-sized tensors, and glibc's default (dynamic) trim
     and mmap thresholds return them, so every step page-faults them in again. Measured on one real Fashion-MNIST epoch
-    of `vit train`: minor page faults 3.8-5.6 M -> 0.29 M, system time 7-11 s -> 1-2 s, +7-14% img/s. The cost: up
-    to 1 GiB of freed memory stays reserved by the process. Skipped when the user set glibc's malloc tunables or
-    VIT_MALLOC_TUNING=0. Returns whether it applied."""
+    of `vit train`: minor page faults 3.8-5.6 M -> 0.29 M, system time 7-11 s -> 1-3 s, +7-14% img/s. The cost: freed
+    memory stays reserved by the process (up to 1 GiB at the top of the heap, more where it is fragmented). Skipped
+    with VIT_MALLOC_TUNING=0 or when the user set these thresholds (OWN_MALLOC_SETTINGS). Returns whether it
+    applied."""
     if not sys.platform.startswith("linux") or os.environ.get("VIT_MALLOC_TUNING", "1") == "0":
         return False
-    own = "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ)
-    if own:  # the user's own malloc settings win
+    settings = " ".join(os.environ) + " " + os.environ.get("GLIBC_TUNABLES", "")
+    if any(name in settings for name in OWN_MALLOC_SETTINGS):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # absent outside glibc-compatible C libraries
