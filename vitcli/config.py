@@ -45,7 +45,7 @@ class DataConfig:
     # Augmentation, applied per batch on the training device for in-memory datasets.
     crop_padding: Optional[int] = None  # random crop after zero padding; None: 4, or 0 for imagefolder
     hflip: Optional[bool] = None  # None: on, except for digits (mnist)
-    trivial_augment: bool = False  # TrivialAugmentWide, per group of images
+    trivial_augment: bool = False  # TrivialAugment Wide, each image its own op (vitcli/augment.py)
     random_erasing: float = 0.0  # probability per image
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from vitcli.augment import trivial_augment
 from vitcli.config import DATASET_DEFAULTS, Config
 from vitcli.errors import VitError
 
@@ -356,7 +357,7 @@ class Preprocess:
     def __init__(self, config: Config, device: torch.device, train: bool, rank: int = 0, world_size: int = 1):
         self.config, self.train = config, train
         # Random draws are made for the global batch and each rank keeps its slice, so that N ranks x (B/N)
-        # crop and flip exactly as 1 process x B does (MixUp/CutMix, TrivialAugment and the noise of random
+        # crop, flip and TrivialAugment exactly as 1 process x B does (MixUp/CutMix and the noise of random
         # erasing act per rank).
         self.rank, self.world_size = rank, world_size
         self.size = config.image_size
@@ -370,10 +371,6 @@ class Preprocess:
         self.erasing = d.random_erasing if train else 0.0
         self.mixup, self.cutmix = (d.mixup_alpha, d.cutmix_alpha) if train else (0.0, 0.0)
         self.num_classes: Optional[int] = None
-        if self.trivial:
-            from torchvision.transforms import v2
-
-            self._trivial = v2.TrivialAugmentWide()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
@@ -392,19 +389,15 @@ class Preprocess:
         if self.hflip:
             flip = _draw(torch.rand, images.shape[0], share, g, images.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        if self.trivial:
-            images = self.trivial_augment(images)
+        if self.trivial:  # each image its own op and magnitude
+            images = trivial_augment(images, _draw(lambda n, **kw: torch.rand(n, 3, **kw), images.shape[0], share, g,
+                                                   images.device))
         x = self.normalize(images)
         if self.erasing:
             x = random_erasing(x, self.erasing, g, share)
         if self.mixup or self.cutmix:
             return mix(x, labels, self.num_classes, self.mixup, self.cutmix, random.Random(g.initial_seed()))
         return x, labels
-
-    def trivial_augment(self, images: torch.Tensor, group: int = 8) -> torch.Tensor:
-        # TrivialAugmentWide draws one op per call; calling it per group of 8 images varies it across the batch.
-        # Its draws come from torch's global RNG, which checkpoints save and restore.
-        return torch.cat([self._trivial(chunk) for chunk in images.split(group)])
 
 
 def _draw(fn, n: int, share: tuple[int, int], g: torch.Generator, device, **kwargs) -> torch.Tensor:
