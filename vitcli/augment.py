@@ -89,8 +89,9 @@ def trivial_augment(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         candidates["Color"] = images
         candidates["Contrast"] = blend(x.mean(dim=(-3, -2, -1), keepdim=True))
     if H > 2 and W > 2:
-        # torchvision's smoothing filter (1/13 around, 5/13 in the centre) then rounded: as sums of integers /13 is
-        # never a half, so this equals its convolution exactly, at a fraction of a depthwise conv2d's time on CPU
+        # torchvision's smoothing filter (1/13 around, 5/13 in the centre), rounded: a sum of integers over 13 is
+        # never a half-integer, so this rounds to what its convolution does, at a fraction of a depthwise conv2d's
+        # time on the CPU
         blurred = x[..., 1:-1, 1:-1] * 4.0
         for dy in range(3):
             for dx in range(3):
