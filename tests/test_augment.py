@@ -9,12 +9,16 @@ from vitcli.config import build_config
 from vitcli.data import Preprocess
 
 
-@pytest.mark.parametrize("channels", [3, 1])
-def test_every_op_and_magnitude_matches_torchvision(channels):
+BLENDS = ("Brightness", "Color", "Contrast", "Sharpness")  # float blends, where a rounding order may differ
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (3, 24, 40), (3, 2, 5)])
+def test_every_op_and_magnitude_matches_torchvision(shape):
     torch.manual_seed(0)
     n = 2 * BINS  # every magnitude bin, once positive and once negative
-    images = torch.randint(0, 256, (n, channels, 32, 32), dtype=torch.uint8)
-    images[::2] = torch.nn.functional.avg_pool2d(images[::2].float(), 5, 1, 2).to(torch.uint8)  # low-contrast ones
+    images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8)
+    if min(shape[1:]) >= 5:  # some low-contrast images, for autocontrast and equalize
+        images[::2] = torch.nn.functional.avg_pool2d(images[::2].float(), 5, 1, 2).to(torch.uint8)
     level, negative = torch.arange(n) % BINS, torch.arange(n) >= BINS
     reference = v2.TrivialAugmentWide()
     for k, name in enumerate(OPS):
@@ -22,7 +26,7 @@ def test_every_op_and_magnitude_matches_torchvision(channels):
                          torch.where(negative, 0.25, 0.75)], 1)
         out = trivial_augment(images, u)
         magnitudes, signed = reference._AUGMENTATION_SPACE[name]
-        values = magnitudes(BINS, 32, 32)
+        values = magnitudes(BINS, *shape[1:])
         diff = torch.zeros_like(images, dtype=torch.int32)
         for i in range(n):
             m = 0.0 if values is None else float(values[int(level[i])])
@@ -30,9 +34,11 @@ def test_every_op_and_magnitude_matches_torchvision(channels):
             expected = reference._apply_image_or_video_transform(images[i], name, m, fill={},
                                                                  interpolation=v2.InterpolationMode.NEAREST)
             diff[i] = (expected.int() - out[i].int()).abs()
-        # the same arithmetic; only a float rounding order may move a pixel by one level
-        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.005, (name, diff.max(), (diff > 0).sum())
-        if name != "Identity" and not (name == "Color" and channels == 1):
+        if name in BLENDS:  # the same arithmetic; at most a rare pixel one level off
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 0.005, (name, diff.max(), (diff > 0).sum())
+        else:
+            assert diff.max() == 0, (name, diff.max(), (diff > 0).sum())
+        if name != "Identity" and not (name == "Color" and shape[0] == 1) and min(shape[1:]) > 2:
             assert not torch.equal(out, images), name  # the op did something
 
 

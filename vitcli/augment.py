@@ -29,9 +29,24 @@ def _tables(device: torch.device) -> torch.Tensor:
                        ).to(device)
 
 
+@functools.lru_cache(maxsize=None)
+def _grid_base(device: torch.device, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's affine grid before the matrix: pixel centres about the image centre (H, W, 3), and the half
+    sizes that normalise it. Made once per device and size, so no batch waits on a copy from the host."""
+    base = torch.ones(H, W, 3, device=device)
+    base[..., 0] = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=device)
+    base[..., 1] = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=device).unsqueeze(-1)
+    return base, torch.tensor([0.5 * W, 0.5 * H], device=device)
+
+
 def trivial_augment(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """images: uint8 (B, C, H, W), C 1 or 3; u: (B, 3) uniform [0, 1) draws per image (op, magnitude bin, sign).
     Returns the augmented uint8 batch."""
+    with torch.autocast(images.device.type, enabled=False):  # the grid's bmm in float32 whatever the caller's
+        return _trivial_augment(images, u)
+
+
+def _trivial_augment(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as TF
 
     B, C, H, W = images.shape
@@ -65,10 +80,8 @@ def trivial_augment(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
     theta = torch.stack([d, -b, d * (-cx - tx) + -b * (-cy - ty) + cx,
                          -c, a, -c * (-cx - tx) + a * (-cy - ty) + cy], 1).float().view(B, 2, 3)
-    base = torch.ones(H, W, 3, device=dev)
-    base[..., 0] = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=dev)
-    base[..., 1] = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=dev).unsqueeze(-1)
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * W, 0.5 * H], device=dev)
+    base, half = _grid_base(dev, H, W)
+    scaled = theta.transpose(1, 2) / half
     grid = base.view(1, H * W, 3).expand(B, -1, -1).bmm(scaled).view(B, H, W, 2)
     warped = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False).to(torch.uint8)
     for name in GEOMETRIC:
