@@ -258,3 +258,24 @@ def test_attention_dropout_on_the_per_head_path():
     assert not torch.allclose(out, attn(x))  # a new dropout mask each call
     attn.eval()
     torch.testing.assert_close(attn(x), attn(x))
+
+
+@pytest.mark.parametrize("stem", ["linear", "conv"])
+def test_compiled_linears_add_the_bias_after_the_matmul(stem):
+    # under torch.compile on a CPU every linear layer must reach the graph as a matmul without bias plus an add
+    # (inductor then fuses the add instead of addmm copying the bias), with the same results as eager F.linear
+    linears = []
+
+    def recording_backend(gm, example_inputs):
+        linears.extend(n for n in gm.graph.nodes if n.target is torch._C._nn.linear)
+        return gm.forward
+
+    model = VisionTransformer(image_size=8, patch_size=4, in_channels=1, num_classes=3, dim=16, depth=2, heads=2,
+                              stem=stem)
+    x = torch.randn(2, 1, 8, 8)
+    expected = model(x)
+    out = torch.compile(model, backend=recording_backend)(x)
+    # qkv (split in two in the last block), output projection, fc1, fc2 per block, the head, and the linear stem
+    assert len(linears) == 4 + 5 + 1 + (stem == "linear"), [n.args for n in linears]
+    assert all(len(n.args) == 2 and n.kwargs.get("bias") is None for n in linears), [n.args for n in linears]
+    torch.testing.assert_close(out, expected)
