@@ -14,7 +14,10 @@ fused attention with bf16 autocast and torch.compile, and vitcli runs in each pr
 Each contender is timed for a few steps in
 every round, rounds alternate, the median per contender is reported. Writes benchmarks/results/*.json and *.md.
 End to end: one epoch of `vit train` with the recipe's conv stem, one with timm's linear patch embedding, and the
-timm + DataLoader pipeline, in alternating rounds (--epoch-rounds; the median is reported).
+timm + DataLoader pipeline, in alternating rounds (--epoch-rounds; round r trains with seed r on every side, and the
+medians of the wall times and of the test accuracies are reported). Each `vit train` variant first runs once on 10
+batches, untimed, so that torch.compile's on-disk cache holds its graphs, as after a user's first run; that warm-up's
+wall time is reported beside it.
 glibc's malloc is tuned for the whole process as `vit` tunes its own (vitcli.runtime.tune_malloc), timm included.
 """
 
@@ -173,7 +176,7 @@ def linear_stem(config):
     return dataclasses.replace(config, model=dataclasses.replace(config.model, stem="linear", stem_channels=None))
 
 
-def timm_epoch(root: str, epochs: int = 1) -> dict[str, float]:
+def timm_epoch(root: str, epochs: int = 1, seed: int = 0) -> dict[str, float]:
     """What a timm user writes: torchvision per-image transforms through a 2-worker DataLoader, timm's ViT in fp32
     (timm's default), AdamW + cosine, one epoch, then test accuracy."""
     import torchvision
@@ -192,7 +195,7 @@ def timm_epoch(root: str, epochs: int = 1) -> dict[str, float]:
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=config.train.batch_size, shuffle=True,
                                                num_workers=2, drop_last=True, persistent_workers=True)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=512, num_workers=2)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = VisionTransformer(img_size=28, patch_size=m.patch_size, in_chans=1, num_classes=10, embed_dim=m.dim,
                               depth=m.depth, num_heads=m.heads, mlp_ratio=m.mlp_ratio)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
@@ -215,13 +218,17 @@ def timm_epoch(root: str, epochs: int = 1) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "test_top1": correct / len(test_set)}
 
 
-def vitcli_epoch(root: str, tmp: Path, epochs: int = 1, extra: tuple[str, ...] = ()) -> dict[str, float]:
+def vitcli_epoch(root: str, tmp: Path, epochs: int = 1, extra: tuple[str, ...] = (), seed: int = 0,
+                 warm_up: bool = False) -> dict[str, float]:
     """The real `vit train` command: one epoch of configs/fashion_mnist.yaml (with `extra` --set overrides), then
-    its test accuracy."""
+    its test accuracy. `warm_up`: 10 training batches and 1296 test images (two full evaluation batches and the
+    test set's last, shorter one), which compiles, or loads from torch's on-disk cache, every graph the epoch runs."""
     run_dir = tmp / f"vitcli-epoch-{time.time_ns()}"
     start = time.perf_counter()
     sets = [f"data.root={root}", f"train.epochs={epochs}", "train.ema_decay=0", "train.warmup_epochs=0.2",
-            "train.eval_hflip=false", *extra]  # one view, as timm's
+            "train.eval_hflip=false", f"train.seed={seed}", *extra]  # one view, as timm's
+    if warm_up:
+        sets += ["data.max_train_samples=1280", "data.max_val_samples=1296"]
     subprocess.run([sys.executable, "-m", "vitcli", "train", "--config", str(REPO / "configs" / "fashion_mnist.yaml"),
                     *[arg for kv in sets for arg in ("--set", kv)], "--run-dir", str(run_dir)],
                    check=True, cwd=REPO, stderr=subprocess.DEVNULL)
@@ -246,12 +253,12 @@ def torchvision_fmnist_root(root: str, tmp: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--configs", nargs="+", default=["configs/fashion_mnist.yaml", "configs/cifar10.yaml"])
+    parser.add_argument("--configs", nargs="*", default=["configs/fashion_mnist.yaml", "configs/cifar10.yaml"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--epoch", action="store_true", help="also one end-to-end epoch of real Fashion-MNIST")
-    parser.add_argument("--epoch-rounds", type=int, default=2,
-                        help="alternating rounds of the end-to-end epochs (the median is reported)")
+    parser.add_argument("--epoch-rounds", type=int, default=3,
+                        help="alternating rounds of the end-to-end epochs, round r with seed r (medians reported)")
     parser.add_argument("--fmnist-root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -293,6 +300,7 @@ def main() -> None:
         results["step"] = {k: v for k, v in old.get("step", {}).items() if k not in args.configs}
         results["measured"] = {k: v for k, v in old.get("measured", {}).items() if k not in args.configs}
         results["epoch"] = None if args.epoch else old.get("epoch")
+    peak = machine["fp32_matmul_peak_gflops" if args.fp32 else "bf16_matmul_peak_gflops"]
     for path in args.configs:
         config = load_config(REPO / path)
         contenders = contenders_for(config, device, args.fp32)
@@ -302,7 +310,8 @@ def main() -> None:
             flops = forward_flops(config if own else linear_stem(config), class_token_only=name.startswith("vitcli"))
             f["train_gflops_per_second"] = 3 * flops * f["train_images_per_second"] / 1e9
         results["measured"][path] = {"date": time.strftime("%Y-%m-%d"), "stem": config.model.stem,
-                                "stem_channels": config.model.stem_channels, "compile": config.train.compile}
+                                "stem_channels": config.model.stem_channels, "compile": config.train.compile,
+                                "matmul_peak_gflops": peak}  # rows kept from an earlier run keep their own
         results["step"][path] = figures
         print(path, json.dumps(figures, indent=1), flush=True)
         (out / "vs_timm.json").write_text(json.dumps(results, indent=1))  # each config's figures as they come
@@ -311,16 +320,19 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             tv_root = torchvision_fmnist_root(args.fmnist_root, Path(tmp))
-            runs = {"vitcli": lambda: vitcli_epoch(args.fmnist_root, Path(tmp)),
-                    LINEAR_EPOCH: lambda: vitcli_epoch(args.fmnist_root, Path(tmp), extra=LINEAR_STEM_SETS),
-                    "timm + DataLoader": lambda: timm_epoch(tv_root)}
+            runs = {"vitcli": lambda **kw: vitcli_epoch(args.fmnist_root, Path(tmp), **kw),
+                    LINEAR_EPOCH: lambda **kw: vitcli_epoch(args.fmnist_root, Path(tmp), extra=LINEAR_STEM_SETS, **kw),
+                    "timm + DataLoader": lambda **kw: timm_epoch(tv_root, **kw)}
+            warm_up = {name: runs[name](warm_up=True)["seconds"] for name in runs if name.startswith("vitcli")}
+            print("warm-up runs (seconds)", warm_up, flush=True)
             rounds = {name: [] for name in runs}
             for r in range(args.epoch_rounds):  # alternating, the order reversed every other round
                 for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-                    rounds[name].append(runs[name]())
+                    rounds[name].append({"seed": r, **runs[name](seed=r)})
                     print(name, rounds[name][-1], flush=True)
         results["epoch"] = {name: {"seconds": statistics.median(f["seconds"] for f in figures),
                                    "test_top1": statistics.median(f["test_top1"] for f in figures),
+                                   **({"warm_up_seconds": warm_up[name]} if name in warm_up else {}),
                                    "rounds": figures} for name, figures in rounds.items()}
     (out / "vs_timm.json").write_text(json.dumps(results, indent=1))
     (out / "vs_timm.md").write_text(markdown(results))
@@ -350,12 +362,15 @@ def markdown(results: dict) -> str:
         when = results.get("measured", {}).get(path)
         compiled = when and when.get("compile") and m.get("device", "cpu") == "cpu"  # on a GPU: per contender
         label = f"{path} ({when['date']}{', compiled' if compiled else ''})" if when else path
+        row_peak = (when or {}).get("matmul_peak_gflops") or peak  # the peak of the run that measured the row
+        if row_peak != peak:
+            label += f" (peak of its run: {row_peak:.0f} GFLOP/s)"
         for name, f in figures.items():
             lines.append(
                 f"| {label} | {name} | {f['train_images_per_second']:.0f} | "
                 f"{f['train_images_per_second'] / base['train_images_per_second']:.2f} | "
                 f"{f['train_images_per_second'] / best['train_images_per_second']:.2f} | "
-                f"{f['train_gflops_per_second']:.0f} ({percent(f['train_gflops_per_second'], peak)}) | "
+                f"{f['train_gflops_per_second']:.0f} ({percent(f['train_gflops_per_second'], row_peak)}) | "
                 f"{f['infer_images_per_second']:.0f} | "
                 f"{f['infer_images_per_second'] / base['infer_images_per_second']:.2f} |")
     if results["epoch"]:
@@ -364,9 +379,16 @@ def markdown(results: dict) -> str:
         for name, f in e.items():
             lines.append(f"| {name} | {f['seconds']:.0f} | {f['test_top1']:.4f} |")
         if len(e["vitcli"].get("rounds", [])) > 1:
-            lines.append(f"\nWall seconds are the median of {len(e['vitcli']['rounds'])} alternating rounds: "
-                         + "; ".join(f"{name} " + ", ".join(f"{r['seconds']:.0f}" for r in f["rounds"])
-                                     for name, f in e.items()) + ".")
+            seeds = "round r with seed r, " if "seed" in e["vitcli"]["rounds"][0] else ""
+            lines.append(f"\nMedians of {len(e['vitcli']['rounds'])} alternating rounds ({seeds}wall seconds / test "
+                         "top-1): " + "; ".join(f"{name} " + ", ".join(
+                             f"{r['seconds']:.0f} / {100 * r['test_top1']:.2f}%" for r in f["rounds"])
+                             for name, f in e.items()) + ".")
+        if any("warm_up_seconds" in f for f in e.values()):
+            lines.append("Before the rounds each `vit train` variant ran once on 10 batches, untimed, so that "
+                         "torch.compile's on-disk cache holds its graphs (as after a first run); that took "
+                         + ", ".join(f"{f['warm_up_seconds']:.0f} s ({name})" for name, f in e.items()
+                                     if "warm_up_seconds" in f) + ".")
         timm = e["timm + DataLoader"]["seconds"]
         lines.append(f"\nvitcli is {timm / e['vitcli']['seconds']:.2f}x faster end to end"
                      + (f"; with timm's model (linear stem) {timm / e[LINEAR_EPOCH]['seconds']:.2f}x."
