@@ -44,6 +44,10 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"data": {"dataset": "cifar10", "mean": [], "std": []}}, "need one value per channel"),
     ({"data": {"dataset": "mnist"}, "train": {"eval_hflip": True}}, "train.eval_hflip .* needs data.hflip: true"),
     ({"data": {"hflip": False}, "train": {"eval_hflip": True}}, "train.eval_hflip .* needs data.hflip: true"),
+    ({"train": {"min_lr": -0.001}}, "train.min_lr must be >= 0"),  # the schedule would end below 0
+    ({"train": {"weight_decay": -5}}, "train.weight_decay must be >= 0, got -5"),
+    ({"train": {"device": "gpu"}}, "train.device must be auto, cpu, cuda, cuda:N or mps"),
+    ({"train": {"device": "cuda:abc"}}, "train.device must be auto, cpu, cuda, cuda:N or mps"),
 ])
 def test_invalid_configs_name_the_key(raw, message):
     with pytest.raises(VitError, match=message):
@@ -55,6 +59,18 @@ def test_set_errors():
         build_config({}, ["epochs"])
     with pytest.raises(VitError, match="did you mean 'epochs'"):
         build_config({}, ["train.epoch=3"])
+
+
+def test_errors_name_the_set_that_gave_the_value():
+    """A value from --set is named as such, not as if the YAML file held it."""
+    with pytest.raises(VitError, match=r"^--set model.heads=5: model.heads dim 32 is not divisible by heads 5"):
+        build_config({"model": {"dim": 32}}, ["model.heads=5"], source="my.yaml")
+    with pytest.raises(VitError, match=r"^--set model.dim=30: model.heads dim 30"):
+        build_config({"model": {"heads": 4}}, ["model.dim=30"], source="my.yaml")
+    with pytest.raises(VitError, match=r"^my.yaml: model.heads dim 30"):  # both from the file
+        build_config({"model": {"heads": 4, "dim": 30}}, ["train.epochs=2"], source="my.yaml")
+    with pytest.raises(VitError, match=r"^--set name=a/b: 'name' must be"):
+        build_config({}, ["name=a/b"], source="my.yaml")
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):

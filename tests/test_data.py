@@ -109,6 +109,21 @@ def test_idx_reader_plain_and_gzip(tmp_path):
         assert data.labels.tolist() == labels.tolist()
 
 
+def test_a_damaged_gzip_idx_file_is_one_error(tmp_path):
+    """A corrupted download: zlib's own error becomes the 'download it again' line."""
+    from conftest import class_images, write_idx
+
+    images, labels = class_images(200, 1, 28, 0)
+    write_idx(tmp_path, "train", images, labels)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[60:160] = bytes(255 - b for b in raw[60:160])
+    path.write_bytes(bytes(raw))
+    config = build_config({"data": {"dataset": "mnist", "root": str(tmp_path)}})
+    with pytest.raises(VitError, match="unreadable idx file .* download it again"):
+        load_array_dataset(config, "train")
+
+
 def test_missing_dataset_names_folder_and_fix(tmp_path):
     config = build_config({"data": {"dataset": "fashion_mnist", "root": str(tmp_path / "nothing")}})
     with pytest.raises(VitError, match=r"fashion_mnist not found in .*nothing.*dataset-fashion-mnist"):
@@ -138,3 +153,5 @@ def test_image_folder_subsets_draw_from_every_class(imagefolder_dir):
     assert len(dataset.samples) == 9 and set(dataset.targets) == {0, 1, 2}
     assert [target for _, target in dataset.samples] == dataset.targets
     assert dataset.samples == make_imagefolder(config, "val", train=False).samples  # the same subset each time
+    # the train split evaluated (vit eval --split train) keeps its own limit, not the test split's
+    assert len(make_imagefolder(config, "train", train=False).samples) == 72

@@ -269,6 +269,11 @@ def test_config_errors(tmp_path):
     one_line_error(run_vit("train", "--config", write(tmp_path / "c.yaml", "data:\n  dataset: imagefolder\n"
                                                        "  crop_padding: 4\n")),
                    "c.yaml", "data.crop_padding", "random resized crops")
+    binary = tmp_path / "best.pt"  # a checkpoint given as the config: not UTF-8 text
+    binary.write_bytes(b"PK\x03\x04\x80\x81\xff\xfe" * 8)
+    one_line_error(run_vit("train", "--config", binary), "best.pt is not a YAML text file")
+    one_line_error(run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--set", "model.heads=5",
+                           "--print-config"), "--set model.heads=5: model.heads", "not divisible by heads 5")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -305,7 +310,13 @@ def test_bad_checkpoints(tmp_path, real_ckpt):
     truncated.write_bytes(real_ckpt.read_bytes()[:5000])
     one_line_error(run_vit("eval", "--ckpt", truncated), "not a readable checkpoint")
     text = write(tmp_path / "notes.pt", "hello")
-    one_line_error(run_vit("predict", "x.png", "--ckpt", text), "not a readable checkpoint")
+    one_line_error(run_vit("predict", "x.png", "--ckpt", text), "not a checkpoint", "torch.save")
+    from conftest import write_png  # a picture is a wrong file, not a malicious one
+
+    picture = write_png(tmp_path / "a.png", size=8)
+    result = run_vit("eval", "--ckpt", picture)
+    one_line_error(result, "a.png is not a checkpoint")
+    assert "run code" not in result.stderr
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(3)}, plain)
     one_line_error(run_vit("eval", "--ckpt", plain), "not a vitcli checkpoint")
@@ -394,7 +405,15 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
     original = image.read_bytes()
     one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--attention", image), "would write over",
                    "in.png")
+    # without an extension the picture is saved as <name>.png: here in.png, the input
+    one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--attention", tmp_path / "in"),
+                   "would write over", "in.png")
     assert image.read_bytes() == original
+    one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--attention", tmp_path / "out.txt"),
+                   "cannot write a .txt picture", ".png")
+    assert not (tmp_path / "out.txt").exists()
+    one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--device", "gpu"), "'gpu' is not one of", "--device cpu")
+    one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--device", "cuda:abc"), "'cuda:abc'")
     report = write(tmp_path / "notes.txt", "mine")
     one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", report), "is a file")
     assert report.read_text() == "mine"

@@ -69,6 +69,15 @@ def test_predict_attention_maps(smoke_run, tmp_path):
     assert [p.name for p in written] == ["s0.attention.png", "s1.attention.png", "s2.attention.png"]
     for path in written:
         assert_picture(path, 256)
+    # one image: OUT/ (or an existing folder) is a folder, a name without an extension gets .png
+    result = run_vit("predict", small[0], "--ckpt", smoke_run / "best.pt", "--attention", f"{tmp_path / 'one'}/",
+                     "--json", check=True)
+    assert json.loads(result.stdout)[0]["attention"] == str(tmp_path / "one" / "s0.attention.png")
+    assert_picture(tmp_path / "one" / "s0.attention.png", 256)
+    result = run_vit("predict", small[0], "--ckpt", smoke_run / "best.pt", "--attention", tmp_path / "plain",
+                     "--json", check=True)
+    assert json.loads(result.stdout)[0]["attention"] == str(tmp_path / "plain.png")
+    assert_picture(tmp_path / "plain.png", 256)
 
 
 def test_eval_report(smoke_run, tmp_path):

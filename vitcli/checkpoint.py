@@ -101,6 +101,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise VitError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise VitError(f"checkpoint {path} is empty (0 bytes); use another checkpoint, e.g. the run's best.pt")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip; old torch a bare pickle
+        raise VitError(f"{path} is not a checkpoint (not a file written by torch.save); pass a best.pt or last.pt "
+                       f"written by 'vit train'")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

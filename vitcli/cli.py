@@ -4,6 +4,7 @@ so `vit --help` stays instant."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -223,7 +224,12 @@ def eval_(
         dev = resolve_device(device or config.train.device)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
-        classes, n, batches = eval_batches(config, split, dev, batch_size or config.train.eval_batch_size)
+        try:
+            classes, n, batches = eval_batches(config, split, dev, batch_size or config.train.eval_batch_size)
+        except VitError as e:
+            if "data.root" not in str(e):
+                raise
+            raise VitError(f"{e} (for vit eval: --data-root DIR)") from None
         if classes != checkpoint["classes"]:
             raise VitError(f"the {split} split's classes {classes[:5]}... differ from the checkpoint's "
                            f"{checkpoint['classes'][:5]}...")
@@ -268,8 +274,8 @@ def predict(
     device: DeviceOpt = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even if the checkpoint has "
                                          "EMA weights.")] = False,
-    attention: Annotated[Optional[Path], typer.Option(
-        "--attention", help="Write the image with its attention heat map to this PNG (a folder for several "
+    attention: Annotated[Optional[str], typer.Option(
+        "--attention", help="Write the image with its attention heat map to this PNG (a folder, DIR/, for several "
         "images).")] = None,
     attention_mode: Annotated[str, typer.Option(
         "--attention-mode", help="rollout (all layers, Abnar & Zuidema 2020) or last (class token, last "
@@ -332,9 +338,21 @@ def predict(
     run_command(body)
 
 
-def attention_outputs(out: Path, paths: list[Path]) -> dict[Path, Path]:
-    """One image: OUT is the PNG. Several: OUT is a folder holding <name>.attention.png for each."""
-    if len(paths) == 1 and not (out.exists() and out.is_dir()):
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
+
+
+def attention_outputs(where: str, paths: list[Path]) -> dict[Path, Path]:
+    """One image: OUT is the picture (a name without an extension gets .png, the file that will be written).
+    Several images, or OUT ending in / or naming a folder: OUT is a folder holding <name>.attention.png for each."""
+    from vitcli.errors import VitError
+
+    out = Path(where)
+    if len(paths) == 1 and not where.endswith(("/", os.sep)) and not out.is_dir():
+        if not out.suffix:
+            return {paths[0]: out.with_name(out.name + ".png")}
+        if out.suffix.lower() not in PICTURE_SUFFIXES:
+            raise VitError(f"--attention {where}: cannot write a {out.suffix} picture; give a file ending in "
+                           f"{', '.join(PICTURE_SUFFIXES)}, or a folder (nothing was written)")
         return {paths[0]: out}
     names: dict[Path, Path] = {}
     for i, path in enumerate(paths):
@@ -368,8 +386,8 @@ def write_attention(model, config, tensor, device, mode: str, out: Path, origina
     title = f"{best['label']} ({100 * best['probability']:.1f}%) - attention {mode}"
     try:
         save_figure(overlay_figure(image, heat.cpu().numpy(), title), out)
-    except OSError as e:
-        raise VitError(f"cannot write {out}: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a picture format matplotlib does not write
+        raise VitError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}") from None
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,7 +177,7 @@ def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) ->
         raise VitError(f"{source}: the config must be a mapping of sections (data, model, train), got {raw!r}")
     for section, values in raw.items():
         if section == "name":
-            into["name"] = values
+            into["name"] = (values, source)
             continue
         if section not in SECTIONS:
             raise VitError(f"{source}: unknown section '{section}'{_closest(section, ['name', *SECTIONS])}")
@@ -210,7 +211,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise VitError(f"config file not found: {path} (see configs/ for examples)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise VitError(f"{path} is not a YAML text file (it is not UTF-8 text; a checkpoint or a picture?); "
+                       f"pass a recipe such as configs/cifar10.yaml") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -226,11 +230,9 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
     _merge(raw or {}, values, source)
     for item in overrides:
         _merge(_set_to_dict(item), values, f"--set {item}")
-    name = values.pop("name", ("vit", None))
-    if isinstance(name, tuple):
-        name = name[0]
+    name, where = values.pop("name", ("vit", source))
     if not isinstance(name, str) or not name or "/" in name:
-        raise VitError(f"{source}: 'name' must be a non-empty string without '/', got {name!r}")
+        raise VitError(f"{where}: 'name' must be a non-empty string without '/', got {name!r}")
     sections = {}
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
@@ -243,14 +245,34 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
                                f"{_closest(str(value), choices).replace('valid keys', 'choices')}")
         sections[section] = cls(**kwargs)
     config = Config(name=name, **sections)
-    validate(config, source)
+    validate(config, source, {f"{section}.{key}": where for section in SECTIONS
+                              for key, (_, where) in values[section].items()})
     return config
 
 
-def validate(config: Config, source: str = "config") -> None:
+# the keys a check reads besides the one it names (an error names the --set that gave any of them)
+CHECK_READS = {
+    "model.heads": ["model.dim", "model.heads"],
+    "model.patch_size": ["data.image_size", "data.dataset", "model.patch_size"],
+    "model.stem": ["model.stem", "model.patch_size"],
+    "model.stem_channels": ["model.stem_channels", "model.patch_size"],
+    "train.eval_hflip": ["train.eval_hflip", "data.hflip", "data.dataset"],
+    "data.mean/std": ["data.mean", "data.std", "data.dataset"],
+    "data.crop_padding": ["data.crop_padding", "data.dataset"],
+}
+
+
+def device_name_ok(name: str) -> bool:
+    """auto, cpu, cuda, cuda:N or mps."""
+    return name in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", name) is not None
+
+
+def validate(config: Config, source: str = "config", origins: Optional[dict[str, str]] = None) -> None:
+    """Raises one VitError naming the first invalid key and where its value came from: the `--set` that gave it,
+    else `source`. `origins`: section.key -> where its value came from."""
     d, m, t = config.data, config.model, config.train
     channels = DATASET_DEFAULTS[d.dataset]["channels"]
-    device_ok = t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:")
+    device_ok = device_name_ok(t.device)
     checks = [
         (config.image_size > 0, "data.image_size", f"must be positive, got {config.image_size}"),
         (m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}"),
@@ -276,6 +298,9 @@ def validate(config: Config, source: str = "config") -> None:
          "averages each image's prediction with its mirror image's, so it needs data.hflip: true (a model trained "
          "without mirrored images has not learned them)"),
         (t.lr > 0, "train.lr", f"must be positive, got {t.lr}"),
+        (t.min_lr >= 0, "train.min_lr", f"must be >= 0 (the learning rate the cosine schedule ends at), got "
+         f"{t.min_lr}"),
+        (t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}"),
         (t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
         (0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1); 0 disables it"),
@@ -297,7 +322,10 @@ def validate(config: Config, source: str = "config") -> None:
     ]
     for ok, key, message in checks:
         if not ok:
-            raise VitError(f"{source}: {key} {message}")
+            section = key.split(".")[0]
+            keys = CHECK_READS.get(key) or [k if "." in k else f"{section}.{k}" for k in key.split("/")]
+            given = [origins[k] for k in keys if (origins or {}).get(k, "").startswith("--set")]
+            raise VitError(f"{given[-1] if given else source}: {key} {message}")
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:

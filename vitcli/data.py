@@ -14,6 +14,7 @@ import gzip
 import pickle
 import random
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -99,7 +100,7 @@ def _read_idx(path: Path) -> torch.Tensor:
         body = data[4 + 4 * ndim:]
         if len(body) != int(torch.tensor(shape).prod()):
             raise ValueError(f"expected {shape} bytes of data, found {len(body)}")
-    except (OSError, EOFError, ValueError, struct.error) as e:
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as e:  # zlib: a damaged .gz
         raise VitError(f"{path}: unreadable idx file ({e}); download it again") from None
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
@@ -233,7 +234,7 @@ def make_imagefolder(config: Config, split: str, train: bool):
             f.name.lower().endswith(IMAGE_EXTENSIONS) and f.is_file() for f in d.rglob("*"))]
         raise VitError(f"no images found in {root / split} for the classes {', '.join(empty)}: put images "
                        f"({', '.join(IMAGE_EXTENSIONS)}) in each class folder") from None
-    limit = config.data.max_train_samples if train else config.data.max_val_samples
+    limit = config.data.max_train_samples if split == "train" else config.data.max_val_samples  # the split's own
     if limit is not None and limit < len(dataset.samples):  # ImageFolder lists class by class: a seeded sample
         keep = torch.randperm(len(dataset.samples), generator=torch.Generator().manual_seed(config.train.seed))
         keep = keep[:limit].sort().values.tolist()

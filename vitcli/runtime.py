@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from vitcli.config import device_name_ok
 from vitcli.errors import VitError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,6 +50,9 @@ def tune_malloc() -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: CUDA, else MPS, else the CPU. A device that is not there is one VitError line."""
+    if not device_name_ok(name):
+        raise VitError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N, mps; use --device cpu (or auto)")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -57,6 +61,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise VitError(f"train.device={name} but no CUDA GPU is visible to torch; use --device cpu (or auto)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise VitError(f"train.device={name} but torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from "
+                       f"0; use --device cuda:0 (or auto)")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise VitError("train.device=mps but MPS is not available here; use --device cpu (or auto)")
     return torch.device(name)
