@@ -7,9 +7,10 @@ import torch
 
 from conftest import REPO, run_vit
 
-# fp32, no dropout: the only randomness is the data order and crop/flip, which both runs share exactly.
+# fp32, no dropout: the only randomness is the data order and crop/flip, which both runs share exactly. The conv
+# stem's BatchNorm normalises each rank's images with the global batch's statistics, as the single process does.
 EQUAL = ["--config", REPO / "configs" / "smoke.yaml", "--set", "train.precision=fp32", "--set", "train.epochs=2",
-         "--set", "data.max_train_samples=512"]
+         "--set", "data.max_train_samples=512", "--set", "model.stem=conv"]
 
 
 def metrics(run_dir):
@@ -56,6 +57,15 @@ def test_ddp_checkpoint_evaluates_and_resumes_in_one_process(runs, tmp_path):
 def test_batch_must_divide_over_ranks(tmp_path):
     result = run_vit("train", *EQUAL, "--set", "train.batch_size=63", "--run-dir", tmp_path / "r", "--nproc", "2")
     assert result.returncode != 0 and "does not divide over 2 processes" in result.stderr
+
+
+def test_an_error_on_rank_0_is_its_one_line(runs):
+    """A run directory that holds a run: rank 0 refuses in one line, the other rank stops without a traceback."""
+    single, _, _ = runs
+    result = run_vit("train", *EQUAL, "--run-dir", single, "--nproc", "2")
+    assert result.returncode != 0
+    assert result.stderr.count("vit: error: run directory") == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Connection closed" not in result.stderr, result.stderr
 
 
 def test_ctrl_c_stops_every_rank_after_it_saved(tmp_path):

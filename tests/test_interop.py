@@ -144,6 +144,36 @@ def test_fine_tune_from_timm_resizes_positions_and_head(tmp_path):
         assert (trained[key] - start[key]).abs().max() < 0.01, key
 
 
+def test_fine_tune_from_a_headless_backbone_and_from_wrong_files(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from conftest import write_png
+
+    s = SHAPE
+    backbone = randomize(VisionTransformer(img_size=s["size"], patch_size=s["patch"], in_chans=3, num_classes=0,
+                                           embed_dim=s["dim"], depth=s["depth"], num_heads=s["heads"],
+                                           mlp_ratio=s["mlp"] / s["dim"], global_pool="token"))
+    weights = tmp_path / "backbone.pth"  # timm's num_classes=0: no head.weight / head.bias
+    torch.save(backbone.state_dict(), weights)
+    base = ["train", "--config", vit_config(tmp_path), "--set", "train.epochs=1", "--set", "train.batch_size=64",
+            "--set", "data.max_train_samples=128", "--set", f"model.init_from={weights}"]
+    result = run_vit(*base, "--set", "model.init_format=timm", "--run-dir", tmp_path / "run", check=True)
+    assert "no classification head: started a new one of 10 classes" in result.stderr
+    # another width: the shape error alone, no resizing or head message before it
+    result = run_vit(*base, "--set", "model.init_format=timm", "--set", "model.dim=64", "--run-dir", tmp_path / "r2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "resized" not in result.stderr and "re-initialised" not in result.stderr
+    assert "(1, 1, 48)" in result.stderr and "(1, 1, 64)" in result.stderr
+    # timm weights read as a vitcli checkpoint (init_format left at its default): the fix is named
+    result = run_vit(*base, "--run-dir", tmp_path / "r3")
+    assert result.returncode == 2 and "model.init_format=timm" in result.stderr
+    # a picture is not a weights file
+    picture = write_png(tmp_path / "a.png", size=8)
+    result = run_vit("convert", picture, "--from", "timm", "--config", vit_config(tmp_path), "--out", tmp_path / "c.pt")
+    assert result.returncode == 2 and "a.png is not a weights file" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "c.pt").exists()
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
@@ -160,6 +190,7 @@ def test_onnx_export_matches_vit_predict(converted, tmp_path):
 
     out = tmp_path / "model.onnx"
     run_vit("export", "--ckpt", converted, "--format", "onnx", "--out", out, check=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"], "one self-contained file, no .data beside it"
     paths = write_pngs(tmp_path, 4)
     x = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in paths]).float() / 255
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)

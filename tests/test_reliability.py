@@ -451,6 +451,37 @@ def test_a_full_disk_is_one_line(tmp_path):
     assert not list(run_dir.glob(".*.tmp*"))
 
 
+def test_exports_that_cannot_be_written_are_one_line_and_leave_nothing(tmp_path, real_ckpt):
+    """Every format is made and checked in memory, then written atomically: a write that fails (here files of at
+    most 40 kB, as on a full disk; or a folder nobody may write) is one line and leaves no file, torn or
+    temporary, so the next try is not refused."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    for fmt, name in (("torchscript", "m.ts"), ("safetensors", "m.safetensors"), ("onnx", "m.onnx")):
+        out = tmp_path / fmt / name
+        result = subprocess.run([VIT, "export", "--ckpt", real_ckpt, "--format", fmt, "--out", out],
+                                capture_output=True, text=True, preexec_fn=small_files, timeout=600)
+        one_line_error(result, "cannot write", str(out), "File too large")
+        assert not list(out.parent.iterdir()), list(out.parent.iterdir())
+        run_vit("export", "--ckpt", real_ckpt, "--format", fmt, "--out", out, check=True)  # not "exists"
+        one_line_error(run_vit("export", "--ckpt", real_ckpt, "--format", fmt, "--out", f"/proc/{name}"),
+                       f"/proc/{name}")
+
+
+def test_a_closed_pipe_ends_quietly(real_ckpt):
+    """vit eval | head -1: the reader goes away; no error message, the exit status of a broken pipe (141)."""
+    proc = subprocess.Popen([VIT, "eval", "--ckpt", real_ckpt], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    proc.stdout.close()  # before vit writes its first line
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=600) == 141
+    assert "error" not in stderr and "Traceback" not in stderr and "Exception" not in stderr, stderr
+
+
 def test_out_of_memory_messages_are_recognised_and_sized():
     """The CPU allocator's and CUDA's wording; other RuntimeErrors are not memory errors."""
     from vitcli.errors import out_of_memory

@@ -6,7 +6,7 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -17,14 +17,20 @@ FORMAT = "vitcli-checkpoint"
 VERSION = 1
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """Temporary file in the same folder, flush, fsync, rename, fsync the folder: a crash at any moment leaves
-    either the old file or the new one, never a torn one."""
+def atomic_save(obj: Any, path: Path, fix: str = "free disk space or choose a writable --run-dir") -> None:
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f), "checkpoint", fix)
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], what: str = "file",
+                 fix: str = "free disk space or choose another path") -> None:
+    """Temporary file in the same folder, `write(file)`, flush, fsync, rename, fsync the folder: a crash at any
+    moment leaves either the old file or the new one, never a torn one; an error is one VitError naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -35,8 +41,7 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.close(fd)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise VitError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk space or choose a writable "
-                       f"--run-dir") from None
+        raise VitError(f"cannot write {what} {path}: {e.strerror or e}; {fix}") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -34,10 +34,12 @@ def err(message: str) -> None:
 
 def run_command(body: Callable[[], int | None]) -> None:
     """Runs a command body: user errors become one line and a non-zero exit; --debug shows the traceback."""
-    from vitcli.errors import Interrupted, VitError, out_of_memory
+    from vitcli.errors import Interrupted, OtherRankFailed, VitError, out_of_memory
 
     try:
         code = body() or 0
+    except OtherRankFailed:
+        raise typer.Exit(2)
     except VitError as e:
         if STATE["debug"]:
             traceback.print_exc()
@@ -55,6 +57,12 @@ def run_command(body: Callable[[], int | None]) -> None:
         err(f"error: out of memory ({what}); lower the batch size (train.batch_size, train.eval_batch_size "
             f"or vit eval's --batch-size), data.image_size or the model size")
         raise typer.Exit(2)
+    except BrokenPipeError:  # whoever read the output stopped (vit eval | head -1): nothing to report
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except OSError:
+            pass
+        raise typer.Exit(141)  # 128 + SIGPIPE, as a command killed by the broken pipe
     except OSError as e:  # a path the user gave that cannot be written or read: permissions, a full disk, ...
         if STATE["debug"]:
             traceback.print_exc()
@@ -68,6 +76,14 @@ def run_command(body: Callable[[], int | None]) -> None:
         err("interrupted")
         raise typer.Exit(130)
     raise typer.Exit(code)
+
+
+def check_device_option(device: Optional[str]) -> None:
+    from vitcli.config import device_name_ok
+    from vitcli.errors import VitError
+
+    if device is not None and not device_name_ok(device):
+        raise VitError(f"--device {device}: must be auto, cpu, cuda, cuda:N or mps")
 
 
 def find_latest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -120,6 +136,7 @@ def train(
         from vitcli.config import load_config
         from vitcli.errors import VitError
 
+        check_device_option(device)
         overrides = list(set_ or []) + ([f"train.device={device}"] if device else [])
         if resume is None and config is None:
             raise VitError("give --config PATH (e.g. configs/smoke.yaml) or --resume CKPT")
@@ -230,7 +247,9 @@ def eval_(
             if "data.root" not in str(e):
                 raise
             raise VitError(f"{e} (for vit eval: --data-root DIR)") from None
-        if classes != checkpoint["classes"]:
+        if checkpoint["classes"] == placeholder_classes(len(classes)):  # vit convert without --classes
+            err(f"note: {path} names its classes class_0...; using the dataset's names")
+        elif classes != checkpoint["classes"]:
             raise VitError(f"the {split} split's classes {classes[:5]}... differ from the checkpoint's "
                            f"{checkpoint['classes'][:5]}...")
         mistakes = None
@@ -409,6 +428,7 @@ def bench(
 
         if steps <= 0:
             raise VitError(f"--steps must be positive, got {steps}")
+        check_device_option(device)
         cfg = load_config(config, list(set_ or []) + ([f"train.device={device}"] if device else []))
         tune_malloc()  # as `vit train` does, so that the figures are the training's
         result = run_bench(cfg, steps=steps)
@@ -458,7 +478,8 @@ def convert(
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(make_checkpoint(config=cfg, classes=names, model=model, ema=None, optimizer=None, scaler=None,
                                     epoch=0, step=0, global_step=0, best_top1=-1.0, epoch_stats={},
-                                    metrics={"converted_from": f"{from_}:{weights}"}), out)
+                                    metrics={"converted_from": f"{from_}:{weights}"}), out,
+                    fix="free disk space or choose another --out")
         err(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e6:.2f}M parameters from {from_})")
         return 0
 
@@ -471,7 +492,14 @@ def default_classes(cfg, num_classes: int) -> list[str]:
     known = {"fashion_mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}.get(cfg.data.dataset)
     if cfg.data.dataset == "cifar10":
         known = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    return list(known) if known and len(known) == num_classes else [f"class_{i}" for i in range(num_classes)]
+    if cfg.data.dataset == "synthetic":
+        known = [f"synthetic-{i}" for i in range(10)]
+    # others (cifar100, image folders): placeholders, which vit eval replaces by the dataset's own names
+    return list(known) if known and len(known) == num_classes else placeholder_classes(num_classes)
+
+
+def placeholder_classes(n: int) -> list[str]:
+    return [f"class_{i}" for i in range(n)]
 
 
 @app.command()

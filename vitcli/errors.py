@@ -5,6 +5,10 @@ class VitError(Exception):
     """A mistake the user can fix: bad config, missing file, wrong checkpoint. The message says what, where and how."""
 
 
+class OtherRankFailed(Exception):
+    """Under torchrun: rank 0 hit a VitError and says so in one line; the other ranks stop without a word."""
+
+
 class Interrupted(Exception):
     """Training was stopped by Ctrl-C / SIGTERM after `last.pt` was written."""
 

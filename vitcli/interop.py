@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Callable
@@ -24,10 +25,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise VitError(f"{path}: not a readable safetensors file ({e})") from None
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip; old torch a bare pickle
+        raise VitError(f"{path} is not a weights file (not written by torch.save, nor .safetensors); pass the "
+                       f".pt, .pth or .safetensors file of a timm or torchvision model")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refusals and torn files alike
-        raise VitError(f"{path}: not a readable weights file ({str(e).splitlines()[0][:160]})") from None
+    except pickle.UnpicklingError:
+        raise VitError(f"refused to load {path}: it holds more than tensors and plain data, so it may run code; "
+                       f"save the model's state_dict() alone and pass that") from None
+    except Exception as e:  # torn zip files and the like
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise VitError(f"{path} is not a readable weights file (truncated or not a torch file: {first})") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -110,17 +120,23 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     own = model.state_dict()
     state = dict(state)
     pos_key = "patch_embedding.position_embedding"
-    if pos_key in state and state[pos_key].shape != own[pos_key].shape:
+    width_fits = pos_key not in state or state[pos_key].shape[-1] == own[pos_key].shape[-1]  # else: error below
+    if pos_key in state and width_fits and state[pos_key].shape != own[pos_key].shape:
         before = tuple(state[pos_key].shape)
         grid = int(round((own[pos_key].shape[1] - 1) ** 0.5))
         state[pos_key] = resize_position_embedding(state[pos_key], grid)
         log(f"resized {pos_key} {before} -> {tuple(state[pos_key].shape)} (bicubic)")
-    reinit = [k for k in ("head.weight", "head.bias") if k in state and state[k].shape != own[k].shape]
-    if reinit:
-        theirs = state[reinit[0]].shape[0]
-        log(f"re-initialised the head: {len(own['head.bias'])} classes instead of the checkpoint's {theirs}")
+    head = ("head.weight", "head.bias")
+    reinit = []
+    if not any(k in state for k in head):  # a backbone saved without its head (timm's num_classes=0)
+        reinit = list(head)
+        log(f"the weights have no classification head: started a new one of {len(own['head.bias'])} classes")
+    elif width_fits and "head.weight" in state and state["head.weight"].shape[0] != own["head.weight"].shape[0]:
+        reinit = [k for k in head if k in state]
+        log(f"re-initialised the head: {len(own['head.bias'])} classes instead of the checkpoint's "
+            f"{state['head.weight'].shape[0]}")
     for key in reinit:
-        del state[key]
+        state.pop(key, None)
     missing = [k for k in own if k not in state and k not in reinit]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -138,9 +154,13 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
 
 
 def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Path) -> float:
-    """Writes the model; returns the max abs difference of its logits against PyTorch on a random batch."""
+    """Writes the model; returns the max abs difference of its logits against PyTorch on a random batch.
+    The file is made in memory and checked there (reloaded, run on the batch), then written atomically: a failed
+    check or write leaves nothing at `out`."""
+    import io
     import json
 
+    from vitcli.checkpoint import atomic_write
     from vitcli.config import DATASET_DEFAULTS
 
     model = model.float().eval()
@@ -150,33 +170,39 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
     x = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = model(x)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load, save
 
         metadata = {"config": json.dumps(config.to_dict()), "classes": json.dumps(classes), "format": "vitcli"}
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out), metadata=metadata)
+        data = save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=metadata)
         reloaded = type(model)(**model.init_kwargs)
-        reloaded.load_state_dict(load_file(str(out)))
+        reloaded.load_state_dict(load(data))
         with torch.inference_mode():
             got = reloaded.eval()(x)
     elif fmt == "torchscript":
-        traced = torch.jit.trace(model, x[:1], check_trace=False)
-        traced.save(str(out))
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.trace(model, x[:1], check_trace=False), buffer)
+        data = buffer.getvalue()
         with torch.inference_mode():
-            got = torch.jit.load(str(out))(x)
+            got = torch.jit.load(io.BytesIO(data))(x)
     elif fmt == "onnx":
-        got = _export_onnx(model, x, out)
+        data, got = _export_onnx(model, x)
     else:
         raise VitError(f"unknown export format '{fmt}': use onnx, torchscript or safetensors")
     diff = float((got - expected).abs().max())
     if not diff < 1e-3:
-        out.unlink(missing_ok=True)
         raise VitError(f"the exported {fmt} model's logits differ from PyTorch's by {diff:.2e}; nothing written")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VitError(f"cannot write {out}: {e.strerror or e}; choose another --out") from None
+    atomic_write(out, lambda f: f.write(data), f"the {fmt} model", "free disk space or choose another --out")
     return diff
 
 
-def _export_onnx(model, x: torch.Tensor, out: Path) -> torch.Tensor:
+def _export_onnx(model, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    """The ONNX model as bytes, one self-contained file (weights inside, no .data beside it), and its logits for x
+    from onnxruntime."""
     major, minor = (int(part) for part in torch.__version__.split(".")[:2])
     if (major, minor) < (2, 5):  # torch.onnx.export(dynamo=True, dynamic_shapes=...) arrived in 2.5
         raise VitError(f"ONNX export needs torch 2.5 or newer (this is {torch.__version__}): pip install -U torch; "
@@ -187,7 +213,8 @@ def _export_onnx(model, x: torch.Tensor, out: Path) -> torch.Tensor:
         raise VitError("ONNX export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript "
                        "onnxruntime") from None
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(model, (x,), str(out), input_names=["images"], output_names=["logits"],
-                      dynamic_shapes={"images": {0: batch}}, dynamo=True)
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    program = torch.onnx.export(model, (x,), input_names=["images"], output_names=["logits"],
+                                dynamic_shapes={"images": {0: batch}}, dynamo=True)
+    data = program.model_proto.SerializeToString()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return data, torch.from_numpy(session.run(None, {"images": x.numpy()})[0])

@@ -35,6 +35,67 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over all processes; its gradient is the sum of every process's gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+@torch.compiler.disable  # a collective: run eagerly (a graph break under torch.compile)
+def _global_moments(x: torch.Tensor) -> torch.Tensor:
+    """Per channel: the sum and the sum of squares over every process's batch, then the number of values per
+    channel; differentiable."""
+    x = x.float()
+    count = x.new_tensor([x.numel() / x.shape[1]])
+    return _AllReduceSum.apply(torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count]))
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (the same parameters and state dict), except in training under torch.distributed with more
+    than one process: there the batch statistics are the global batch's, all processes' images together, so N
+    processes of B/N images train as one process of B does. torch's SyncBatchNorm does this on GPUs only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or _world_size() == 1:
+            return super().forward(x)
+        channels = x.shape[1]
+        moments = _global_moments(x)
+        n = moments[2 * channels]
+        mean = moments[:channels] / n
+        var = (moments[channels:2 * channels] / n - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1), momentum)  # unbiased, as torch's
+        shape = (1, channels, 1, 1)
+        y = (x.float() - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
 class ConvStem(nn.Module):
     """Optional convolutional stem (Xiao et al., 2021, "Early convolutions help transformers see better"):
     log2(patch_size) stride-2 3x3 convolutions with BatchNorm and ReLU, then a 1x1 convolution to `dim`.
@@ -54,7 +115,7 @@ class ConvStem(nn.Module):
         layers, width_in = [], in_channels
         for i, out in enumerate(widths):
             stride = 2 if i < steps else 1
-            layers += [nn.Conv2d(width_in, out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out),
+            layers += [nn.Conv2d(width_in, out, 3, stride=stride, padding=1, bias=False), BatchNorm2d(out),
                        nn.ReLU(inplace=True)]
             width_in = out
         layers.append(nn.Conv2d(width_in, dim, 1))

@@ -24,7 +24,7 @@ from vitcli.checkpoint import (atomic_save, load_checkpoint, load_weights, make_
                                set_rng_state)
 from vitcli.config import Config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
-from vitcli.errors import Interrupted, VitError, out_of_memory
+from vitcli.errors import Interrupted, OtherRankFailed, VitError, out_of_memory
 from vitcli.evaluate import evaluate
 from vitcli.model import build_model, no_weight_decay
 from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
@@ -198,6 +198,31 @@ def barrier(dist_info) -> None:
         dist.barrier()
 
 
+def rank0_first(dist_info, work: Callable[[], Any], others_too: bool = True) -> Any:
+    """work() on rank 0, then (others_too) on the other ranks; where rank 0 fails with a user error, it reports it
+    in one line and the other ranks stop without a word (instead of each failing on its own, or waiting forever
+    for rank 0 at the next collective)."""
+    if not dist_info.enabled:
+        return work()
+    import torch.distributed as dist
+
+    result, failure = None, None
+    if dist_info.is_main:
+        try:
+            result = work()
+        except (VitError, OSError) as e:
+            failure = e
+    verdict = [failure is not None]
+    dist.broadcast_object_list(verdict, src=0)
+    if failure is not None:
+        raise failure
+    if verdict[0]:
+        raise OtherRankFailed()
+    if not dist_info.is_main and others_too:
+        result = work()
+    return result
+
+
 def default_run_dir(config: Config) -> Path:
     return Path("runs") / config.name / datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -313,7 +338,13 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
 
     source, fmt = config.model.init_from, config.model.init_format
     if fmt == "vitcli":
-        ckpt = load_checkpoint(source)
+        try:
+            ckpt = load_checkpoint(source)
+        except VitError as e:
+            if "not a vitcli checkpoint" not in str(e):
+                raise
+            raise VitError(f"{e}; for timm or torchvision weights set model.init_format=timm (or "
+                           f"torchvision)") from None
         state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     else:
         state = from_peer(read_state_dict(source), fmt)
@@ -384,11 +415,15 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     main = dist_info.is_main
     torch.manual_seed(config.train.seed)
 
-    # ---- data (before the run directory exists, so a missing dataset leaves nothing behind)
-    train_data = TrainBatches(config, device, dist_info.rank, dist_info.world_size)
+    # ---- data (before the run directory exists, so a missing dataset leaves nothing behind); rank 0 first, so
+    # that a download (data.download) into the shared folder happens once, and its error is the one line
+    def load_data():
+        return (TrainBatches(config, device, dist_info.rank, dist_info.world_size),
+                eval_batches(config, "test", device, config.train.eval_batch_size, dist_info.rank,
+                             dist_info.world_size))
+
+    train_data, (val_classes, num_val, val_batches) = rank0_first(dist_info, load_data)
     classes = train_data.classes
-    val_classes, num_val, val_batches = eval_batches(config, "test", device, config.train.eval_batch_size,
-                                                     dist_info.rank, dist_info.world_size)
     preprocess = Preprocess(config, device, train=True, rank=dist_info.rank, world_size=dist_info.world_size)
     preprocess.num_classes = len(classes)
     eval_preprocess = Preprocess(config, device, train=False)
@@ -445,12 +480,15 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         shared = [str(run_dir)]
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
-    if main:
+
+    def set_up_run_dir():
         if ckpt is None:
             prepare_run_dir(run_dir)
         for stale in run_dir.glob(".*.pt.tmp*"):  # left by a save that was killed half-way
             stale.unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume: with the extended epochs
+
+    rank0_first(dist_info, set_up_run_dir, others_too=False)
     writer = MetricsWriter(run_dir, main)
     total_steps = config.train.epochs * train_data.steps_per_epoch
     warmup_steps = round(config.train.warmup_epochs * train_data.steps_per_epoch)
