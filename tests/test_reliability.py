@@ -167,6 +167,30 @@ def test_sigterm_and_kill_9_during_saves_then_resume(uninterrupted, tmp_path):
     assert not list(run_dir.glob(".*.tmp*")), "temporary files of killed saves are cleaned up on resume"
 
 
+def test_sigterm_to_the_process_group_with_dataloader_workers(imagefolder_dir, tmp_path):
+    """`timeout`, Slurm's scancel and a terminal signal the whole process group, DataLoader workers included: the
+    workers leave the stop to the main process, which saves, says once that it is stopping, and prints a resume
+    command that works as printed (quoted: the run directory here has a space in its name)."""
+    import shlex
+
+    run_dir = tmp_path / "my run"
+    proc = subprocess.Popen(
+        [VIT, "train", "--config", REPO / "configs" / "imagefolder.yaml", "--run-dir", run_dir,
+         "--set", f"data.root={imagefolder_dir}", "--set", "data.image_size=32", "--set", "model.patch_size=8",
+         "--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "train.epochs=300",
+         "--set", "train.batch_size=8", "--set", "data.num_workers=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(run_dir / "best.pt", proc, timeout=300)  # an epoch done: the workers are running
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
+    assert stderr.count("saving last.pt") == 1, stderr[-3000:]
+    command = stderr.split("Continue it with: ")[1].splitlines()[0]
+    assert shlex.split(command) == ["vit", "train", "--resume", str(run_dir / "last.pt")]
+    assert torch.load(run_dir / "last.pt", weights_only=True)["global_step"] > 0
+
+
 def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     import shutil
 

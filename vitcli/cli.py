@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -70,7 +71,7 @@ def run_command(body: Callable[[], int | None]) -> None:
         err(f"error: {where}{e.strerror or e}; check the path, its permissions and the free disk space")
         raise typer.Exit(2)
     except Interrupted as e:
-        err(f"interrupted; the run is saved in {e}. Continue it with: vit train --resume {e}")
+        err(f"interrupted; the run is saved in {e}. Continue it with: vit train --resume {shlex.quote(str(e))}")
         raise typer.Exit(130)
     except KeyboardInterrupt:
         err("interrupted")
@@ -222,7 +223,7 @@ def eval_(
         import dataclasses
 
         from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
-        from vitcli.data import Preprocess, eval_batches
+        from vitcli.data import Preprocess, eval_batches, split_name
         from vitcli.errors import VitError
         from vitcli.evaluate import evaluate
         from vitcli.runtime import resolve_device, resolve_precision, tune_malloc
@@ -274,7 +275,8 @@ def eval_(
         else:
             tag = " [SYNTHETIC DATA]" if synthetic else ""
             mode = ", each with its mirror image (--tta)" if hflip else ""
-            typer.echo(f"{path} on {config.data.dataset} {split}{tag}: {result['num_samples']} images{mode}")
+            typer.echo(f"{path} on {config.data.dataset} {split_name(split, config.data.dataset)}{tag}: "
+                       f"{result['num_samples']} images{mode}")
             single = f"  (single view: top-1 {result['top1_single_view']:.4f})" if hflip else ""
             typer.echo(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}{single}")
             width = max(len(c) for c in result["per_class"]) if result["per_class"] else 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import random
+import signal
 import struct
 import zlib
 from dataclasses import dataclass
@@ -299,7 +300,8 @@ class TrainBatches:
             workers = config.data.num_workers
             self.loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=self.local_batch_size, sampler=self.sampler, num_workers=workers,
-                pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
+                pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True,
+                worker_init_fn=ignore_stop_signals)
         self.num_samples = n
         self.steps_per_epoch = n // self.batch_size
         if self.steps_per_epoch == 0:
@@ -317,6 +319,14 @@ class TrainBatches:
         for step in range(start_step, self.steps_per_epoch):
             index = order[step * B + self.rank * b: step * B + (self.rank + 1) * b]
             yield self.data.images[index], self.data.labels[index]
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In DataLoader workers: Ctrl-C and SIGTERM (which `timeout`, Slurm's scancel and a terminal send to the whole
+    process group) are the main process's to handle, which finishes its step, saves and stops the workers; a
+    worker killed by them would fail the run before that."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def eval_batches(config: Config, split: str, device: torch.device, batch_size: int, rank: int = 0,
@@ -339,7 +349,8 @@ def eval_batches(config: Config, split: str, device: torch.device, batch_size: i
     # its own generator: the workers' base seed is not drawn from the global RNG, so an evaluation leaves the
     # training's random stream (dropout, drop_path) as it was, and eval_every does not change the trained weights
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda", generator=torch.Generator())
+                                         pin_memory=device.type == "cuda", generator=torch.Generator(),
+                                         worker_init_fn=ignore_stop_signals)
 
     def batches():
         for images, labels in loader:

@@ -230,7 +230,7 @@ def default_run_dir(config: Config) -> Path:
 def prepare_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise VitError(f"run directory {run_dir} already holds files; resume it with "
-                       f"'vit train --resume {run_dir}/last.pt' or choose another --run-dir")
+                       f"'vit train --resume {shlex.quote(str(run_dir / 'last.pt'))}' or choose another --run-dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -370,7 +370,8 @@ def log_pictures(writer: MetricsWriter, model, config: Config, classes: list[str
 
 def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
     """A resumed run writes into the checkpoint's folder: refuse where that would lose or scatter anything."""
-    new_run = f"start a new run from its weights instead with --config ... --set model.init_from={path}"
+    new_run = ("start a new run from its weights instead with --config ... --set "
+               f"model.init_from={shlex.quote(str(path))}")
     if ckpt.get("optimizer") is None:
         raise VitError(f"--resume {path}: it holds weights only (written by vit convert), no training state; "
                        f"{new_run}")
@@ -500,7 +501,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
               f"train / {num_val} val images, {len(classes)} classes, device {device}, precision {precision}, "
               f"attention {attention}" + (f", {dist_info.world_size} processes" if dist_info.enabled else ""),
               file=sys.stderr)
-        print(f"vit: run directory {run_dir}  (watch it: tensorboard --logdir {run_dir})", file=sys.stderr)
+        print(f"vit: run directory {run_dir}  (watch it: tensorboard --logdir {shlex.quote(str(run_dir))})",
+              file=sys.stderr)
         if ckpt:
             print(f"vit: continuing at epoch {epoch + 1}, step {start_step} of {train_data.steps_per_epoch}",
                   file=sys.stderr)
@@ -694,5 +696,5 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         dist.destroy_process_group()
     if main:
         print(f"vit: done{synthetic}. best val top-1 {best_top1:.4f}: {run_dir / 'best.pt'}", file=sys.stderr)
-        print(f"vit: evaluate it with: vit eval --ckpt {run_dir / 'best.pt'}", file=sys.stderr)
+        print(f"vit: evaluate it with: vit eval --ckpt {shlex.quote(str(run_dir / 'best.pt'))}", file=sys.stderr)
     return {"run_dir": str(run_dir), "best_top1": best_top1, **last_metrics}
