@@ -322,11 +322,10 @@ class TrainBatches:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """In DataLoader workers: Ctrl-C and SIGTERM (which `timeout`, Slurm's scancel and a terminal send to the whole
-    process group) are the main process's to handle, which finishes its step, saves and stops the workers; a
-    worker killed by them would fail the run before that."""
+    """In DataLoader workers: Ctrl-C, which a terminal sends to the whole process group, is the main process's to
+    handle (it finishes its step, saves and stops the workers). SIGTERM keeps its default: torch stops workers
+    with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def eval_batches(config: Config, split: str, device: torch.device, batch_size: int, rank: int = 0,
