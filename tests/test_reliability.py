@@ -167,10 +167,12 @@ def test_sigterm_and_kill_9_during_saves_then_resume(uninterrupted, tmp_path):
     assert not list(run_dir.glob(".*.tmp*")), "temporary files of killed saves are cleaned up on resume"
 
 
-def test_ctrl_c_in_a_terminal_with_dataloader_workers(imagefolder_dir, tmp_path):
-    """A terminal's Ctrl-C reaches the whole process group, DataLoader workers included: the workers leave the stop
-    to the main process, which saves, says once that it is stopping, and prints a resume command that works as
-    printed (quoted: the run directory here has a space in its name)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_sent_to_the_process_group_with_dataloader_workers(imagefolder_dir, tmp_path, sig):
+    """A terminal's Ctrl-C, `timeout` and `kill -TERM -PGID` signal the whole process group, DataLoader workers
+    included: the workers leave Ctrl-C to the main process and die of SIGTERM; either way the main process saves,
+    says once that it is stopping, exits 130 and prints a resume command that works as printed (quoted: the run
+    directory here has a space in its name)."""
     import shlex
 
     run_dir = tmp_path / "my run"
@@ -181,7 +183,7 @@ def test_ctrl_c_in_a_terminal_with_dataloader_workers(imagefolder_dir, tmp_path)
          "--set", "train.batch_size=8", "--set", "data.num_workers=2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(run_dir / "best.pt", proc, timeout=300)  # an epoch done: the workers are running
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]

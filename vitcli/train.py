@@ -170,6 +170,11 @@ class StopSignals:
             print("\nvit: second interrupt, exiting now (the last checkpoint is intact)", file=sys.stderr)
             os._exit(130)
         self.requested, self.first = True, time.monotonic()
+        # A stop sent to the whole process group (timeout, kill -TERM -PGID) kills DataLoader workers too; torch's
+        # SIGCHLD handler would then raise in the middle of the step or of the save. From here on a dead worker
+        # shows only when the next batch is fetched, which `until_stopped` turns into the stop.
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         print("\nvit: interrupt received, saving last.pt after this step (after the evaluation if it ends the epoch; "
               "press Ctrl-C again, 2 s or more later, to quit at once)", file=sys.stderr)
 
@@ -189,6 +194,32 @@ class StopSignals:
             return
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class WorkersStopped(Exception):
+    """Fetching a batch failed after a stop was requested: the stop killed the DataLoader workers too."""
+
+
+def until_stopped(batches, stop: "StopSignals"):
+    """The batches, except that a failure to fetch one after a stop was requested ends them with WorkersStopped."""
+    iterator = iter(batches)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError:
+            if not stop.requested:
+                raise
+            raise WorkersStopped() from None
+        yield item
+
+
+def workers_stopped(dist_info) -> None:
+    """Under torchrun the ranks would not agree on where to stop: the run keeps its last checkpoint."""
+    if dist_info.enabled:
+        raise VitError("the stop signal also ended this rank's DataLoader workers; the run keeps its last "
+                       "checkpoint (send the signal to torchrun or the vit processes, not to the whole group)")
 
 
 def barrier(dist_info) -> None:
@@ -569,8 +600,10 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             t_epoch = time.perf_counter()
             t_ready = time.perf_counter()
             stopping = False
+            done = start_step  # steps of this epoch finished
             try:  # the bar is closed before any message, so an error never lands on its line
-                for step, (images, labels) in enumerate(train_data.epoch(epoch, start_step), start=start_step):
+                for step, (images, labels) in enumerate(until_stopped(train_data.epoch(epoch, start_step), stop),
+                                                        start=start_step):
                     t_data = time.perf_counter() - t_ready
                     x, targets = preprocess(images, labels, global_step)
                     if main and step == start_step and epoch == first_epoch:
@@ -589,6 +622,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                                        f"(global step {global_step + 1}); {kept()}; lower train.lr or set "
                                        f"train.grad_clip")
                     global_step += 1
+                    done = step + 1
                     elapsed = time.perf_counter() - t_ready
                     epoch_stats["loss"] += stats[0]
                     epoch_stats["correct"] += stats[1]
@@ -612,14 +646,26 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                     if every and global_step % every == 0 and step + 1 < train_data.steps_per_epoch:
                         save("last.pt", epoch, step + 1, last_metrics)
                     t_ready = time.perf_counter()
+            except WorkersStopped:  # the stop killed the DataLoader workers while this rank waited for a batch
+                workers_stopped(dist_info)
+                path = save("last.pt", epoch, done, last_metrics)
+                raise Interrupted(str(path)) from None
             finally:
                 bar.close()
 
             # ---- end of epoch: evaluate (every train.eval_every epochs, and the last), log, checkpoint
             evaluated = (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs
             evaluating = evaluated
-            val = (evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info,
-                            forward=eval_forward, hflip=config.train.eval_hflip) if evaluated else None)
+            try:
+                val = (evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info,
+                                forward=eval_forward, hflip=config.train.eval_hflip) if evaluated else None)
+            except RuntimeError as e:
+                if not stop.requested or out_of_memory(e) is not None:
+                    raise
+                # the stop killed the evaluation's DataLoader workers: keep the epoch's training, not evaluated
+                workers_stopped(dist_info)
+                path = save("last.pt", epoch, train_data.steps_per_epoch, last_metrics)
+                raise Interrupted(str(path)) from None
             evaluating = False  # pictures and saves below are not the evaluation batch's doing
             seen = max(epoch_stats["seen"], 1.0)
             last_metrics = {
