@@ -29,6 +29,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], what: str = "file",
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
@@ -99,16 +100,20 @@ def make_checkpoint(*, config: Config, classes: list[str], model: torch.nn.Modul
     }
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def written_by_torch_save(path: Path) -> bool:
+    """By its first bytes: torch.save writes a zip file; torch before 1.6 a bare pickle."""
+    with open(path, "rb") as f:
+        return f.read(2).startswith((b"PK", b"\x80"))
+
+
+def load_checkpoint(path: str | Path, not_vitcli_advice: str = "") -> dict[str, Any]:
     """Loads with weights_only=True: tensors and plain data only, so a crafted file cannot run code."""
     path = Path(path)
     if not path.is_file():
         raise VitError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise VitError(f"checkpoint {path} is empty (0 bytes); use another checkpoint, e.g. the run's best.pt")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip; old torch a bare pickle
+    if not written_by_torch_save(path):
         raise VitError(f"{path} is not a checkpoint (not a file written by torch.save); pass a best.pt or last.pt "
                        f"written by 'vit train'")
     try:
@@ -122,7 +127,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise VitError(f"{path} is not a readable checkpoint (truncated or not a torch file: {first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise VitError(f"{path} is not a vitcli checkpoint (no '{FORMAT}' marker); pass a best.pt or last.pt "
-                       f"written by 'vit train'")
+                       f"written by 'vit train'{not_vitcli_advice}")
     if ckpt.get("version") != VERSION:
         raise VitError(f"{path} is a version {ckpt.get('version')} checkpoint (written by vitcli "
                        f"{ckpt.get('vitcli_version')}); this vitcli reads version {VERSION}")

@@ -477,7 +477,6 @@ def convert(
             raise VitError(f"--classes has {len(names)} names, the head has {num_classes} outputs")
         model = build_model(cfg, num_classes)
         load_weights(model, {k: v.float() for k, v in state.items()}, weights)
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(make_checkpoint(config=cfg, classes=names, model=model, ema=None, optimizer=None, scaler=None,
                                     epoch=0, step=0, global_step=0, best_top1=-1.0, epoch_stats={},
                                     metrics={"converted_from": f"{from_}:{weights}"}), out,

@@ -301,7 +301,7 @@ class TrainBatches:
             self.loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=self.local_batch_size, sampler=self.sampler, num_workers=workers,
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True,
-                worker_init_fn=ignore_stop_signals)
+                worker_init_fn=ignore_ctrl_c)
         self.num_samples = n
         self.steps_per_epoch = n // self.batch_size
         if self.steps_per_epoch == 0:
@@ -321,7 +321,7 @@ class TrainBatches:
             yield self.data.images[index], self.data.labels[index]
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
+def ignore_ctrl_c(worker_id: int = 0) -> None:
     """In DataLoader workers: Ctrl-C, which a terminal sends to the whole process group, is the main process's to
     handle (it finishes its step, saves and stops the workers). SIGTERM keeps its default: torch stops workers
     with it."""
@@ -349,7 +349,7 @@ def eval_batches(config: Config, split: str, device: torch.device, batch_size: i
     # training's random stream (dropout, drop_path) as it was, and eval_every does not change the trained weights
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda", generator=torch.Generator(),
-                                         worker_init_fn=ignore_stop_signals)
+                                         worker_init_fn=ignore_ctrl_c)
 
     def batches():
         for images, labels in loader:

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from vitcli.checkpoint import atomic_write, written_by_torch_save
 from vitcli.errors import VitError
 
 
@@ -25,9 +26,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise VitError(f"{path}: not a readable safetensors file ({e})") from None
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip; old torch a bare pickle
+    if not written_by_torch_save(path):
         raise VitError(f"{path} is not a weights file (not written by torch.save, nor .safetensors); pass the "
                        f".pt, .pth or .safetensors file of a timm or torchvision model")
     try:
@@ -160,7 +159,6 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
     import io
     import json
 
-    from vitcli.checkpoint import atomic_write
     from vitcli.config import DATASET_DEFAULTS
 
     model = model.float().eval()
@@ -192,10 +190,6 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
     diff = float((got - expected).abs().max())
     if not diff < 1e-3:
         raise VitError(f"the exported {fmt} model's logits differ from PyTorch's by {diff:.2e}; nothing written")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VitError(f"cannot write {out}: {e.strerror or e}; choose another --out") from None
     atomic_write(out, lambda f: f.write(data), f"the {fmt} model", "free disk space or choose another --out")
     return diff
 

@@ -215,13 +215,6 @@ def until_stopped(batches, stop: "StopSignals"):
         yield item
 
 
-def workers_stopped(dist_info) -> None:
-    """Under torchrun the ranks would not agree on where to stop: the run keeps its last checkpoint."""
-    if dist_info.enabled:
-        raise VitError("the stop signal also ended this rank's DataLoader workers; the run keeps its last "
-                       "checkpoint (send the signal to torchrun or the vit processes, not to the whole group)")
-
-
 def barrier(dist_info) -> None:
     if dist_info.enabled:
         import torch.distributed as dist
@@ -369,13 +362,8 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
 
     source, fmt = config.model.init_from, config.model.init_format
     if fmt == "vitcli":
-        try:
-            ckpt = load_checkpoint(source)
-        except VitError as e:
-            if "not a vitcli checkpoint" not in str(e):
-                raise
-            raise VitError(f"{e}; for timm or torchvision weights set model.init_format=timm (or "
-                           f"torchvision)") from None
+        ckpt = load_checkpoint(source, not_vitcli_advice="; for timm or torchvision weights set "
+                                                         "model.init_format=timm (or torchvision)")
         state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     else:
         state = from_peer(read_state_dict(source), fmt)
@@ -454,7 +442,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 eval_batches(config, "test", device, config.train.eval_batch_size, dist_info.rank,
                              dist_info.world_size))
 
-    train_data, (val_classes, num_val, val_batches) = rank0_first(dist_info, load_data)
+    train_data, (_, num_val, val_batches) = rank0_first(dist_info, load_data)
     classes = train_data.classes
     preprocess = Preprocess(config, device, train=True, rank=dist_info.rank, world_size=dist_info.world_size)
     preprocess.num_classes = len(classes)
@@ -593,6 +581,14 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         return (f"in the training step at train.batch_size {config.train.batch_size} ({tokens} tokens per image) "
                 f"on {device}; {kept()}; lower train.batch_size, data.image_size or the model size in a new run")
 
+    def stop_without_workers(done: int) -> None:
+        """The stop killed DataLoader workers: save the `done` steps of this epoch and stop. Under torchrun the
+        ranks could not agree on that step: the run keeps its last checkpoint."""
+        if dist_info.enabled:
+            raise VitError("the stop signal also ended this rank's DataLoader workers; the run keeps its last "
+                           "checkpoint (send the signal to torchrun or the vit processes, not to the whole group)")
+        raise Interrupted(str(save("last.pt", epoch, done, last_metrics)))
+
     with StopSignals() as stop, memory_errors(out_of_memory_advice):
         while epoch < config.train.epochs:
             bar = tqdm(total=train_data.steps_per_epoch, initial=start_step, disable=not main, leave=True,
@@ -647,9 +643,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                         save("last.pt", epoch, step + 1, last_metrics)
                     t_ready = time.perf_counter()
             except WorkersStopped:  # the stop killed the DataLoader workers while this rank waited for a batch
-                workers_stopped(dist_info)
-                path = save("last.pt", epoch, done, last_metrics)
-                raise Interrupted(str(path)) from None
+                stop_without_workers(done)
             finally:
                 bar.close()
 
@@ -657,15 +651,11 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             evaluated = (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs
             evaluating = evaluated
             try:
-                val = (evaluate(eval_model, val_batches, eval_preprocess, classes, device, precision, dist_info,
-                                forward=eval_forward, hflip=config.train.eval_hflip) if evaluated else None)
-            except RuntimeError as e:
-                if not stop.requested or out_of_memory(e) is not None:
-                    raise
-                # the stop killed the evaluation's DataLoader workers: keep the epoch's training, not evaluated
-                workers_stopped(dist_info)
-                path = save("last.pt", epoch, train_data.steps_per_epoch, last_metrics)
-                raise Interrupted(str(path)) from None
+                val = (evaluate(eval_model, lambda: until_stopped(val_batches(), stop), eval_preprocess, classes,
+                                device, precision, dist_info, forward=eval_forward, hflip=config.train.eval_hflip)
+                       if evaluated else None)
+            except WorkersStopped:  # in the evaluation's: the epoch's training is kept, not evaluated
+                stop_without_workers(train_data.steps_per_epoch)
             evaluating = False  # pictures and saves below are not the evaluation batch's doing
             seen = max(epoch_stats["seen"], 1.0)
             last_metrics = {
