@@ -88,6 +88,8 @@ def test_ctrl_c_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
     run_vit("train", "--resume", run_dir / "last.pt", check=True)
     assert_same_weights(weights(run_dir / "last.pt"), uninterrupted)
     assert metrics_epochs(run_dir) == [1, 2, 3]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["elapsed_seconds"] for r in rows] == sorted(r["elapsed_seconds"] for r in rows), "counts on"
 
 
 def test_the_stop_handler_stays_only_on_the_way_out():
@@ -209,9 +211,17 @@ def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     assert yaml.safe_load(shown.stdout)["train"]["epochs"] == 4
     refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.lr=0.1", "--print-config")
     assert refused.returncode == 2 and "train.lr" in refused.stderr
-    run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", check=True)
+    # as if an earlier extension had been killed after writing epoch 4's row but before saving it, mid-write of
+    # the next: the resumed run takes both out and writes epoch 4 again; the first session's final row goes too
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 4, "train_loss": 99.0}\n{"epoch": 5, "tra')
+    resumed = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", check=True)
+    assert "took out the rows of epoch 4 and a torn last line" in resumed.stderr, resumed.stderr[-2000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2, 3, 4]
+    assert [r.get("epoch") for r in rows] == [1, 2, 3, 4, None] and rows[-1]["final"] and rows[3]["train_loss"] < 99
+    # the run's wall time counts on over both sessions
+    assert rows[3]["elapsed_seconds"] >= rows[2]["elapsed_seconds"] + rows[3]["epoch_seconds"], rows
+    assert rows[4]["elapsed_seconds"] >= rows[3]["elapsed_seconds"]
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):

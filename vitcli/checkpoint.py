@@ -74,9 +74,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def make_checkpoint(*, config: Config, classes: list[str], model: torch.nn.Module,
                     ema: Optional[torch.nn.Module], optimizer, scaler, epoch: int, step: int, global_step: int,
                     best_top1: float, epoch_stats: dict[str, float], metrics: dict[str, Any],
-                    rng_ranks: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+                    rng_ranks: Optional[list[dict[str, Any]]] = None, elapsed_seconds: float = 0.0) -> dict[str, Any]:
     """`epoch` is the epoch in progress and `step` the steps of it already done (step == steps_per_epoch once
-    the epoch is finished)."""
+    the epoch is finished); `elapsed_seconds` the run's wall time so far, over all its sessions."""
     from vitcli import __version__
 
     return {
@@ -95,6 +95,7 @@ def make_checkpoint(*, config: Config, classes: list[str], model: torch.nn.Modul
         "best_top1": best_top1,
         "epoch_stats": epoch_stats,
         "metrics": metrics,
+        "elapsed_seconds": elapsed_seconds,
         "rng": rng_ranks[0] if rng_ranks else rng_state(),
         "rng_ranks": rng_ranks,  # under DDP: every rank's own state, for an exact resume with as many ranks
     }

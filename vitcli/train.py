@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from vitcli.checkpoint import (atomic_save, load_checkpoint, load_weights, make_checkpoint, rng_state,
+from vitcli.checkpoint import (atomic_save, atomic_write, load_checkpoint, load_weights, make_checkpoint, rng_state,
                                set_rng_state)
 from vitcli.config import Config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
@@ -294,15 +294,50 @@ class MetricsWriter:
     secondary record: if its file cannot be written, one warning and the run goes on (metrics.jsonl and the
     checkpoints are written as before, and fail with one clear error of their own)."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, resumed_at: Optional[tuple[int, int]] = None):
+        """`resumed_at`: (epochs finished, global step) of the checkpoint a resumed run continues from."""
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            if resumed_at is not None:
+                self.rewind(*resumed_at)
             threading.excepthook = _quiet_tensorboard_thread
-            self.tb = SummaryWriter(str(run_dir))
+            # purge_step: TensorBoard hides what the earlier session logged after the checkpoint (it is redone)
+            self.tb = SummaryWriter(str(run_dir), purge_step=resumed_at[1] + 1 if resumed_at else None)
+
+    def rewind(self, epochs_done: int, global_step: int) -> None:
+        """A resumed run continues the log of its checkpoint: rows written after that checkpoint (a run killed
+        between an epoch's row and its save; a torn last line) and the earlier session's final row (a run extended
+        with more epochs writes its own at its end) are taken out, so every epoch has one row and the file one
+        final row, at its end."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return
+        lines = text.split("\n")
+        lines, torn = lines[:-1], lines[-1]  # "" when the file ends with its newline, as every write leaves it
+        kept, redone = [], []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and (row.get("final") or row.get("epoch", 0) > epochs_done):
+                if not row.get("final"):
+                    redone.append(row["epoch"])
+                continue
+            kept.append(line)
+        if len(kept) == len(lines) and not torn:
+            return
+        atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()), "metrics log")
+        if redone or torn:
+            what = f"the rows of epoch {', '.join(map(str, redone))}" if redone else ""
+            what += (" and " if what else "") + ("a torn last line" if torn else "")
+            print(f"vit: {self.path}: took out {what} written after the checkpoint (global step {global_step}); "
+                  f"the resumed run writes them again", file=sys.stderr)
 
     def tensorboard(self, write) -> None:
         if not self.tb:
@@ -509,7 +544,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume: with the extended epochs
 
     rank0_first(dist_info, set_up_run_dir, others_too=False)
-    writer = MetricsWriter(run_dir, main)
+    writer = MetricsWriter(run_dir, main, (epoch, global_step) if ckpt is not None else None)
     total_steps = config.train.epochs * train_data.steps_per_epoch
     warmup_steps = round(config.train.warmup_epochs * train_data.steps_per_epoch)
     synthetic = " [SYNTHETIC DATA: numbers mean nothing]" if config.data.dataset == "synthetic" else ""
@@ -542,7 +577,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             atomic_save(make_checkpoint(
                 config=config, classes=classes, model=model, ema=ema.module if ema else None, optimizer=optimizer,
                 scaler=scaler, epoch=epoch_now, step=step_now, global_step=global_step, best_top1=best_top1,
-                epoch_stats=epoch_stats, metrics=metrics, rng_ranks=rng_ranks), path)
+                epoch_stats=epoch_stats, metrics=metrics, rng_ranks=rng_ranks,
+                elapsed_seconds=time.perf_counter() - start_time), path)
         if name == "last.pt":
             saved_step = global_step
         return path
@@ -558,7 +594,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     drawn_at: Optional[int] = None  # the epoch whose attention maps TensorBoard last got
 
     last_metrics: dict[str, Any] = {}
-    start_time = time.perf_counter()
+    # the run's wall time over all its sessions: a resumed run counts on from its checkpoint's
+    start_time = time.perf_counter() - (float(ckpt.get("elapsed_seconds", 0.0)) if ckpt is not None else 0.0)
     evaluating = False  # which of the two a memory error happened in
 
     def kept() -> str:
