@@ -155,3 +155,29 @@ def test_image_folder_subsets_draw_from_every_class(imagefolder_dir):
     assert dataset.samples == make_imagefolder(config, "val", train=False).samples  # the same subset each time
     # the train split evaluated (vit eval --split train) keeps its own limit, not the test split's
     assert len(make_imagefolder(config, "train", train=False).samples) == 72
+
+
+def test_predict_sees_an_image_folder_image_as_eval_does(imagefolder_dir):
+    """`vit predict` and `vit eval` resize and crop an image folder's image the same way, to the same pixels, so
+    an image scores the same in both; shapes whose rounding differs included (wide, tall, odd, gray, JPEG)."""
+    import numpy as np
+    from PIL import Image
+
+    from vitcli.data import make_imagefolder
+    from vitcli.predict import image_to_tensor, open_image, view_box
+
+    rng = np.random.default_rng(1)
+    for i, (w, h) in enumerate([(301, 97), (97, 301), (65, 64), (50, 200), (37, 37)]):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).convert("L" if i % 2 else "RGB")
+        image.save(imagefolder_dir / "val" / "stripe" / f"odd{i}.{'jpg' if i == 2 else 'png'}")
+    config = build_config({"data": {"dataset": "imagefolder", "root": str(imagefolder_dir), "image_size": 32},
+                           "model": {"patch_size": 4}})
+    dataset = make_imagefolder(config, "val", train=False)
+    assert len(dataset) == 24 + 5
+    for (path, _), (seen_by_eval, _) in zip(dataset.samples, dataset):
+        original = open_image(path)
+        assert torch.equal(image_to_tensor(original, config), seen_by_eval), path
+        left, top, right, bottom = view_box(config, *original.size)  # the crop, in the original's pixels
+        assert 0 <= left < right <= original.size[0] and 0 <= top < bottom <= original.size[1], path
+        assert right - left == pytest.approx(bottom - top, rel=0.05), path

@@ -210,6 +210,18 @@ def imagefolder_classes(root: Path, split: str) -> list[str]:
     return classes
 
 
+def imagefolder_eval_view(size: int):
+    """PIL image -> uint8 (C, size, size): the short side resized to size / 0.875, then the centre square, as
+    timm and torchvision evaluate. `vit eval` and `vit predict` both use it, so an image scores the same in each."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.PILToTensor(), v2.Resize(eval_resize(size), antialias=True), v2.CenterCrop(size)])
+
+
+def eval_resize(size: int) -> int:
+    return int(round(size / 0.875))
+
+
 def make_imagefolder(config: Config, split: str, train: bool):
     """torchvision ImageFolder yielding uint8 tensors of the model's size; augmentation (random resized crop,
     flip) happens in the DataLoader workers."""
@@ -221,11 +233,10 @@ def make_imagefolder(config: Config, split: str, train: bool):
     imagefolder_classes(root, split)
     size = config.image_size
     if train:
-        steps = [v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True)]
-        steps += [v2.RandomHorizontalFlip()] if config.hflip else []
+        transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+                                *([v2.RandomHorizontalFlip()] if config.hflip else [])])
     else:
-        steps = [v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)]
-    transform = v2.Compose([v2.PILToTensor(), *steps])
+        transform = imagefolder_eval_view(size)
     try:
         dataset = torchvision.datasets.ImageFolder(
             str(root / split), transform=transform, loader=_load_rgb,

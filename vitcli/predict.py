@@ -71,12 +71,17 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _centre_crop(size: int, width: int, height: int) -> tuple[int, int, int, int]:
-    """Image folders' evaluation view: the short side resized to size/0.875, then the centre size x size.
-    Returns (resized width, resized height, left, top)."""
-    short = int(round(size / 0.875))
-    scale = short / min(width, height)
-    resized_w, resized_h = max(short, round(width * scale)), max(short, round(height * scale))
-    return resized_w, resized_h, (resized_w - size) // 2, (resized_h - size) // 2
+    """Where `vitcli.data.imagefolder_eval_view` cuts a width x height image, with torchvision's arithmetic: the
+    short side resized to size/0.875, then the centre size x size. Returns (resized width, resized height, left,
+    top)."""
+    from vitcli.data import eval_resize
+
+    short = eval_resize(size)
+    if width <= height:
+        resized_w, resized_h = short, int(short * height / width)
+    else:
+        resized_w, resized_h = int(short * width / height), short
+    return resized_w, resized_h, int(round((resized_w - size) / 2)), int(round((resized_h - size) / 2))
 
 
 def view_box(config, width: int, height: int) -> tuple[float, float, float, float]:
@@ -92,7 +97,7 @@ def view_box(config, width: int, height: int) -> tuple[float, float, float, floa
 
 def image_to_tensor(image, config) -> torch.Tensor:
     """PIL image -> uint8 (C, H, W) as the checkpoint's evaluation saw its images: grayscale or RGB, resized to the
-    model's size (image folders: resize to size/0.875 then centre crop, as in evaluation)."""
+    model's size (image folders: `vit eval`'s own view, resize to size/0.875 then centre crop)."""
     import numpy as np
     from PIL import Image
 
@@ -101,11 +106,11 @@ def image_to_tensor(image, config) -> torch.Tensor:
     channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
     image = convert_image(image, "L" if channels == 1 else "RGB")
     size = config.image_size
-    if config.data.dataset == "imagefolder":
-        resized_w, resized_h, left, top = _centre_crop(size, *image.size)
-        image = image.resize((resized_w, resized_h), Image.BILINEAR)
-        image = image.crop((left, top, left + size, top + size))
-    elif image.size != (size, size):
+    if config.data.dataset == "imagefolder":  # exactly as `vit eval` sees its images
+        from vitcli.data import imagefolder_eval_view
+
+        return imagefolder_eval_view(size)(image)
+    if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
