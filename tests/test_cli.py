@@ -124,13 +124,22 @@ def test_ckpt_defaults_to_newest_run(smoke_run, tmp_path):
 def test_cifar10_real_format(cifar10_dir, tmp_path):
     run_dir = tmp_path / "run"
     run_vit("train", "--config", REPO / "configs" / "cifar10.yaml", "--run-dir", run_dir, "--set",
-            f"data.root={cifar10_dir}", *TINY, "--set", "train.compile=false", check=True)  # the format, not compile
+            f"data.root={cifar10_dir}", "--set", "data.download=false", *TINY, "--set", "train.compile=false",
+            check=True)  # the format, not compile; no download, so the moved dataset below is not fetched again
     report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert report["num_samples"] == 100
     assert set(report["per_class"]) == set(names)  # all ten occur among the fixture's 100 test images
     ckpt = torch.load(run_dir / "best.pt", weights_only=True)
     assert ckpt["classes"] == names and ckpt["config"]["data"]["dataset"] == "cifar10"  # from batches.meta
+    # the dataset moved since training: vit eval says where it looked and how to point it elsewhere, then does
+    moved = cifar10_dir.rename(tmp_path / "moved")
+    missing = run_vit("eval", "--ckpt", run_dir / "best.pt")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
+    assert str(cifar10_dir) in missing.stderr and "--data-root DIR" in missing.stderr, missing.stderr
+    report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--data-root", moved, "--json",
+                                check=True).stdout)
+    assert report["num_samples"] == 100
 
 
 def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):

@@ -224,7 +224,7 @@ def eval_(
 
         from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
         from vitcli.data import Preprocess, eval_batches, split_name
-        from vitcli.errors import VitError
+        from vitcli.errors import DatasetNotFound, VitError
         from vitcli.evaluate import evaluate
         from vitcli.runtime import resolve_device, resolve_precision, tune_malloc
 
@@ -244,10 +244,8 @@ def eval_(
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
         try:
             classes, n, batches = eval_batches(config, split, dev, batch_size or config.train.eval_batch_size)
-        except VitError as e:
-            if "data.root" not in str(e):
-                raise
-            raise VitError(f"{e} (for vit eval: --data-root DIR)") from None
+        except DatasetNotFound as e:  # the checkpoint's data.root is from where it was trained
+            raise VitError(f"{e}; for vit eval, give the dataset's folder with --data-root DIR") from None
         if checkpoint["classes"] == placeholder_classes(len(classes)):  # vit convert without --classes
             err(f"note: {path} names its classes class_0...; using the dataset's names")
         elif classes != checkpoint["classes"]:

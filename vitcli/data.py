@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from vitcli.augment import trivial_augment
 from vitcli.config import DATASET_DEFAULTS, Config
-from vitcli.errors import VitError
+from vitcli.errors import DatasetNotFound, VitError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -65,7 +65,7 @@ def split_name(split: str, dataset: str) -> str:
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def _missing(dataset: str, root: Path, looked_for: str) -> VitError:
+def _missing(dataset: str, root: Path, looked_for: str) -> DatasetNotFound:
     how = {
         "fashion_mnist": "install Debian's dataset-fashion-mnist and set data.root=/usr/share/datasets/fashion-mnist,"
                          " or set data.download=true",
@@ -73,7 +73,7 @@ def _missing(dataset: str, root: Path, looked_for: str) -> VitError:
         "cifar10": "unpack cifar-10-python.tar.gz there, or set data.download=true",
         "cifar100": "unpack cifar-100-python.tar.gz there, or set data.download=true",
     }[dataset]
-    return VitError(f"dataset {dataset} not found in {root} (looked for {looked_for}); {how}")
+    return DatasetNotFound(f"dataset {dataset} not found in {root} (looked for {looked_for}); {how}")
 
 
 def _download(dataset: str, root: Path) -> None:
@@ -85,8 +85,8 @@ def _download(dataset: str, root: Path) -> None:
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types; all mean the same to the user
-        raise VitError(f"download of {dataset} into {root} failed ({type(e).__name__}: {e}); check the network, "
-                       f"or fetch the files by hand and set data.download=false") from None
+        raise DatasetNotFound(f"download of {dataset} into {root} failed ({type(e).__name__}: {e}); check the "
+                              f"network, or fetch the files by hand and set data.download=false") from None
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -202,8 +202,8 @@ def load_array_dataset(config: Config, split: str) -> ArrayDataset:
 def imagefolder_classes(root: Path, split: str) -> list[str]:
     folder = root / split
     if not folder.is_dir():
-        raise VitError(f"image folder {folder} not found: an imagefolder dataset needs {root}/train/<class>/* and "
-                       f"{root}/val/<class>/*")
+        raise DatasetNotFound(f"image folder {folder} not found: an imagefolder dataset needs {root}/train/<class>/* "
+                              f"and {root}/val/<class>/*")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise VitError(f"no class folders in {folder}: put each class's images in {folder}/<class>/")

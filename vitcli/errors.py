@@ -5,6 +5,10 @@ class VitError(Exception):
     """A mistake the user can fix: bad config, missing file, wrong checkpoint. The message says what, where and how."""
 
 
+class DatasetNotFound(VitError):
+    """The dataset is not where the config's data.root says (`vit eval` adds its --data-root to the advice)."""
+
+
 class OtherRankFailed(Exception):
     """Under torchrun: rank 0 hit a VitError and says so in one line; the other ranks stop without a word."""
 
