@@ -48,6 +48,15 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"train": {"weight_decay": -5}}, "train.weight_decay must be >= 0, got -5"),
     ({"train": {"device": "gpu"}}, "train.device must be auto, cpu, cuda, cuda:N or mps"),
     ({"train": {"device": "cuda:abc"}}, "train.device must be auto, cpu, cuda, cuda:N or mps"),
+    ({"data": {"crop_padding": -1}}, "data.crop_padding must be >= 0, got -1"),  # was random_'s traceback
+    ({"train": {"seed": 10**14}}, r"train.seed must be in \[0, 2\^32\)"),  # overflowed the epoch order's seed
+    ({"train": {"seed": -1}}, r"train.seed must be in \[0, 2\^32\)"),
+    # infinite or NaN floats: mixup/cutmix alpha inf hung the Beta draw, warmup/mlp_ratio inf overflowed
+    ({"data": {"cutmix_alpha": float("inf")}}, "data.cutmix_alpha: expected a finite number, got inf"),
+    ({"data": {"mixup_alpha": "inf"}}, "data.mixup_alpha: expected a finite number, got inf"),
+    ({"train": {"warmup_epochs": float("inf")}}, "train.warmup_epochs: expected a finite number"),
+    ({"model": {"mlp_ratio": "inf"}}, "model.mlp_ratio: expected a finite number"),
+    ({"train": {"lr": float("nan")}}, "train.lr: expected a finite number, got nan"),
 ])
 def test_invalid_configs_name_the_key(raw, message):
     with pytest.raises(VitError, match=message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -160,9 +161,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string; people write it anyway
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, float) and not math.isfinite(value):  # .inf, nan, "inf" by --set
+        raise VitError(f"{where}: expected a finite number, got {value!r}")
     if hint is bool and not isinstance(value, bool):
         raise VitError(f"{where}: expected true or false, got {value!r}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -313,6 +316,8 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
          f"need one value per channel: {d.dataset} images have {channels}, got {len(config.mean)}"),
         (d.dataset != "imagefolder" or not d.crop_padding, "data.crop_padding",
          "applies to in-memory datasets; image folders use random resized crops (leave it unset)"),
+        (d.crop_padding is None or d.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {d.crop_padding}"),
+        (0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2^32), got {t.seed}"),
         (0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]"),
         (d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha", "must be >= 0"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
