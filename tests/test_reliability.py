@@ -332,6 +332,23 @@ def test_imagefolder_without_images(tmp_path):
     one_line_error(result, f"no images found in {tmp_path / 'imgs'}")
 
 
+def test_image_folder_splits_with_other_classes_are_refused(imagefolder_dir, tmp_path):
+    """Each split numbers its own class folders: a val/ without one of train's classes (or with another) would
+    score every later class under the wrong label (or crash after an epoch, a label past the head). One line,
+    before anything is written."""
+    import shutil
+
+    train = ["train", "--config", REPO / "configs" / "imagefolder.yaml", "--set", f"data.root={imagefolder_dir}",
+             "--set", "data.image_size=32", "--set", "model.patch_size=8", "--set", "data.num_workers=0"]
+    shutil.rmtree(imagefolder_dir / "val" / "square")
+    one_line_error(run_vit(*train, "--run-dir", tmp_path / "run"), "val split's class folders differ",
+                   "in train only: ['square']; in val only: none")
+    shutil.copytree(imagefolder_dir / "val" / "stripe", imagefolder_dir / "val" / "square")
+    shutil.copytree(imagefolder_dir / "val" / "stripe", imagefolder_dir / "val" / "zigzag")
+    one_line_error(run_vit(*train, "--run-dir", tmp_path / "run"), "in train only: none; in val only: ['zigzag']")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture
 def real_ckpt(smoke_run) -> Path:
     return smoke_run / "best.pt"

@@ -473,9 +473,15 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     # ---- data (before the run directory exists, so a missing dataset leaves nothing behind); rank 0 first, so
     # that a download (data.download) into the shared folder happens once, and its error is the one line
     def load_data():
-        return (TrainBatches(config, device, dist_info.rank, dist_info.world_size),
-                eval_batches(config, "test", device, config.train.eval_batch_size, dist_info.rank,
-                             dist_info.world_size))
+        train = TrainBatches(config, device, dist_info.rank, dist_info.world_size)
+        val = eval_batches(config, "test", device, config.train.eval_batch_size, dist_info.rank, dist_info.world_size)
+        if val[0] != train.classes:  # image folders: each split numbers its own class folders
+            where = Path(config.data.root).expanduser()
+            missing, extra = sorted(set(train.classes) - set(val[0])), sorted(set(val[0]) - set(train.classes))
+            raise VitError(f"{where}: the val split's class folders differ from train's (in train only: "
+                           f"{missing or 'none'}; in val only: {extra or 'none'}); give val/ the same class folders "
+                           f"as train/, so that each label means the same class in both")
+        return train, val
 
     train_data, (_, num_val, val_batches) = rank0_first(dist_info, load_data)
     classes = train_data.classes
