@@ -195,6 +195,45 @@ def test_a_stop_sent_to_the_process_group_with_dataloader_workers(imagefolder_di
     assert torch.load(run_dir / "last.pt", weights_only=True)["global_step"] > 0
 
 
+def test_a_stop_during_the_evaluation_loses_no_epoch(imagefolder_dir, tmp_path):
+    """SIGTERM to the process group while an epoch is being evaluated kills the evaluation's DataLoader workers:
+    the run saves the epoch's finished training and stops; the resumed run evaluates that epoch (its metrics row,
+    its chance at best.pt) before going on. The epochs here are one step and a slow evaluation (many images, batch
+    1), so the stop lands in an evaluation; a try that misses it is repeated."""
+    import shutil
+
+    for name in ("circle", "square", "stripe"):  # 10x the val images: the evaluation is most of each epoch
+        for i, image in enumerate(sorted((imagefolder_dir / "val" / name).iterdir())):
+            for k in range(9):
+                shutil.copy(image, imagefolder_dir / "val" / name / f"copy{k}_{i}.jpg")
+    for attempt in range(6):
+        run_dir = tmp_path / f"run{attempt}"
+        proc = subprocess.Popen(
+            [VIT, "train", "--config", REPO / "configs" / "imagefolder.yaml", "--run-dir", run_dir,
+             "--set", f"data.root={imagefolder_dir}", "--set", "data.image_size=32", "--set", "model.patch_size=8",
+             "--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "train.epochs=3",
+             "--set", "data.max_train_samples=8", "--set", "train.batch_size=8", "--set", "train.eval_batch_size=1",
+             "--set", "data.num_workers=2", "--set", "train.warmup_epochs=0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        wait_for(run_dir / "best.pt", proc, timeout=300)  # epoch 1 saved: epoch 2 trains its step, then evaluates
+        time.sleep(0.1 + 0.1 * attempt)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 130) and "Traceback" not in stderr, stderr[-3000:]
+        ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+        if proc.returncode == 130 and ckpt["step"] == 1 and ckpt["metrics"].get("epoch") != ckpt["epoch"] + 1:
+            break  # stopped in the evaluation of epoch ckpt["epoch"] + 1, its training saved
+    else:
+        pytest.fail("no stop landed in an evaluation")
+    assert metrics_epochs(run_dir) == list(range(1, ckpt["epoch"] + 1))  # the stopped epoch has no row yet
+    resumed = run_vit("train", "--resume", run_dir / "last.pt", check=True)
+    assert metrics_epochs(run_dir) == [1, 2, 3]
+    assert "(its training is done: its evaluation)" in resumed.stderr, resumed.stderr[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_top1" in r for r in rows[:3]) and rows[-1]["final"]
+    assert torch.load(run_dir / "last.pt", weights_only=True)["global_step"] == 3  # no step trained twice
+
+
 def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     import shutil
 

@@ -208,8 +208,8 @@ def until_stopped(batches, stop: "StopSignals"):
             item = next(iterator)
         except StopIteration:
             return
-        except RuntimeError:
-            if not stop.requested:
+        except Exception:  # torch's RuntimeError for a dead worker, or EOFError / ConnectionError when the worker
+            if not stop.requested:  # died while handing a batch over
                 raise
             raise WorkersStopped() from None
         yield item
@@ -517,7 +517,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             set_rng_state(ckpt["rng"])
             if dist_info.rank:
                 torch.manual_seed(config.train.seed + dist_info.rank + 7919 * global_step)
-        if start_step >= train_data.steps_per_epoch:
+        # an epoch's training finished; saved with its row, it is done. Saved without (a stop that ended the
+        # DataLoader workers during its evaluation), the loop below runs no step of it and evaluates it
+        if start_step >= train_data.steps_per_epoch and ckpt["metrics"].get("epoch") == epoch + 1:
             epoch, start_step = epoch + 1, 0
             epoch_stats = {k: 0.0 for k in epoch_stats}
         if epoch >= config.train.epochs:
@@ -564,7 +566,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         print(f"vit: run directory {run_dir}  (watch it: tensorboard --logdir {shlex.quote(str(run_dir))})",
               file=sys.stderr)
         if ckpt:
-            print(f"vit: continuing at epoch {epoch + 1}, step {start_step} of {train_data.steps_per_epoch}",
+            pending = " (its training is done: its evaluation)" if start_step >= train_data.steps_per_epoch else ""
+            print(f"vit: continuing at epoch {epoch + 1}, step {start_step} of {train_data.steps_per_epoch}{pending}",
                   file=sys.stderr)
 
     saved_step = global_step if ckpt is not None else None  # the global step last.pt holds
@@ -632,6 +635,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                            "checkpoint (send the signal to torchrun or the vit processes, not to the whole group)")
         raise Interrupted(str(save("last.pt", epoch, done, last_metrics)))
 
+    lr = lr_at(max(global_step - 1, 0), total_steps, warmup_steps, config.train.lr, config.train.min_lr)
     with StopSignals() as stop, memory_errors(out_of_memory_advice):
         while epoch < config.train.epochs:
             bar = tqdm(total=train_data.steps_per_epoch, initial=start_step, disable=not main, leave=True,
