@@ -110,3 +110,25 @@ def test_ctrl_c_stops_every_rank_after_it_saved(tmp_path):
     reference = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)["model"]
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_process_launch_errors_are_one_line(tmp_path):
+    """Mistakes in how the processes are started are one line, before any process or run directory exists: CUDA
+    asked for on a machine without a GPU (each rank printed a traceback from torch.cuda.set_device), a batch that
+    does not divide over the processes, WORLD_SIZE set without RANK (a KeyError)."""
+    import os
+
+    smoke = ["--config", REPO / "configs" / "smoke.yaml", "--run-dir", tmp_path / "run"]
+    for args, needle in (
+            (["--nproc", "2", "--device", "cuda"], "train.device=cuda but no CUDA GPU is visible"),
+            (["--nproc", "3"], "does not divide over 3 processes")):
+        result = run_vit("train", *smoke, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert needle in result.stderr and result.stderr.count("vit: error:") == 1, result.stderr[-3000:]
+        assert "launching: torchrun" not in result.stderr
+    assert "RANK" not in os.environ
+    result = run_vit("train", *smoke, env={"WORLD_SIZE": "2"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "WORLD_SIZE=2 is set but RANK" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -156,9 +156,14 @@ def train(
             typer.echo(cfg.to_yaml(), nl=False)
             return 0
         if nproc > 1:
-            if cfg is not None and cfg.train.batch_size % nproc:
-                raise VitError(f"train.batch_size {cfg.train.batch_size} does not divide over {nproc} processes; "
-                               f"use a multiple of {nproc}")
+            from vitcli.runtime import check_ddp_devices
+            from vitcli.train import resume_config
+
+            run_cfg = cfg if cfg is not None else resume_config(resume, overrides)[1]
+            if run_cfg.train.batch_size % nproc:
+                raise VitError(f"train.batch_size {run_cfg.train.batch_size} does not divide over {nproc} "
+                               f"processes; use a multiple of {nproc}")
+            check_ddp_devices(run_cfg.train.device, nproc)  # here, once, not as each process's traceback
             return launch_torchrun(nproc)
         from vitcli.runtime import tune_malloc
         from vitcli.train import fit

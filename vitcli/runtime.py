@@ -118,6 +118,19 @@ class Distributed:
         return self.rank == 0
 
 
+def check_ddp_devices(device_name: str, per_node: int) -> bool:
+    """For `per_node` processes on one machine: whether they run on CUDA (one GPU each), which must be there."""
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return False
+    resolve_device(device_name if device_name != "auto" else "cuda")  # no GPU at all: its one line
+    if per_node > torch.cuda.device_count():
+        raise VitError(f"{per_node} processes on {device_name}: each needs a GPU of its own, but torch sees "
+                       f"{torch.cuda.device_count()}; use --nproc {torch.cuda.device_count()} (torchrun: "
+                       f"--nproc_per_node), or --device cpu")
+    return True
+
+
 def init_distributed(device_name: str) -> tuple[Distributed, str]:
     """Joins the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
     Returns the rank info and the device name this rank uses."""
@@ -126,8 +139,12 @@ def init_distributed(device_name: str) -> tuple[Distributed, str]:
         return Distributed(), device_name
     import torch.distributed as dist
 
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    try:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError):
+        raise VitError(f"WORLD_SIZE={world_size} is set but RANK / LOCAL_RANK are not (or not numbers): start "
+                       f"several processes with vit train --nproc N or torchrun, or unset WORLD_SIZE for one") from None
+    use_cuda = check_ddp_devices(device_name, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)))
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device_name = f"cuda:{local_rank}"
