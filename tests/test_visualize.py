@@ -111,6 +111,17 @@ def test_eval_report(smoke_run, tmp_path):
         if m["index"] in first:
             assert m["predicted"] == first[m["index"]]["predicted"]
             assert abs(m["confidence"] - first[m["index"]]["confidence"]) < 0.02
+    # a report replaces an earlier report of vit eval; a folder holding other files of those names is refused
+    run_vit("eval", "--ckpt", smoke_run / "best.pt", "--report", small, check=True)
+    assert json.loads((small / "report.json").read_text())["most_confident_mistakes"] == mistakes
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text("my notes")
+    (mine / "mistakes.png").write_bytes(b"my picture")
+    refused = run_vit("eval", "--ckpt", smoke_run / "best.pt", "--report", mine)
+    assert refused.returncode == 2 and "already holds mistakes.png, report.json" in refused.stderr, refused.stderr
+    assert (mine / "report.json").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == [
+        "mistakes.png", "report.json"]
 
 
 def test_tensorboard_holds_the_pictures(smoke_run):
@@ -149,3 +160,17 @@ def test_attention_map_covers_what_the_model_saw():
     assert np.abs(as_model_input((0, 0, 400, 200))[..., :2] - seen[..., :2]).mean() > 20  # the old, wrong box
     cifar = build_config({"data": {"dataset": "cifar10"}})
     assert view_box(cifar, 400, 200) == (0, 0, 400, 200)
+
+
+def test_attention_pictures_of_several_images_never_share_a_file():
+    """`predict FOLDER --attention OUT/`: one picture per image, also where names repeat across folders or an
+    image's own name is another's fallback (a-2.png beside two a.png: the third map overwrote a-2's)."""
+    from pathlib import Path
+
+    from vitcli.cli import attention_outputs
+
+    for paths in ([Path("imgs/a-2.png"), Path("imgs/a.png"), Path("imgs/c/a.png")],
+                  [Path("x/a.png"), Path("y/a.png"), Path("z/a.jpg"), Path("a-1.png"), Path("a-2.png")]):
+        outputs = attention_outputs("maps/", paths)
+        assert list(outputs) == paths and len(set(outputs.values())) == len(paths), outputs
+        assert all(out.parent == Path("maps") and out.name.endswith(".attention.png") for out in outputs.values())

@@ -244,6 +244,13 @@ def eval_(
             raise VitError(f"--batch-size must be positive, got {batch_size}")
         if report is not None and report.exists() and not report.is_dir():
             raise VitError(f"--report {report} is a file; give a folder for the report (nothing was written)")
+        if report is not None and report.is_dir():
+            from vitcli.visualize import report_clash
+
+            clash = report_clash(report)
+            if clash:
+                raise VitError(f"--report {report} already holds {', '.join(clash)}, not a report of vit eval; give "
+                               f"a new or empty folder (nothing was written)")
         dev = resolve_device(device or config.train.device)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
@@ -379,10 +386,13 @@ def attention_outputs(where: str, paths: list[Path]) -> dict[Path, Path]:
                            f"{', '.join(PICTURE_SUFFIXES)}, or a folder (nothing was written)")
         return {paths[0]: out}
     names: dict[Path, Path] = {}
+    taken: set[str] = set()
     for i, path in enumerate(paths):
         name = f"{path.stem}.attention.png"
-        if any(v.name == name for v in names.values()):
-            name = f"{path.stem}-{i}.attention.png"
+        n = i
+        while name in taken:  # the same name in two folders (or one image's fallback name another's own)
+            name, n = f"{path.stem}-{n}.attention.png", n + 1
+        taken.add(name)
         names[path] = out / name
     return names
 

@@ -188,21 +188,36 @@ class Mistakes:
         self.seen += len(labels)
 
 
+REPORT_FILES = ("confusion_matrix.png", "per_class_accuracy.png", "mistakes.png", "report.json")
+
+
+def report_clash(out_dir: Path) -> list[str]:
+    """The report's file names already in `out_dir`, unless they are an earlier report of `vit eval` (its
+    report.json says so), which a new one replaces."""
+    import json
+
+    there = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    try:
+        earlier = json.loads((out_dir / "report.json").read_text()).get("written_by") == "vit eval"
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    return [] if earlier else there
+
+
 def eval_report(classes: list[str], result: dict, mistakes: Mistakes, out_dir: Path) -> list[Path]:
     """Confusion matrix, per-class accuracy and the most confident mistakes as PNGs, and the numbers as JSON."""
     import json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion = np.array(result["confusion"])
-    written = [out_dir / "confusion_matrix.png", out_dir / "per_class_accuracy.png", out_dir / "mistakes.png",
-               out_dir / "report.json"]
+    written = [out_dir / name for name in REPORT_FILES]
     save_figure(confusion_figure(confusion, classes), written[0])
     save_figure(per_class_figure(result["per_class"]), written[1])
     worst = mistakes.worst
     pictures = to_display(torch.stack([mistakes.kept[w[1]] for w in worst])) if worst else []
     captions = [f"true {classes[t]}\npredicted {classes[p]} ({100 * c:.0f}%)" for c, _, t, p in worst]
     save_figure(mistakes_figure(pictures, captions), written[2])
-    report = {k: v for k, v in result.items()}
+    report = {"written_by": "vit eval", **result}
     report["classes"] = classes
     report["most_confident_mistakes"] = [{"index": i, "true": classes[t], "predicted": classes[p],
                                           "confidence": c} for c, i, t, p in worst]
