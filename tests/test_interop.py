@@ -221,3 +221,15 @@ def test_torchscript_and_safetensors_exports(converted, tmp_path):
         assert set(f.keys()) == set(weights)
         for key in f.keys():
             assert torch.equal(f.get_tensor(key), weights[key]), key
+
+
+def test_init_from_a_vitcli_checkpoint_with_other_heads_is_refused(smoke_run, tmp_path):
+    """The tensors of 2 heads of 16 and 4 heads of 8 have the same shapes: loading them would silently split the
+    trained attention into other heads (it loaded, 'loaded 32 tensors'). One line, naming the heads to use."""
+    from conftest import REPO
+
+    result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--set", "model.heads=4",
+                     "--set", f"model.init_from={smoke_run / 'best.pt'}", "--run-dir", tmp_path / "run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "trained with model.heads=2, the config has 4" in result.stderr and "set model.heads=2" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -400,6 +400,11 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
         ckpt = load_checkpoint(source, not_vitcli_advice="; for timm or torchvision weights set "
                                                          "model.init_format=timm (or torchvision)")
         state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+        heads = ckpt["config"].model.heads  # the one architecture choice the tensors' shapes do not show
+        if heads != config.model.heads:
+            raise VitError(f"model.init_from {source} was trained with model.heads={heads}, the config has "
+                           f"{config.model.heads}: its attention weights would be split into other heads; set "
+                           f"model.heads={heads}")
     else:
         state = from_peer(read_state_dict(source), fmt)
     load_pretrained(model, {k: v.float() for k, v in state.items()}, source,
