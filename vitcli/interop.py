@@ -152,6 +152,9 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
 # ------------------------------------------------------------------------------------------------- export
 
 
+ONNX_ONE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, less room for the graph itself
+
+
 def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Path) -> float:
     """Writes the model; returns the max abs difference of its logits against PyTorch on a random batch.
     The file is made in memory and checked there (reloaded, run on the batch), then written atomically: a failed
@@ -184,6 +187,10 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
         with torch.inference_mode():
             got = torch.jit.load(io.BytesIO(data))(x)
     elif fmt == "onnx":
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        if weights > ONNX_ONE_FILE_LIMIT:  # protobuf cannot serialize it (found only after minutes of export)
+            raise VitError(f"this model's weights take {weights / 2**30:.1f} GiB, over the 2 GB that ONNX holds in one "
+                           f"file (protobuf's limit); use --format safetensors or torchscript (nothing was written)")
         data, got = _export_onnx(model, x)
     else:
         raise VitError(f"unknown export format '{fmt}': use onnx, torchscript or safetensors")
@@ -209,6 +216,10 @@ def _export_onnx(model, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(model, (x,), input_names=["images"], output_names=["logits"],
                                 dynamic_shapes={"images": {0: batch}}, dynamo=True)
-    data = program.model_proto.SerializeToString()
+    try:
+        data = program.model_proto.SerializeToString()
+    except Exception as e:  # protobuf's EncodeError: near the 2 GB limit, the graph's own bytes on top
+        raise VitError(f"the ONNX model could not be serialized ({type(e).__name__}: {e}); use --format "
+                       f"safetensors or torchscript (nothing was written)") from None
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     return data, torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
