@@ -181,11 +181,19 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
         with torch.inference_mode():
             got = reloaded.eval()(x)
     elif fmt == "torchscript":
+        import sys
+        import warnings
+
         buffer = io.BytesIO()
-        torch.jit.save(torch.jit.trace(model, x[:1], check_trace=False), buffer)
-        data = buffer.getvalue()
-        with torch.inference_mode():
-            got = torch.jit.load(io.BytesIO(data))(x)
+        with warnings.catch_warnings(record=True) as caught:  # newer torch warns at each torch.jit call
+            warnings.simplefilter("always", FutureWarning)
+            torch.jit.save(torch.jit.trace(model, x[:1], check_trace=False), buffer)
+            data = buffer.getvalue()
+            with torch.inference_mode():
+                got = torch.jit.load(io.BytesIO(data))(x)
+        if any("deprecated" in str(w.message) for w in caught if issubclass(w.category, FutureWarning)):
+            print(f"vit: note: torch {torch.__version__} deprecates TorchScript; the file works with it, but "
+                  f"--format onnx (or safetensors) is the lasting choice", file=sys.stderr)
     elif fmt == "onnx":
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         if weights > ONNX_ONE_FILE_LIMIT:  # protobuf cannot serialize it (found only after minutes of export)
