@@ -768,6 +768,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                      global_step)
     final = {"final": True, "best_val_top1": best_top1, "test_top1": last_metrics.get("val_top1"),
              "epochs": config.train.epochs, "elapsed_seconds": time.perf_counter() - start_time}
+    if synthetic:
+        final["synthetic"] = True
     if config.train.eval_hflip:  # the figure with its mirror images, and the one without, side by side
         final["tta_hflip"] = True
         final["test_top1_single_view"] = last_metrics.get("val_top1_single_view")
