@@ -213,11 +213,18 @@ def test_imagefolder(imagefolder_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_run_directory_is_never_overwritten(smoke_run):
+def test_run_directory_is_never_overwritten(smoke_run, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()}
     result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", smoke_run)
     assert result.returncode == 2 and "already holds" in result.stderr and "Traceback" not in result.stderr
+    assert "vit train --resume" in result.stderr
     assert {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()} == before
+    # a run that stopped before its first checkpoint: no resume command to a last.pt that is not there
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "config.yaml").write_text("name: smoke\n")
+    result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", failed)
+    assert result.returncode == 2 and "no last.pt to resume" in result.stderr and "--resume" not in result.stderr
 
 
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")

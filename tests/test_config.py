@@ -57,6 +57,9 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"train": {"warmup_epochs": float("inf")}}, "train.warmup_epochs: expected a finite number"),
     ({"model": {"mlp_ratio": "inf"}}, "model.mlp_ratio: expected a finite number"),
     ({"train": {"lr": float("nan")}}, "train.lr: expected a finite number, got nan"),
+    ({"model": {"mlp_ratio": 0.001}}, "model.mlp_ratio must give the MLP at least one unit"),  # was a 0-wide MLP
+    ({"model": {"stem": "conv", "patch_size": 32}, "train": {"batch_size": 1}},  # was BatchNorm's traceback
+     "train.batch_size 1 with one patch per image"),
 ])
 def test_invalid_configs_name_the_key(raw, message):
     with pytest.raises(VitError, match=message):

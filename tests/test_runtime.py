@@ -87,6 +87,26 @@ def test_compile_failure_falls_back_to_eager_once(capsys):
     assert forward.compiled is module
 
 
+def test_out_of_memory_under_compile_is_not_a_compile_failure(capsys):
+    """A compiled forward that runs out of memory is the caller's out-of-memory error (one line there), not "torch.compile
+    failed ... eagerly instead" followed by the same failure, and compile stays on."""
+    from vitcli.errors import out_of_memory
+    from vitcli.train import Forward
+
+    class Huge(torch.nn.Module):
+        def forward(self, x):
+            return x.repeat(2**38)  # 8 TiB
+
+    forward = Forward(Huge(), compile=True)
+    try:
+        with pytest.raises(RuntimeError) as raised:
+            forward(torch.ones(8))
+    finally:
+        torch._dynamo.reset()
+    assert out_of_memory(raised.value), raised.value
+    assert forward.compiled is not forward.module and "torch.compile failed" not in capsys.readouterr().err
+
+
 MALLOC_CHURN = """
 import ctypes, resource, sys
 from vitcli.runtime import tune_malloc

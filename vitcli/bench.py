@@ -113,7 +113,7 @@ def bench(config: Config, steps: int = 20, warmup: int = 5) -> dict[str, Any]:
         "device": str(w.device),
         "precision": w.precision,
         "attention": w.attention,
-        "compile": config.train.compile,
+        "compile": w.step_fn.forward.compiled is not w.step_fn.forward.module,  # what ran: False after a fallback
         "batch_size": w.batch_size,
         "threads": torch.get_num_threads(),
         "train_images_per_second": train_ips,

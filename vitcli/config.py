@@ -285,7 +285,11 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
         (m.dim > 0 and m.depth > 0 and m.heads > 0, "model.dim/depth/heads", "must be positive"),
         (m.dim % max(m.heads, 1) == 0, "model.heads",
          f"dim {m.dim} is not divisible by heads {m.heads}; pick heads that divide dim"),
-        (m.mlp_ratio > 0, "model.mlp_ratio", "must be positive"),
+        (m.mlp_ratio > 0 and int(m.dim * m.mlp_ratio) >= 1, "model.mlp_ratio",
+         f"must give the MLP at least one unit (dim {m.dim} x mlp_ratio {m.mlp_ratio} = {m.dim * m.mlp_ratio:g})"),
+        (m.stem != "conv" or m.patch_size <= 0 or t.batch_size * (config.image_size // m.patch_size) ** 2 > 1,
+         "train.batch_size", "1 with one patch per image: the conv stem's BatchNorm needs more than one value per "
+         "channel in a batch; use a batch of 2 or more"),
         (m.stem == "linear" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0), "model.stem",
          f"conv needs a power-of-two patch_size (2, 4, 8, 16, ...), got {m.patch_size}"),
         (not m.stem_channels or (len(m.stem_channels) >= m.patch_size.bit_length() - 1

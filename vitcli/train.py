@@ -134,6 +134,8 @@ class Forward:
         try:
             return self.compiled(x)
         except Exception as e:  # torch.compile fails in many ways (no compiler, unsupported op): run eager
+            if out_of_memory(e):  # not compile's fault: the caller reports it, and compile stays on
+                raise
             print(f"vit: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                   f"{self.doing} eagerly instead", file=sys.stderr)
             self.compiled = self.module
@@ -253,6 +255,9 @@ def default_run_dir(config: Config) -> Path:
 
 def prepare_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / "last.pt").exists():  # e.g. a run that failed before its first checkpoint
+            raise VitError(f"run directory {run_dir} already holds files but no last.pt to resume (a run that "
+                           f"stopped before its first checkpoint?); delete it or choose another --run-dir")
         raise VitError(f"run directory {run_dir} already holds files; resume it with "
                        f"'vit train --resume {shlex.quote(str(run_dir / 'last.pt'))}' or choose another --run-dir")
     try:
@@ -560,6 +565,10 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     writer = MetricsWriter(run_dir, main, (epoch, global_step) if ckpt is not None else None)
     total_steps = config.train.epochs * train_data.steps_per_epoch
     warmup_steps = round(config.train.warmup_epochs * train_data.steps_per_epoch)
+    if main and warmup_steps >= total_steps > 0:
+        print(f"vit: note: train.warmup_epochs {config.train.warmup_epochs:g} >= train.epochs {config.train.epochs}: "
+              f"the learning rate rises toward train.lr for the whole run and never decays (set train.warmup_epochs "
+              f"below train.epochs for the cosine decay)", file=sys.stderr)
     synthetic = " [SYNTHETIC DATA: numbers mean nothing]" if config.data.dataset == "synthetic" else ""
     if main:
         params = sum(p.numel() for p in model.parameters())
