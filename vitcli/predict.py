@@ -70,27 +70,21 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def _centre_crop(size: int, width: int, height: int) -> tuple[int, int, int, int]:
-    """Where `vitcli.data.imagefolder_eval_view` cuts a width x height image, with torchvision's arithmetic: the
-    short side resized to size/0.875, then the centre size x size. Returns (resized width, resized height, left,
-    top)."""
-    from vitcli.data import eval_resize
-
-    short = eval_resize(size)
-    if width <= height:
-        resized_w, resized_h = short, int(short * height / width)
-    else:
-        resized_w, resized_h = int(short * width / height), short
-    return resized_w, resized_h, int(round((resized_w - size) / 2)), int(round((resized_h - size) / 2))
-
-
 def view_box(config, width: int, height: int) -> tuple[float, float, float, float]:
     """The part of a width x height image the model sees, (left, top, right, bottom) in the image's pixels: the
     centre crop of image folders (as image_to_tensor cuts it), the whole image otherwise."""
     if config.data.dataset != "imagefolder":
         return 0.0, 0.0, float(width), float(height)
-    size = config.image_size
-    resized_w, resized_h, left, top = _centre_crop(size, width, height)
+    from vitcli.data import eval_resize
+
+    # where `vitcli.data.imagefolder_eval_view` cuts it, in torchvision's arithmetic: the short side resized to
+    # size/0.875 (the long one truncated), then the centre size x size (offsets rounded)
+    size, short = config.image_size, eval_resize(config.image_size)
+    if width <= height:
+        resized_w, resized_h = short, int(short * height / width)
+    else:
+        resized_w, resized_h = int(short * width / height), short
+    left, top = int(round((resized_w - size) / 2)), int(round((resized_h - size) / 2))
     sx, sy = resized_w / width, resized_h / height
     return left / sx, top / sy, (left + size) / sx, (top + size) / sy
 

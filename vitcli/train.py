@@ -330,11 +330,10 @@ class MetricsWriter:
                 row = json.loads(line)
             except ValueError:
                 row = None
-            if isinstance(row, dict) and (row.get("final") or row.get("epoch", 0) > epochs_done):
-                if not row.get("final"):
-                    redone.append(row["epoch"])
-                continue
-            kept.append(line)
+            if not isinstance(row, dict) or not (row.get("final") or row.get("epoch", 0) > epochs_done):
+                kept.append(line)
+            elif not row.get("final"):
+                redone.append(row["epoch"])
         if len(kept) == len(lines) and not torn:
             return
         atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()), "metrics log")
