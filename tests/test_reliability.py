@@ -241,15 +241,15 @@ def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     shutil.copytree(smoke_run, run_dir)
     refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "model.dim=64")
     assert refused.returncode == 2 and "model.dim" in refused.stderr and "silently alter" in refused.stderr
-    refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.lr=0.1")
-    assert refused.returncode == 2 and "train.lr" in refused.stderr
+    refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.weight_decay=0.1")
+    assert refused.returncode == 2 and "train.weight_decay" in refused.stderr
     finished = run_vit("train", "--resume", run_dir / "last.pt")
     assert finished.returncode == 2 and "already finished" in finished.stderr
     # --print-config shows what the resumed run would use, and refuses what the resume refuses
     shown = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", "--print-config", check=True)
     assert yaml.safe_load(shown.stdout)["train"]["epochs"] == 4
-    refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.lr=0.1", "--print-config")
-    assert refused.returncode == 2 and "train.lr" in refused.stderr
+    refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "data.hflip=false", "--print-config")
+    assert refused.returncode == 2 and "data.hflip" in refused.stderr
     # as if an earlier extension had been killed after writing epoch 4's row but before saving it, mid-write of
     # the next: the resumed run takes both out and writes epoch 4 again; the first session's final row goes too
     with open(run_dir / "metrics.jsonl", "a") as f:
@@ -276,9 +276,38 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     step, global_step, kept = map(int, found.groups())
     assert step == global_step >= 2 and kept == global_step - 1  # saved after every step up to the bad one
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["global_step"] == kept
+    # saved right before the bad step, last.pt holds the weights that gave the loss: no resume command
+    assert "resuming cannot help" in result.stderr and "--resume" not in result.stderr
     # without a save before the bad step the message says so, instead of pointing at a checkpoint
     result = run_vit("train", *bad, "--run-dir", tmp_path / "run2")
     one_line_error(result, "no checkpoint had been saved")
+
+
+def test_a_diverged_run_continues_from_its_checkpoint_at_a_lower_lr(smoke_run, tmp_path):
+    import shlex
+    import shutil
+
+    run_dir = tmp_path / "diverged run"
+    shutil.copytree(smoke_run, run_dir)
+    # the finished 3-epoch run extended by one epoch at an absurd learning rate, without clipping: it diverges
+    # in epoch 4, after last.pt (the end of epoch 3)
+    diverged = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", "--set", "train.lr=1e6",
+                       "--set", "train.grad_clip=null")
+    one_line_error(diverged, "loss became", "continue from it with a lower train.lr")
+    assert "note: train.lr 0.003 -> 1000000.0, train.grad_clip 1.0 -> None from global step 49 on" in diverged.stderr
+    # the command carries what this resume changed and last.pt does not hold yet (train.epochs), halves the
+    # learning rates and turns clipping back on
+    command = shlex.split(diverged.stderr.split("continue from it with a lower train.lr: ")[1].splitlines()[0])
+    assert command[:2] == ["vit", "train"] and command[2:] == [
+        "--resume", str(run_dir / "last.pt"), "--set", "train.epochs=4", "--set", "train.lr=500000",
+        "--set", "train.min_lr=5e-06", "--set", "train.grad_clip=1.0"], command
+    # the printed command as it is, with a learning rate that does not diverge given after it (the last --set wins)
+    resumed = run_vit(*command[1:], "--set", "train.lr=0.001", check=True)
+    assert "note: train.lr 0.003 -> 0.001, train.min_lr 1e-05 -> 5e-06 from global step 49 on" in resumed.stderr, \
+        resumed.stderr[-2000:]
+    assert metrics_epochs(run_dir) == [1, 2, 3, 4]
+    saved = torch.load(run_dir / "last.pt", weights_only=True)
+    assert saved["global_step"] == 64 and saved["config"]["train"]["lr"] == 0.001
 
 
 # ------------------------------------------------------------------------------------------- bad input

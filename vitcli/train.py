@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from vitcli.checkpoint import (atomic_save, atomic_write, load_checkpoint, load_weights, make_checkpoint, rng_state,
                                set_rng_state)
@@ -30,11 +31,26 @@ from vitcli.model import build_model, no_weight_decay
 from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
                             resolve_device, resolve_precision)
 
-# Keys that may differ on --resume: they change where or how fast the run computes, not what; train.epochs
-# extends it (the cosine schedule is stretched over the new total, as the README says).
+# Keys that may differ on --resume: most change where or how fast the run computes, not what; train.epochs extends
+# it (the cosine schedule is stretched over the new total, as the README says); the optimisation settings let a run
+# whose loss diverged continue from its last checkpoint (`fit` notes from which step they apply).
+OPTIMISATION_CHANGES = ("lr", "min_lr", "grad_clip")
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("data", "num_workers"), ("data", "root"),
                      ("train", "checkpoint_every"), ("data", "download"), ("train", "eval_batch_size"),
-                     ("train", "compile"), ("train", "eval_every")}
+                     ("train", "compile"), ("train", "eval_every")} | {("train", key) for key in OPTIMISATION_CHANGES}
+
+
+def resume_sets(saved: Config, config: Config, leave_out: Sequence[str] = ()) -> list[str]:
+    """`--set` arguments (shell-quoted) that make a resume of a checkpoint saved with `saved` continue with `config`:
+    the resumable keys where they differ, except the dotted keys in `leave_out`."""
+    old_d, new_d = saved.to_dict(), config.to_dict()
+    sets = []
+    for section, key in sorted(RESUMABLE_CHANGES):
+        value = new_d[section][key]
+        if value != old_d[section][key] and f"{section}.{key}" not in leave_out:
+            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+            sets.append(f"--set {shlex.quote(f'{section}.{key}={text}')}")
+    return sets
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -582,12 +598,19 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             pending = " (its training is done: its evaluation)" if start_step >= train_data.steps_per_epoch else ""
             print(f"vit: continuing at epoch {epoch + 1}, step {start_step} of {train_data.steps_per_epoch}{pending}",
                   file=sys.stderr)
+            saved = ckpt["config"].train
+            changed = [f"train.{key} {getattr(saved, key)} -> {getattr(config.train, key)}"
+                       for key in OPTIMISATION_CHANGES if getattr(saved, key) != getattr(config.train, key)]
+            if changed:
+                print(f"vit: note: {', '.join(changed)} from global step {global_step + 1} on (the steps before "
+                      f"it used the old values)", file=sys.stderr)
 
     saved_step = global_step if ckpt is not None else None  # the global step last.pt holds
+    saved_config = ckpt["config"] if ckpt is not None else None  # and its config
 
     def save(name: str, epoch_now: int, step_now: int, metrics: dict[str, Any]) -> Path:
         """Called by every rank at the same points; rank 0 writes."""
-        nonlocal saved_step
+        nonlocal saved_step, saved_config
         path = run_dir / name
         rng_ranks = None
         if dist_info.enabled:
@@ -602,7 +625,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 epoch_stats=epoch_stats, metrics=metrics, rng_ranks=rng_ranks,
                 elapsed_seconds=time.perf_counter() - start_time), path)
         if name == "last.pt":
-            saved_step = global_step
+            saved_step, saved_config = global_step, config
         return path
 
     from tqdm import tqdm
@@ -628,9 +651,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         if evaluating:
             size = config.train.eval_batch_size
             smaller = max(size // 4, 1)
-            # the command resumes the run as it was started; --set overrides given then are in last.pt already
-            how = (f"continue with a smaller evaluation batch: vit train --resume "
-                   f"{shlex.quote(str(run_dir / 'last.pt'))} --set train.eval_batch_size={smaller}"
+            how = (f"continue with a smaller evaluation batch: {resume_command(['train.eval_batch_size'])} "
+                   f"--set train.eval_batch_size={smaller}"
                    if saved_step is not None and smaller < size else
                    "lower train.eval_batch_size" if smaller < size else
                    "train.eval_batch_size is 1 already: use a smaller model or data.image_size, or a larger device")
@@ -639,6 +661,25 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         tokens = (config.image_size // config.model.patch_size) ** 2 + 1
         return (f"in the training step at train.batch_size {config.train.batch_size} ({tokens} tokens per image) "
                 f"on {device}; {kept()}; lower train.batch_size, data.image_size or the model size in a new run")
+
+    def resume_command(leave_out: Sequence[str] = ()) -> str:
+        """The command that continues from last.pt with this session's settings (those given at this resume are
+        not in last.pt until its first save), except `leave_out`."""
+        return " ".join([f"vit train --resume {shlex.quote(str(run_dir / 'last.pt'))}",
+                         *resume_sets(saved_config, config, leave_out)])
+
+    def diverged_advice() -> str:
+        """After a non-finite loss at global step `global_step + 1`."""
+        t = config.train
+        new_run = f"start a new run with a lower train.lr{'' if t.grad_clip else ' or with train.grad_clip'}"
+        if saved_step is None:
+            return new_run
+        if saved_step == global_step:  # resuming would run the same weights on the same batch
+            return f"its weights are the ones that gave this loss, so resuming cannot help: {new_run}"
+        lower = [f"--set train.lr={t.lr / 2:g}"] + [f"--set train.min_lr={t.min_lr / 2:g}"] * (t.min_lr > 0)
+        clip = [] if t.grad_clip else ["--set train.grad_clip=1.0"]
+        command = resume_command(["train.lr", "train.min_lr"] + ["train.grad_clip"] * bool(clip))
+        return f"continue from it with a lower train.lr: {' '.join([command, *lower, *clip])}"
 
     def stop_without_workers(done: int) -> None:
         """The stop killed DataLoader workers: save the `done` steps of this epoch and stop. Under torchrun the
@@ -675,8 +716,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                                            dist_info).tolist()
                     if not math.isfinite(stats[0]):
                         raise VitError(f"loss became {stats[0] / stats[2]} at epoch {epoch + 1}, step {step + 1} "
-                                       f"(global step {global_step + 1}); {kept()}; lower train.lr or set "
-                                       f"train.grad_clip")
+                                       f"(global step {global_step + 1}); {kept()}; {diverged_advice()}")
                     global_step += 1
                     done = step + 1
                     elapsed = time.perf_counter() - t_ready
