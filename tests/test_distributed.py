@@ -72,6 +72,7 @@ def test_ctrl_c_stops_every_rank_after_it_saved(tmp_path):
     """Ctrl-C on `vit train --nproc 2`: torchrun hands the signal to both workers, they save and stop, and the
     command returns only then, leaving no process behind; resumed with 2 processes, the run ends bit for bit where
     an uninterrupted one does, dropout and stochastic depth included (each rank's own RNG stream is saved)."""
+    import shlex
     import signal
     import subprocess
     import time
@@ -98,13 +99,15 @@ def test_ctrl_c_stops_every_rank_after_it_saved(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Continue it with: vit train --resume" in err and "Traceback" not in err, err[-3000:]
+    command = shlex.split(err.split("Continue it with: ")[1].splitlines()[0])
+    assert command == ["vit", "train", "--resume", str(run_dir / "last.pt"), "--nproc", "2"], command  # as it ran
     left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout
     assert left == "", f"processes still running: {left}"
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
     # inside an epoch after the first (epoch 2 unless the machine is loaded: the signal then reaches the workers a
     # few steps later): the stop that needs every rank's RNG state and the data position back
     assert ckpt["epoch"] >= 1 and 1 <= ckpt["step"] < 8, (ckpt["epoch"], ckpt["step"])
-    run_vit("train", "--resume", run_dir / "last.pt", "--nproc", "2", check=True)
+    run_vit(*command[1:], check=True)
     assert [r["epoch"] for r in metrics(run_dir) if "epoch" in r] == list(range(1, 13))
     resumed = torch.load(run_dir / "last.pt", weights_only=True)["model"]
     reference = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)["model"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -71,7 +70,9 @@ def run_command(body: Callable[[], int | None]) -> None:
         err(f"error: {where}{e.strerror or e}; check the path, its permissions and the free disk space")
         raise typer.Exit(2)
     except Interrupted as e:
-        err(f"interrupted; the run is saved in {e}. Continue it with: vit train --resume {shlex.quote(str(e))}")
+        from vitcli.train import resume_command_line  # torch is loaded already: a run was interrupted
+
+        err(f"interrupted; the run is saved in {e}. Continue it with: {resume_command_line(Path(str(e)))}")
         raise typer.Exit(130)
     except KeyboardInterrupt:
         err("interrupted")

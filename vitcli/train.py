@@ -53,6 +53,19 @@ def resume_sets(saved: Config, config: Config, leave_out: Sequence[str] = ()) ->
     return sets
 
 
+def resume_command_line(path: Path) -> str:
+    """`vit train --resume PATH`, with `--nproc N` when this process is one of N on this machine (`--nproc` or a
+    one-node torchrun): the command that continues the run as it runs now. Across nodes, relaunch as before."""
+    command = f"vit train --resume {shlex.quote(str(path))}"
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
+            command += f" --nproc {world}"
+    except ValueError:
+        pass
+    return command
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
     """Linear warmup from lr/warmup_steps to lr, then cosine decay to min_lr; per optimizer step."""
     if step < warmup_steps:
@@ -274,8 +287,8 @@ def prepare_run_dir(run_dir: Path) -> None:
         if not (run_dir / "last.pt").exists():  # e.g. a run that failed before its first checkpoint
             raise VitError(f"run directory {run_dir} already holds files but no last.pt to resume (a run that "
                            f"stopped before its first checkpoint?); delete it or choose another --run-dir")
-        raise VitError(f"run directory {run_dir} already holds files; resume it with "
-                       f"'vit train --resume {shlex.quote(str(run_dir / 'last.pt'))}' or choose another --run-dir")
+        raise VitError(f"run directory {run_dir} already holds files; choose another --run-dir, or resume it "
+                       f"with: {resume_command_line(run_dir / 'last.pt')}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -665,8 +678,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     def resume_command(leave_out: Sequence[str] = ()) -> str:
         """The command that continues from last.pt with this session's settings (those given at this resume are
         not in last.pt until its first save), except `leave_out`."""
-        return " ".join([f"vit train --resume {shlex.quote(str(run_dir / 'last.pt'))}",
-                         *resume_sets(saved_config, config, leave_out)])
+        return " ".join([resume_command_line(run_dir / "last.pt"), *resume_sets(saved_config, config, leave_out)])
 
     def diverged_advice() -> str:
         """After a non-finite loss at global step `global_step + 1`."""
