@@ -34,7 +34,7 @@ def err(message: str) -> None:
 
 def run_command(body: Callable[[], int | None]) -> None:
     """Runs a command body: user errors become one line and a non-zero exit; --debug shows the traceback."""
-    from vitcli.errors import Interrupted, OtherRankFailed, VitError, out_of_memory
+    from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory
 
     try:
         code = body() or 0
@@ -72,7 +72,8 @@ def run_command(body: Callable[[], int | None]) -> None:
     except Interrupted as e:
         from vitcli.train import resume_command_line  # torch is loaded already: a run was interrupted
 
-        err(f"interrupted; the run is saved in {e}. Continue it with: {resume_command_line(Path(str(e)))}")
+        if is_rank_zero():
+            err(f"interrupted; the run is saved in {e}. Continue it with: {resume_command_line(Path(str(e)))}")
         raise typer.Exit(130)
     except KeyboardInterrupt:
         err("interrupted")
@@ -156,6 +157,8 @@ def train(
                 cfg = resume_config(resume, overrides)[1]
             typer.echo(cfg.to_yaml(), nl=False)
             return 0
+        if nproc < 1:
+            raise VitError(f"--nproc {nproc}: the number of processes must be 1 or more")
         if nproc > 1:
             from vitcli.runtime import check_ddp_devices
             from vitcli.train import resume_config
@@ -191,18 +194,28 @@ def launch_torchrun(nproc: int) -> int:
         args.append(arg)
     argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "vitcli", *args]
     err("launching: torchrun " + " ".join(argv))
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and print four lines of warning about it
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     # torchrun in this process: a Ctrl-C / SIGTERM reaches it once; it passes the signal on to the workers, which
-    # finish their step, save last.pt and stop (each prints how to resume), and it waits for them
+    # finish their step, save last.pt and stop (rank 0 prints how to resume), and it waits for them
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    # a failed worker is reported below in one line, not also in torchrun's log record
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         torchrun(argv)
     except SignalException:
         return 130
-    except ChildFailedError:
-        err("error: a training process failed; its own message is above")
+    except ChildFailedError as e:
+        codes = sorted({failure.exitcode for failure in e.failures.values()})
+        if 2 in codes:  # a mistake the user can fix: rank 0 said what in its one line above
+            return 2
+        err(f"error: a training process failed (exit code {', '.join(map(str, codes))}; a negative code is the "
+            f"signal that ended it); its own message, if any, is above")
         return 1
     return 0
 

@@ -17,6 +17,14 @@ class Interrupted(Exception):
     """Training was stopped by Ctrl-C / SIGTERM after `last.pt` was written."""
 
 
+def is_rank_zero() -> bool:
+    """False in the processes of a torchrun / `--nproc` run other than rank 0, which say nothing of a stop (rank 0
+    speaks for the run). Needs no torch import."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def out_of_memory(error: BaseException) -> str | None:
     """For an allocation failure (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError), a short
     "tried to allocate ..." phrase; None for any other error. Needs no torch import."""

@@ -25,7 +25,7 @@ from vitcli.checkpoint import (atomic_save, atomic_write, load_checkpoint, load_
                                set_rng_state)
 from vitcli.config import Config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
-from vitcli.errors import Interrupted, OtherRankFailed, VitError, out_of_memory
+from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory
 from vitcli.evaluate import evaluate
 from vitcli.model import build_model, no_weight_decay
 from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
@@ -198,7 +198,9 @@ class StopSignals:
         if self.requested and time.monotonic() - self.first < 2.0:
             return  # the same stop delivered twice (Slurm signals torchrun and the workers, torchrun forwards)
         if self.requested:
-            print("\nvit: second interrupt, exiting now (the last checkpoint is intact)", file=sys.stderr)
+            if is_rank_zero():
+                print("\nvit: second interrupt, exiting now (saves are atomic: any checkpoint written is intact)",
+                      file=sys.stderr)
             os._exit(130)
         self.requested, self.first = True, time.monotonic()
         # A stop sent to the whole process group (timeout, kill -TERM -PGID) kills DataLoader workers too; torch's
@@ -206,8 +208,9 @@ class StopSignals:
         # shows only when the next batch is fetched, which `until_stopped` turns into the stop.
         if hasattr(signal, "SIGCHLD"):
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        print("\nvit: interrupt received, saving last.pt after this step (after the evaluation if it ends the epoch; "
-              "press Ctrl-C again, 2 s or more later, to quit at once)", file=sys.stderr)
+        if is_rank_zero():
+            print("\nvit: interrupt received, saving last.pt after this step (after the evaluation if it ends the "
+                  "epoch; press Ctrl-C again, 2 s or more later, to quit at once)", file=sys.stderr)
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
