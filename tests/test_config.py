@@ -41,7 +41,10 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"model": {"patch_size": -4}}, "model.patch_size must be positive, got -4"),
     ({"model": {"heads": 0}}, "model.dim/depth/heads must be positive"),
     ({"data": {"image_size": 0}}, "data.image_size must be positive, got 0"),  # not the dataset's default
-    ({"data": {"dataset": "cifar10", "mean": [], "std": []}}, "need one value per channel"),
+    ({"data": {"dataset": "cifar10", "mean": [], "std": []}}, "needs one value per channel"),
+    # data.std left at the dataset's default: the message names the key that was given (it said "the same length")
+    ({"data": {"dataset": "fashion_mnist", "mean": [0.5, 0.5, 0.5]}},
+     "data.mean needs one value per channel: fashion_mnist images have 1, got 3"),
     ({"data": {"dataset": "mnist"}, "train": {"eval_hflip": True}}, "train.eval_hflip .* needs data.hflip: true"),
     ({"data": {"hflip": False}, "train": {"eval_hflip": True}}, "train.eval_hflip .* needs data.hflip: true"),
     ({"train": {"min_lr": -0.001}}, "train.min_lr must be >= 0"),  # the schedule would end below 0

@@ -355,6 +355,8 @@ def test_resume_refuses_what_would_lose_or_scatter_files(smoke_run, tmp_path):
 
 def test_config_errors(tmp_path):
     one_line_error(run_vit("train", "--config", tmp_path / "nope.yaml"), "config file not found", "nope.yaml")
+    one_line_error(run_vit("train", "--config", REPO / "configs"), "is a directory; pass the config file itself",
+                   "cifar10.yaml")
     bad = write(tmp_path / "bad.yaml", "model:\n  dim: 64\n   heads: 4\n")
     one_line_error(run_vit("train", "--config", bad), "bad.yaml", "YAML syntax error at line 3")
     one_line_error(run_vit("train", "--config", write(tmp_path / "k.yaml", "model:\n  depht: 3\n")),
@@ -429,7 +431,12 @@ def test_bad_checkpoints(tmp_path, real_ckpt):
     one_line_error(run_vit("eval", "--ckpt", empty), "empty")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(real_ckpt.read_bytes()[:5000])
-    one_line_error(run_vit("eval", "--ckpt", truncated), "not a readable checkpoint")
+    result = run_vit("eval", "--ckpt", truncated)
+    one_line_error(result, "not a readable checkpoint")
+    assert result.stderr.rstrip().endswith("e.g. the run's best.pt or last.pt"), result.stderr  # torch's text cut
+    # a run directory instead of a file in it: named as such, with the files that would do (was "not found")
+    one_line_error(run_vit("eval", "--ckpt", real_ckpt.parent), "is a directory; pass the checkpoint itself",
+                   "best.pt")
     text = write(tmp_path / "notes.pt", "hello")
     one_line_error(run_vit("predict", "x.png", "--ckpt", text), "not a checkpoint", "torch.save")
     from conftest import write_png  # a picture is a wrong file, not a malicious one

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from vitcli.config import Config, config_from_dict
-from vitcli.errors import VitError
+from vitcli.errors import VitError, not_a_file, short
 
 FORMAT = "vitcli-checkpoint"
 VERSION = 1
@@ -111,7 +111,8 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "") -> dict[str, 
     """Loads with weights_only=True: tensors and plain data only, so a crafted file cannot run code."""
     path = Path(path)
     if not path.is_file():
-        raise VitError(f"checkpoint not found: {path}")
+        raise VitError(not_a_file(path, "checkpoint", "best.pt" if not (path / "last.pt").is_file()
+                                  or (path / "best.pt").is_file() else "last.pt"))
     if path.stat().st_size == 0:
         raise VitError(f"checkpoint {path} is empty (0 bytes); use another checkpoint, e.g. the run's best.pt")
     if not written_by_torch_save(path):
@@ -120,12 +121,12 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "") -> dict[str, 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:200]
         raise VitError(f"refused to load {path}: it holds more than tensors and plain data, so it may run code "
-                       f"({first})") from None
+                       f"({short(str(e))})") from None
     except Exception as e:  # torn zip, legacy-format garbage, text: torch raises many types for a bad file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise VitError(f"{path} is not a readable checkpoint (truncated or not a torch file: {first})") from None
+        raise VitError(f"{path} is not a readable checkpoint (truncated or not a torch file: "
+                       f"{short(str(e)) or type(e).__name__}); use another checkpoint, e.g. the run's best.pt or "
+                       f"last.pt") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise VitError(f"{path} is not a vitcli checkpoint (no '{FORMAT}' marker); pass a best.pt or last.pt "
                        f"written by 'vit train'{not_vitcli_advice}")

@@ -212,7 +212,10 @@ def _set_to_dict(item: str) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise VitError(f"config file not found: {path} (see configs/ for examples)")
+        from vitcli.errors import not_a_file
+
+        raise VitError(not_a_file(path, "config file", "*.yaml")
+                       + ("" if path.is_dir() else " (see configs/ for examples)"))
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -260,7 +263,8 @@ CHECK_READS = {
     "model.stem": ["model.stem", "model.patch_size"],
     "model.stem_channels": ["model.stem_channels", "model.patch_size"],
     "train.eval_hflip": ["train.eval_hflip", "data.hflip", "data.dataset"],
-    "data.mean/std": ["data.mean", "data.std", "data.dataset"],
+    "data.mean": ["data.mean", "data.dataset"],
+    "data.std": ["data.std", "data.dataset"],
     "data.crop_padding": ["data.crop_padding", "data.dataset"],
 }
 
@@ -315,9 +319,10 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
         (t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}"),
         (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
         (device_ok, "train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"),
-        (len(config.mean) == len(config.std), "data.mean/std", "must have the same length"),
-        (len(config.mean) == channels, "data.mean/std",
-         f"need one value per channel: {d.dataset} images have {channels}, got {len(config.mean)}"),
+        (len(config.mean) == channels, "data.mean",
+         f"needs one value per channel: {d.dataset} images have {channels}, got {len(config.mean)}"),
+        (len(config.std) == channels, "data.std",
+         f"needs one value per channel: {d.dataset} images have {channels}, got {len(config.std)}"),
         (d.dataset != "imagefolder" or not d.crop_padding, "data.crop_padding",
          "applies to in-memory datasets; image folders use random resized crops (leave it unset)"),
         (d.crop_padding is None or d.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {d.crop_padding}"),

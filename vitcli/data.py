@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from vitcli.augment import trivial_augment
 from vitcli.config import DATASET_DEFAULTS, Config
-from vitcli.errors import DatasetNotFound, VitError
+from vitcli.errors import DatasetNotFound, VitError, short
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -85,7 +85,8 @@ def _download(dataset: str, root: Path) -> None:
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types; all mean the same to the user
-        raise DatasetNotFound(f"download of {dataset} into {root} failed ({type(e).__name__}: {e}); check the "
+        why = short(" ".join(str(e).split()), 200)  # torchvision's text spans lines (the URL, then the cause)
+        raise DatasetNotFound(f"download of {dataset} into {root} failed ({type(e).__name__}: {why}); check the "
                               f"network, or fetch the files by hand and set data.download=false") from None
 
 

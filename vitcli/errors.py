@@ -17,6 +17,25 @@ class Interrupted(Exception):
     """Training was stopped by Ctrl-C / SIGTERM after `last.pt` was written."""
 
 
+def short(text: str, limit: int = 160) -> str:
+    """A library's error text for our one line: its first line, cut at a word boundary with "..." past `limit`."""
+    first = (text.strip().splitlines() or [""])[0]
+    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + "..."
+
+
+def not_a_file(path, what: str, example: str) -> str:
+    """The one line for a path that does not name a file: a directory (with the files in it that would do) or
+    nothing at all."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        found = [p.name for p in sorted(path.glob(example)) if p.is_file()][:3]
+        hint = f" ({', '.join(found)} in it)" if found else " (it holds no such file)"
+        return f"{path} is a directory; pass the {what} itself, e.g. {path / example}{hint}"
+    return f"{what} not found: {path}"
+
+
 def is_rank_zero() -> bool:
     """False in the processes of a torchrun / `--nproc` run other than rank 0, which say nothing of a stop (rank 0
     speaks for the run). Needs no torch import."""

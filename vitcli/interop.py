@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from vitcli.checkpoint import atomic_write, written_by_torch_save
-from vitcli.errors import VitError
+from vitcli.errors import VitError, not_a_file, short
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -18,7 +18,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     {'model': ...} wrapper is unwrapped)."""
     path = Path(path)
     if not path.is_file():
-        raise VitError(f"weights file not found: {path}")
+        raise VitError(not_a_file(path, "weights file", "*.safetensors"))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -35,8 +35,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise VitError(f"refused to load {path}: it holds more than tensors and plain data, so it may run code; "
                        f"save the model's state_dict() alone and pass that") from None
     except Exception as e:  # torn zip files and the like
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise VitError(f"{path} is not a readable weights file (truncated or not a torch file: {first})") from None
+        raise VitError(f"{path} is not a readable weights file (truncated or not a torch file: "
+                       f"{short(str(e)) or type(e).__name__})") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

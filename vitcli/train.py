@@ -813,7 +813,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 save("best.pt", epoch, train_data.steps_per_epoch, last_metrics)
             save("last.pt", epoch, train_data.steps_per_epoch, last_metrics)
             if main and val is not None:
-                print(f"vit: epoch {epoch + 1}: val top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}, "
+                flips = (f" with test-time flips (single view {val['top1_single_view']:.4f})"
+                         if "top1_single_view" in val else "")
+                print(f"vit: epoch {epoch + 1}: val top-1 {val['top1']:.4f}{flips}, top-5 {val['top5']:.4f}, "
                       f"loss {val['loss']:.4f}{' (best)' if is_best else ''}", file=sys.stderr)
             elif main:
                 print(f"vit: epoch {epoch + 1}: train loss {last_metrics['train_loss']:.4f} (not evaluated: "
