@@ -62,6 +62,8 @@ def test_smoke_train_eval_predict(smoke_run, tmp_path):
     assert len(report["per_class"]) == 10 and report["top5"] >= report["top1"]
     text = run_vit("eval", "--ckpt", run_dir / "best.pt", check=True)
     assert "top-1" in text.stdout and "SYNTHETIC" in text.stdout
+    # the smoke recipe validates on 256 of the split's images: the count says so
+    assert "256 images (limited by the run's data.max_val_samples, not the whole split)" in text.stdout
 
     image = write_png(tmp_path / "x.png", size=50, mode="RGB")
     result = run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", "--top-k", "3", check=True)
@@ -144,11 +146,18 @@ def test_cifar10_real_format(cifar10_dir, tmp_path):
 
 def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):
     run_dir = tmp_path / "run"
-    run_vit("train", "--config", REPO / "configs" / "fashion_mnist.yaml", "--run-dir", run_dir, "--set",
-            f"data.root={fmnist_idx}", "--set", "train.ema_decay=0", "--set", "train.compile=false",
-            "--set", "train.eval_hflip=true", *TINY, check=True)
+    trained = run_vit("train", "--config", REPO / "configs" / "fashion_mnist.yaml", "--run-dir", run_dir, "--set",
+                      f"data.root={fmnist_idx}", "--set", "train.ema_decay=0", "--set", "train.compile=false",
+                      "--set", "train.eval_hflip=true", *TINY, check=True)
+    assert "with test-time flips (single view " in trained.stderr  # the epoch line says which figure it gives
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert "val/top1_single_view" in events.Tags()["scalars"]
     report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
     assert report["num_samples"] == 128
+    assert "limited by" not in run_vit("eval", "--ckpt", run_dir / "best.pt", check=True).stdout  # the whole split
     assert set(report["per_class"]) == set(FASHION_MNIST_CLASSES)  # the idx files carry no names: vitcli's own
     # test-time flips: the run's final figure is with them (and says so), the single-view one beside it; a fresh
     # `vit eval` of last.pt gives each again, with the checkpoint's setting by default and --no-tta without

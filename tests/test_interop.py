@@ -189,7 +189,8 @@ def test_onnx_export_matches_vit_predict(converted, tmp_path):
     from PIL import Image
 
     out = tmp_path / "model.onnx"
-    run_vit("export", "--ckpt", converted, "--format", "onnx", "--out", out, check=True)
+    result = run_vit("export", "--ckpt", converted, "--format", "onnx", "--out", out, check=True)
+    assert result.stdout == "", "torch.onnx's progress lines (stdout)"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"], "one self-contained file, no .data beside it"
     paths = write_pngs(tmp_path, 4)
     x = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in paths]).float() / 255
@@ -251,3 +252,23 @@ def test_onnx_export_over_protobufs_limit_is_one_line_before_exporting(smoke_run
         interop.export(model, ckpt["config"], ckpt["classes"], "onnx", out)
     assert not out.exists()
     assert interop.export(model, ckpt["config"], ckpt["classes"], "safetensors", tmp_path / "m.safetensors") < 1e-3
+
+
+def test_onnx_export_errors_come_before_the_export(smoke_run, tmp_path):
+    """An --out that cannot be written is refused before the export (it ran in full, then blamed the disk space);
+    a missing onnxscript beside onnxruntime is one line (only onnxruntime was checked: a ModuleNotFoundError
+    traceback from inside torch.onnx)."""
+    import subprocess
+    import sys
+
+    from test_reliability import one_line_error
+
+    result = run_vit("export", "--ckpt", smoke_run / "best.pt", "--format", "onnx", "--out", "/proc/vitcli.onnx")
+    one_line_error(result, "cannot write the onnx model /proc/vitcli.onnx", "choose another --out")
+    assert "torch.onnx" not in result.stdout + result.stderr, "refused before exporting"
+    hide = ("import sys; sys.modules['onnxscript'] = None; sys.argv = ['vit', 'export', '--ckpt', sys.argv[1], "
+            "'--format', 'onnx', '--out', sys.argv[2]]; from vitcli.cli import app; app()")
+    result = subprocess.run([sys.executable, "-c", hide, str(smoke_run / "best.pt"), str(tmp_path / "m.onnx")],
+                            capture_output=True, text=True)
+    one_line_error(result, "ONNX export needs onnx, onnxscript and onnxruntime (onnxscript is missing)")
+    assert list(tmp_path.iterdir()) == []

@@ -260,6 +260,12 @@ def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     assert [r.get("epoch") for r in rows] == [1, 2, 3, 4, None] and rows[-1]["final"] and rows[3]["train_loss"] < 99
     # the run's wall time counts on over both sessions
     assert rows[3]["elapsed_seconds"] >= rows[2]["elapsed_seconds"] + rows[3]["epoch_seconds"], rows
+    # TensorBoard's augmented batch is the run's first, not one more per session
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("train/augmented_batch")] == [0]
     assert rows[4]["elapsed_seconds"] >= rows[3]["elapsed_seconds"]
 
 

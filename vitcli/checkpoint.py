@@ -17,6 +17,18 @@ FORMAT = "vitcli-checkpoint"
 VERSION = 1
 
 
+def check_writable(path: Path, what: str, fix: str) -> None:
+    """Before minutes of work whose result goes to `path`: its folder exists (made if need be) and takes a file."""
+    path = Path(path)
+    probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError as e:
+        raise VitError(f"cannot write {what} {path}: {e.strerror or e}; {fix}") from None
+
+
 def atomic_save(obj: Any, path: Path, fix: str = "free disk space or choose a writable --run-dir") -> None:
     """torch.save through atomic_write."""
     atomic_write(path, lambda f: torch.save(obj, f), "checkpoint", fix)

@@ -299,8 +299,12 @@ def eval_(
         else:
             tag = " [SYNTHETIC DATA]" if synthetic else ""
             mode = ", each with its mirror image (--tta)" if hflip else ""
+            key = "max_train_samples" if split == "train" else "max_val_samples"
+            limit = getattr(config.data, key)
+            cut = (f" (limited by the run's data.{key}, not the whole split)"
+                   if limit is not None and result["num_samples"] == limit else "")
             typer.echo(f"{path} on {config.data.dataset} {split_name(split, config.data.dataset)}{tag}: "
-                       f"{result['num_samples']} images{mode}")
+                       f"{result['num_samples']} images{cut}{mode}")
             single = f"  (single view: top-1 {result['top1_single_view']:.4f})" if hflip else ""
             typer.echo(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}{single}")
             width = max(len(c) for c in result["per_class"]) if result["per_class"] else 0
@@ -552,6 +556,9 @@ def export(
                                          [format_])
         if target.exists():
             raise VitError(f"{target} exists; choose another --out (nothing is overwritten)")
+        from vitcli.checkpoint import check_writable
+
+        check_writable(target, f"the {format_} model", "choose another --out")
         checkpoint = load_checkpoint(path)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema)
         diff = run_export(model, checkpoint["config"], checkpoint["classes"], format_, target)

@@ -216,14 +216,16 @@ def _export_onnx(model, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     if (major, minor) < (2, 5):  # torch.onnx.export(dynamo=True, dynamic_shapes=...) arrived in 2.5
         raise VitError(f"ONNX export needs torch 2.5 or newer (this is {torch.__version__}): pip install -U torch; "
                        f"--format torchscript or safetensors work with this torch")
-    try:
+    try:  # torch.onnx imports the first two itself, inside the export
+        import onnx  # noqa: F401
         import onnxruntime
-    except ImportError:
-        raise VitError("ONNX export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript "
-                       "onnxruntime") from None
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise VitError(f"ONNX export needs onnx, onnxscript and onnxruntime ({e.name} is missing): pip install onnx "
+                       f"onnxscript onnxruntime (or --format torchscript / safetensors)") from None
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(model, (x,), input_names=["images"], output_names=["logits"],
-                                dynamic_shapes={"images": {0: batch}}, dynamo=True)
+                                dynamic_shapes={"images": {0: batch}}, dynamo=True, verbose=False)
     try:
         data = program.model_proto.SerializeToString()
     except Exception as e:  # protobuf's EncodeError: near the 2 GB limit, the graph's own bytes on top

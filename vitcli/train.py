@@ -718,7 +718,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                                                         start=start_step):
                     t_data = time.perf_counter() - t_ready
                     x, targets = preprocess(images, labels, global_step)
-                    if main and step == start_step and epoch == first_epoch:
+                    if main and step == start_step and epoch == first_epoch and ckpt is None:  # once per run
                         std, mean = preprocess.std / 255, preprocess.mean / 255
                         writer.images("train/augmented_batch", (x[:32].float() * std + mean).clamp(0, 1),
                                       global_step)
@@ -794,8 +794,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                             "perf/train_images_per_second": last_metrics["train_images_per_second"]}, global_step)
             is_best = False
             if val is not None:
-                writer.scalars({"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"]},
-                               global_step)
+                writer.scalars({"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"],
+                                **({"val/top1_single_view": val["top1_single_view"]}
+                                   if "top1_single_view" in val else {})}, global_step)
                 writer.scalars({f"val_per_class/{name}": acc for name, acc in val["per_class"].items()},
                                global_step)
                 if main:  # attention maps at the first evaluation, then every few epochs, and at the end
