@@ -139,6 +139,7 @@ def test_cifar10_real_format(cifar10_dir, tmp_path):
     missing = run_vit("eval", "--ckpt", run_dir / "best.pt")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
     assert str(cifar10_dir) in missing.stderr and "--data-root DIR" in missing.stderr, missing.stderr
+    assert "data.download" not in missing.stderr, "advice vit eval cannot follow (it takes no --set)"
     report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--data-root", moved, "--json",
                                 check=True).stdout)
     assert report["num_samples"] == 100

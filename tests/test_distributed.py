@@ -128,7 +128,7 @@ def test_process_launch_errors_are_one_line(tmp_path):
 
     smoke = ["--config", REPO / "configs" / "smoke.yaml", "--run-dir", tmp_path / "run"]
     for args, needle in (
-            (["--nproc", "2", "--device", "cuda"], "train.device=cuda but no CUDA GPU is visible"),
+            (["--nproc", "2", "--device", "cuda"], "train.device=cuda: no CUDA GPU is visible"),
             (["--nproc", "3"], "does not divide over 3 processes"),
             (["--nproc", "0"], "--nproc 0: the number of processes must be 1 or more")):
         result = run_vit("train", *smoke, *args)

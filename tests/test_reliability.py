@@ -248,6 +248,8 @@ def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     # --print-config shows what the resumed run would use, and refuses what the resume refuses
     shown = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", "--print-config", check=True)
     assert yaml.safe_load(shown.stdout)["train"]["epochs"] == 4
+    # a key left open (null) given as what it resolves to is no change (data.hflip is on for synthetic data)
+    run_vit("train", "--resume", run_dir / "last.pt", "--set", "data.hflip=true", "--print-config", check=True)
     refused = run_vit("train", "--resume", run_dir / "last.pt", "--set", "data.hflip=false", "--print-config")
     assert refused.returncode == 2 and "data.hflip" in refused.stderr
     # as if an earlier extension had been killed after writing epoch 4's row but before saving it, mid-write of
@@ -361,6 +363,8 @@ def test_resume_refuses_what_would_lose_or_scatter_files(smoke_run, tmp_path):
 
 def test_config_errors(tmp_path):
     one_line_error(run_vit("train", "--config", tmp_path / "nope.yaml"), "config file not found", "nope.yaml")
+    one_line_error(run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--set",
+                           f"model.init_from={tmp_path / 'nope.pt'}"), "model.init_from: checkpoint not found")
     one_line_error(run_vit("train", "--config", REPO / "configs"), "is a directory; pass the config file itself",
                    "cifar10.yaml")
     bad = write(tmp_path / "bad.yaml", "model:\n  dim: 64\n   heads: 4\n")
@@ -547,6 +551,9 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
                    "cannot write a .txt picture", ".png")
     assert not (tmp_path / "out.txt").exists()
     one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--device", "gpu"), "'gpu' is not one of", "--device cpu")
+    if not torch.cuda.is_available():  # named as the option given, not as the config key train.device
+        one_line_error(run_vit("predict", "x.png", "--ckpt", real_ckpt, "--device", "cuda"),
+                       "--device cuda: no CUDA GPU is visible")
     one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--device", "cuda:abc"), "'cuda:abc'")
     report = write(tmp_path / "notes.txt", "mine")
     one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", report), "is a file")

@@ -265,13 +265,16 @@ def eval_(
             if clash:
                 raise VitError(f"--report {report} already holds {', '.join(clash)}, not a report of vit eval; give "
                                f"a new or empty folder (nothing was written)")
-        dev = resolve_device(device or config.train.device)
+        dev = resolve_device(device or config.train.device, f"--device {device}" if device else
+                             f"the checkpoint's train.device={config.train.device} (override it with --device)")
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
         try:
             classes, n, batches = eval_batches(config, split, dev, batch_size or config.train.eval_batch_size)
         except DatasetNotFound as e:  # the checkpoint's data.root is from where it was trained
-            raise VitError(f"{e}; for vit eval, give the dataset's folder with --data-root DIR") from None
+            debian = (" (Debian's dataset-fashion-mnist puts it in /usr/share/datasets/fashion-mnist)"
+                      if config.data.dataset == "fashion_mnist" else "")
+            raise VitError(f"{e.what}; give the dataset's folder with --data-root DIR{debian}") from None
         if checkpoint["classes"] == placeholder_classes(len(classes)):  # vit convert without --classes
             err(f"note: {path} names its classes class_0...; using the dataset's names")
         elif classes != checkpoint["classes"]:
@@ -348,7 +351,8 @@ def predict(
         path = _resolve_ckpt(ckpt)
         checkpoint = load_checkpoint(path)
         config, classes = checkpoint["config"], checkpoint["classes"]
-        dev = resolve_device(device or config.train.device)
+        dev = resolve_device(device or config.train.device, f"--device {device}" if device else
+                             f"the checkpoint's train.device={config.train.device} (override it with --device)")
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
         hflip = _tta_choice(tta, config)

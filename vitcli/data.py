@@ -73,7 +73,8 @@ def _missing(dataset: str, root: Path, looked_for: str) -> DatasetNotFound:
         "cifar10": "unpack cifar-10-python.tar.gz there, or set data.download=true",
         "cifar100": "unpack cifar-100-python.tar.gz there, or set data.download=true",
     }[dataset]
-    return DatasetNotFound(f"dataset {dataset} not found in {root} (looked for {looked_for}); {how}")
+    what = f"dataset {dataset} not found in {root} (looked for {looked_for})"
+    return DatasetNotFound(f"{what}; {how}", what)
 
 
 def _download(dataset: str, root: Path) -> None:

@@ -6,7 +6,12 @@ class VitError(Exception):
 
 
 class DatasetNotFound(VitError):
-    """The dataset is not where the config's data.root says (`vit eval` adds its --data-root to the advice)."""
+    """The dataset is not where the config's data.root says. `what` is the message without its advice, which names
+    config keys: `vit eval`, which takes none, gives its --data-root instead."""
+
+    def __init__(self, message: str, what: str | None = None):
+        super().__init__(message)
+        self.what = what or message
 
 
 class OtherRankFailed(Exception):

@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -49,8 +50,10 @@ def tune_malloc() -> bool:
                                                                                   MALLOC_TRIM_THRESHOLD))
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA, else MPS, else the CPU. A device that is not there is one VitError line."""
+def resolve_device(name: str, given_as: Optional[str] = None) -> torch.device:
+    """auto: CUDA, else MPS, else the CPU. A device that is not there is one VitError line naming where it was
+    asked for (`given_as`, default train.device=NAME)."""
+    given_as = given_as or f"train.device={name}"
     if not device_name_ok(name):
         raise VitError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N, mps; use --device cpu (or auto)")
     if name == "auto":
@@ -60,12 +63,12 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VitError(f"train.device={name} but no CUDA GPU is visible to torch; use --device cpu (or auto)")
+        raise VitError(f"{given_as}: no CUDA GPU is visible to torch; use --device cpu (or auto)")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise VitError(f"train.device={name} but torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from "
-                       f"0; use --device cuda:0 (or auto)")
+        raise VitError(f"{given_as}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
+                       f"use --device cuda:0 (or auto)")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise VitError("train.device=mps but MPS is not available here; use --device cpu (or auto)")
+        raise VitError(f"{given_as}: MPS is not available here; use --device cpu (or auto)")
     return torch.device(name)
 
 

@@ -25,7 +25,7 @@ from vitcli.checkpoint import (atomic_save, atomic_write, load_checkpoint, load_
                                set_rng_state)
 from vitcli.config import Config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
-from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory
+from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory, short
 from vitcli.evaluate import evaluate
 from vitcli.model import build_model, no_weight_decay
 from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
@@ -38,6 +38,9 @@ OPTIMISATION_CHANGES = ("lr", "min_lr", "grad_clip")
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("data", "num_workers"), ("data", "root"),
                      ("train", "checkpoint_every"), ("data", "download"), ("train", "eval_batch_size"),
                      ("train", "compile"), ("train", "eval_every")} | {("train", key) for key in OPTIMISATION_CHANGES}
+
+
+RESOLVED = ("image_size", "mean", "std", "crop_padding", "hflip")  # data keys that a Config resolves when null
 
 
 def resume_sets(saved: Config, config: Config, leave_out: Sequence[str] = ()) -> list[str]:
@@ -165,7 +168,7 @@ class Forward:
         except Exception as e:  # torch.compile fails in many ways (no compiler, unsupported op): run eager
             if out_of_memory(e):  # not compile's fault: the caller reports it, and compile stays on
                 raise
-            print(f"vit: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            print(f"\nvit: torch.compile failed ({type(e).__name__}: {short(str(e), 120)}); "
                   f"{self.doing} eagerly instead", file=sys.stderr)
             self.compiled = self.module
             return self.module(x)
@@ -308,6 +311,8 @@ def check_resume_overrides(saved: Config, new: Config, path: Path) -> None:
         raise VitError(f"--resume {path}: name differs from the checkpoint's")
     for section in ("data", "model", "train"):
         for key, value in new_d[section].items():
+            if section == "data" and key in RESOLVED and getattr(saved, key) == getattr(new, key):
+                continue  # left open (null) and given as what it resolves to: no change (data.hflip=true, say)
             if value != old_d[section][key] and (section, key) not in RESUMABLE_CHANGES:
                 raise VitError(f"--resume {path}: changing {section}.{key} from {old_d[section][key]!r} to "
                                f"{value!r} would silently alter the run; only "
@@ -432,6 +437,11 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
     from vitcli.interop import from_peer, load_pretrained, read_state_dict
 
     source, fmt = config.model.init_from, config.model.init_format
+    if not Path(source).is_file():
+        from vitcli.errors import not_a_file
+
+        what = "checkpoint" if fmt == "vitcli" else "weights file"
+        raise VitError(f"model.init_from: {not_a_file(source, what, '*.pt')}")
     if fmt == "vitcli":
         ckpt = load_checkpoint(source, not_vitcli_advice="; for timm or torchvision weights set "
                                                          "model.init_format=timm (or torchvision)")
