@@ -268,7 +268,7 @@ def test_onnx_export_errors_come_before_the_export(smoke_run, tmp_path):
     assert "torch.onnx" not in result.stdout + result.stderr, "refused before exporting"
     hide = ("import sys; sys.modules['onnxscript'] = None; sys.argv = ['vit', 'export', '--ckpt', sys.argv[1], "
             "'--format', 'onnx', '--out', sys.argv[2]]; from vitcli.cli import app; app()")
-    result = subprocess.run([sys.executable, "-c", hide, str(smoke_run / "best.pt"), str(tmp_path / "m.onnx")],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", hide, str(smoke_run / "best.pt"),
+                             str(tmp_path / "new" / "folder" / "m.onnx")], capture_output=True, text=True)
     one_line_error(result, "ONNX export needs onnx, onnxscript and onnxruntime (onnxscript is missing)")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [], "the folders made to check --out are taken back after a failure"

@@ -447,6 +447,7 @@ def test_bad_checkpoints(tmp_path, real_ckpt):
     # a run directory instead of a file in it: named as such, with the files that would do (was "not found")
     one_line_error(run_vit("eval", "--ckpt", real_ckpt.parent), "is a directory; pass the checkpoint itself",
                    "best.pt")
+    one_line_error(run_vit("train", "--resume", real_ckpt.parent), f"e.g. {real_ckpt.parent / 'last.pt'}")
     text = write(tmp_path / "notes.pt", "hello")
     one_line_error(run_vit("predict", "x.png", "--ckpt", text), "not a checkpoint", "torch.save")
     from conftest import write_png  # a picture is a wrong file, not a malicious one

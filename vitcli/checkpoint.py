@@ -21,12 +21,19 @@ def check_writable(path: Path, what: str, fix: str) -> None:
     """Before minutes of work whose result goes to `path`: its folder exists (made if need be) and takes a file."""
     path = Path(path)
     probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # innermost first; taken back below
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe.open("wb").close()
         probe.unlink()
     except OSError as e:
         raise VitError(f"cannot write {what} {path}: {e.strerror or e}; {fix}") from None
+    finally:
+        for folder in made:  # the write makes them again; a failure before it leaves nothing behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def atomic_save(obj: Any, path: Path, fix: str = "free disk space or choose a writable --run-dir") -> None:
@@ -119,12 +126,12 @@ def written_by_torch_save(path: Path) -> bool:
         return f.read(2).startswith((b"PK", b"\x80"))
 
 
-def load_checkpoint(path: str | Path, not_vitcli_advice: str = "") -> dict[str, Any]:
-    """Loads with weights_only=True: tensors and plain data only, so a crafted file cannot run code."""
+def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str = "best.pt") -> dict[str, Any]:
+    """Loads with weights_only=True: tensors and plain data only, so a crafted file cannot run code. `example`: the
+    file to suggest when `path` is a run directory."""
     path = Path(path)
     if not path.is_file():
-        raise VitError(not_a_file(path, "checkpoint", "best.pt" if not (path / "last.pt").is_file()
-                                  or (path / "best.pt").is_file() else "last.pt"))
+        raise VitError(not_a_file(path, "checkpoint", example, "*.pt"))
     if path.stat().st_size == 0:
         raise VitError(f"checkpoint {path} is empty (0 bytes); use another checkpoint, e.g. the run's best.pt")
     if not written_by_torch_save(path):

@@ -168,6 +168,10 @@ def train(
                 raise VitError(f"train.batch_size {run_cfg.train.batch_size} does not divide over {nproc} "
                                f"processes; use a multiple of {nproc}")
             check_ddp_devices(run_cfg.train.device, nproc)  # here, once, not as each process's traceback
+            if cfg is not None:  # a resumed run does not read model.init_from
+                from vitcli.train import check_init_from
+
+                check_init_from(run_cfg)  # once, not as one line per process
             return launch_torchrun(nproc)
         from vitcli.runtime import tune_malloc
         from vitcli.train import fit
@@ -195,7 +199,8 @@ def launch_torchrun(nproc: int) -> int:
     argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "vitcli", *args]
     err("launching: torchrun " + " ".join(argv))
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and print four lines of warning about it
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))  # the CPUs this process may use (Slurm, taskset)
     # torchrun in this process: a Ctrl-C / SIGTERM reaches it once; it passes the signal on to the workers, which
     # finish their step, save last.pt and stop (rank 0 prints how to resume), and it waits for them
     import logging
@@ -211,11 +216,14 @@ def launch_torchrun(nproc: int) -> int:
     except SignalException:
         return 130
     except ChildFailedError as e:
-        codes = sorted({failure.exitcode for failure in e.failures.values()})
+        codes = {failure.exitcode for failure in e.failures.values()}
         if 2 in codes:  # a mistake the user can fix: rank 0 said what in its one line above
             return 2
-        err(f"error: a training process failed (exit code {', '.join(map(str, codes))}; a negative code is the "
-            f"signal that ended it); its own message, if any, is above")
+        if codes == {130}:  # the workers were stopped (signalled themselves): each saved and rank 0 said so
+            return 130
+        rank, first = e.get_first_failure()  # the one that failed first; torchrun then stopped the others
+        how = f"signal {-first.exitcode}" if first.exitcode < 0 else f"exit code {first.exitcode}"
+        err(f"error: training process {rank} failed ({how}); its own message, if any, is above")
         return 1
     return 0
 

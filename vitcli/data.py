@@ -87,8 +87,9 @@ def _download(dataset: str, root: Path) -> None:
             cls(str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types; all mean the same to the user
         why = short(" ".join(str(e).split()), 200)  # torchvision's text spans lines (the URL, then the cause)
-        raise DatasetNotFound(f"download of {dataset} into {root} failed ({type(e).__name__}: {why}); check the "
-                              f"network, or fetch the files by hand and set data.download=false") from None
+        what = f"download of {dataset} into {root} failed ({type(e).__name__}: {why})"
+        raise DatasetNotFound(f"{what}; check the network, or fetch the files by hand and set data.download=false",
+                              what) from None
 
 
 def _read_idx(path: Path) -> torch.Tensor:

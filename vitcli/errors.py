@@ -28,16 +28,16 @@ def short(text: str, limit: int = 160) -> str:
     return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + "..."
 
 
-def not_a_file(path, what: str, example: str) -> str:
-    """The one line for a path that does not name a file: a directory (with the files in it that would do) or
-    nothing at all."""
+def not_a_file(path, what: str, *patterns: str) -> str:
+    """The one line for a path that does not name a file: a directory (with the files in it that would do: names
+    or glob patterns, the first one the example) or nothing at all."""
     from pathlib import Path
 
     path = Path(path)
     if path.is_dir():
-        found = [p.name for p in sorted(path.glob(example)) if p.is_file()][:3]
+        found = sorted({p.name for pattern in patterns for p in path.glob(pattern) if p.is_file()})[:3]
         hint = f" ({', '.join(found)} in it)" if found else " (it holds no such file)"
-        return f"{path} is a directory; pass the {what} itself, e.g. {path / example}{hint}"
+        return f"{path} is a directory; pass the {what} itself, e.g. {path / patterns[0]}{hint}"
     return f"{what} not found: {path}"
 
 
@@ -46,7 +46,7 @@ def is_rank_zero() -> bool:
     speaks for the run). Needs no torch import."""
     import os
 
-    return os.environ.get("RANK", "0") == "0"
+    return os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"
 
 
 def out_of_memory(error: BaseException) -> str | None:

@@ -18,7 +18,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     {'model': ...} wrapper is unwrapped)."""
     path = Path(path)
     if not path.is_file():
-        raise VitError(not_a_file(path, "weights file", "*.safetensors"))
+        raise VitError(not_a_file(path, "weights file", "*.safetensors", "*.pth", "*.pt", "*.bin"))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -221,7 +221,8 @@ def _export_onnx(model, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         import onnxruntime
         import onnxscript  # noqa: F401
     except ImportError as e:
-        raise VitError(f"ONNX export needs onnx, onnxscript and onnxruntime ({e.name} is missing): pip install onnx "
+        missing = f"{e.name} is missing" if e.name else f"cannot import: {short(str(e))}"
+        raise VitError(f"ONNX export needs onnx, onnxscript and onnxruntime ({missing}): pip install onnx "
                        f"onnxscript onnxruntime (or --format torchscript / safetensors)") from None
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(model, (x,), input_names=["images"], output_names=["logits"],

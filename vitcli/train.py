@@ -432,16 +432,22 @@ def memory_errors(advice: Callable[[], str]):
         raise VitError(f"out of memory ({what}) {advice()}") from None
 
 
+def check_init_from(config: Config) -> None:
+    """model.init_from names a file (checked once before `--nproc` starts its processes, and by each of them)."""
+    source = config.model.init_from
+    if source and not Path(source).is_file():
+        from vitcli.errors import not_a_file
+
+        what = "checkpoint" if config.model.init_format == "vitcli" else "weights file"
+        raise VitError(f"model.init_from: {not_a_file(source, what, '*.pt', '*.pth', '*.safetensors', '*.bin')}")
+
+
 def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
     """model.init_from: start from a vitcli checkpoint or a timm / torchvision state dict."""
     from vitcli.interop import from_peer, load_pretrained, read_state_dict
 
+    check_init_from(config)
     source, fmt = config.model.init_from, config.model.init_format
-    if not Path(source).is_file():
-        from vitcli.errors import not_a_file
-
-        what = "checkpoint" if fmt == "vitcli" else "weights file"
-        raise VitError(f"model.init_from: {not_a_file(source, what, '*.pt')}")
     if fmt == "vitcli":
         ckpt = load_checkpoint(source, not_vitcli_advice="; for timm or torchvision weights set "
                                                          "model.init_format=timm (or torchvision)")
@@ -497,7 +503,7 @@ def resume_config(resume: Path, overrides: Sequence[str] = ()) -> tuple[dict[str
     keep it the same run (any other change is one clear error)."""
     from vitcli.config import build_config
 
-    ckpt = load_checkpoint(resume)
+    ckpt = load_checkpoint(resume, example="last.pt")
     check_resumable(ckpt, Path(resume))
     config = build_config(ckpt["config"].to_dict(), overrides, source=f"{resume} + --set")
     check_resume_overrides(ckpt["config"], config, resume)
