@@ -17,23 +17,26 @@ FORMAT = "vitcli-checkpoint"
 VERSION = 1
 
 
-def check_writable(path: Path, what: str, fix: str) -> None:
-    """Before minutes of work whose result goes to `path`: its folder exists (made if need be) and takes a file."""
-    path = Path(path)
-    probe = path.with_name(f".{path.name}.probe{os.getpid()}")
-    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # innermost first; taken back below
+def check_writable(folder: Path, what: str, fix: str, keep: bool = False) -> None:
+    """Before work whose results go to `folder`: it exists (made if need be) and takes a file, else one VitError
+    ("cannot write {what}: ...; {fix}"). The folders it made are taken back unless `keep` (and after a failure)."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+    error = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
         probe.open("wb").close()
         probe.unlink()
     except OSError as e:
-        raise VitError(f"cannot write {what} {path}: {e.strerror or e}; {fix}") from None
-    finally:
-        for folder in made:  # the write makes them again; a failure before it leaves nothing behind
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        error = e
+    for made_folder in made if error or not keep else []:  # a later write makes them again
+        try:
+            made_folder.rmdir()
+        except OSError:
+            break
+    if error is not None:
+        raise VitError(f"cannot write {what}: {error.strerror or error}; {fix}")
 
 
 def atomic_save(obj: Any, path: Path, fix: str = "free disk space or choose a writable --run-dir") -> None:

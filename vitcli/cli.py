@@ -89,6 +89,15 @@ def check_device_option(device: Optional[str]) -> None:
         raise VitError(f"--device {device}: must be auto, cpu, cuda, cuda:N or mps")
 
 
+def checkpoint_device(device: Optional[str], config):
+    """eval / predict: --device, else the checkpoint's train.device; a device that is not there is one line
+    naming which of the two asked for it."""
+    from vitcli.runtime import resolve_device
+
+    return resolve_device(device or config.train.device, f"--device {device}" if device else
+                          f"the checkpoint's train.device={config.train.device} (override it with --device)")
+
+
 def find_latest_checkpoint(runs: Path = Path("runs")) -> Path:
     from vitcli.errors import VitError
 
@@ -253,7 +262,7 @@ def eval_(
         from vitcli.data import Preprocess, eval_batches, split_name
         from vitcli.errors import DatasetNotFound, VitError
         from vitcli.evaluate import evaluate
-        from vitcli.runtime import resolve_device, resolve_precision, tune_malloc
+        from vitcli.runtime import resolve_precision, tune_malloc
 
         tune_malloc()
         path = _resolve_ckpt(ckpt)
@@ -273,8 +282,7 @@ def eval_(
             if clash:
                 raise VitError(f"--report {report} already holds {', '.join(clash)}, not a report of vit eval; give "
                                f"a new or empty folder (nothing was written)")
-        dev = resolve_device(device or config.train.device, f"--device {device}" if device else
-                             f"the checkpoint's train.device={config.train.device} (override it with --device)")
+        dev = checkpoint_device(device, config)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
         try:
@@ -350,7 +358,7 @@ def predict(
         from vitcli.errors import VitError
         from vitcli.predict import expand_inputs, image_to_tensor, open_image
         from vitcli.predict import predict as run_predict
-        from vitcli.runtime import resolve_device, resolve_precision
+        from vitcli.runtime import resolve_precision
 
         if top_k <= 0:
             raise VitError(f"--top-k must be positive, got {top_k}")
@@ -359,8 +367,7 @@ def predict(
         path = _resolve_ckpt(ckpt)
         checkpoint = load_checkpoint(path)
         config, classes = checkpoint["config"], checkpoint["classes"]
-        dev = resolve_device(device or config.train.device, f"--device {device}" if device else
-                             f"the checkpoint's train.device={config.train.device} (override it with --device)")
+        dev = checkpoint_device(device, config)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
         hflip = _tta_choice(tta, config)
@@ -570,7 +577,7 @@ def export(
             raise VitError(f"{target} exists; choose another --out (nothing is overwritten)")
         from vitcli.checkpoint import check_writable
 
-        check_writable(target, f"the {format_} model", "choose another --out")
+        check_writable(target.parent, f"the {format_} model {target}", "choose another --out")
         checkpoint = load_checkpoint(path)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema)
         diff = run_export(model, checkpoint["config"], checkpoint["classes"], format_, target)

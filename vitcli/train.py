@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from vitcli.checkpoint import (atomic_save, atomic_write, load_checkpoint, load_weights, make_checkpoint, rng_state,
-                               set_rng_state)
+from vitcli.checkpoint import (atomic_save, atomic_write, check_writable, load_checkpoint, load_weights,
+                               make_checkpoint, rng_state, set_rng_state)
 from vitcli.config import Config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory, short
@@ -295,14 +295,7 @@ def prepare_run_dir(run_dir: Path) -> None:
                            f"stopped before its first checkpoint?); delete it or choose another --run-dir")
         raise VitError(f"run directory {run_dir} already holds files; choose another --run-dir, or resume it "
                        f"with: {resume_command_line(run_dir / 'last.pt')}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise VitError(f"cannot write to run directory {run_dir}: {e.strerror or e}; choose a writable "
-                       f"--run-dir") from None
+    check_writable(run_dir, f"to run directory {run_dir}", "choose a writable --run-dir", keep=True)
 
 
 def check_resume_overrides(saved: Config, new: Config, path: Path) -> None:
