@@ -61,13 +61,23 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-@torch.compiler.disable  # a collective: run eagerly (a graph break under torch.compile)
-def _global_moments(x: torch.Tensor) -> torch.Tensor:
+def _sum_moments(x: torch.Tensor) -> torch.Tensor:
     """Per channel: the sum and the sum of squares over every process's batch, then the number of values per
     channel; differentiable."""
     x = x.float()
     count = x.new_tensor([x.numel() / x.shape[1]])
     return _AllReduceSum.apply(torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count]))
+
+
+_global_moments = _sum_moments  # what BatchNorm2d calls; prepare_compile() makes it run eagerly when compiled
+
+
+def prepare_compile() -> None:
+    """Called before torch.compile traces a model: the collective in _global_moments then runs eagerly (a graph
+    break). Done here, not by decorating it at import, because torch.compiler.disable imports torch's compiler
+    (~0.9 s), which evaluation, prediction and runs without train.compile never need."""
+    global _global_moments
+    _global_moments = torch.compiler.disable(_sum_moments)
 
 
 class BatchNorm2d(nn.BatchNorm2d):

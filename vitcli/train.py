@@ -27,9 +27,9 @@ from vitcli.config import Config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory, short
 from vitcli.evaluate import evaluate
-from vitcli.model import build_model, no_weight_decay
+from vitcli.model import build_model, no_weight_decay, prepare_compile
 from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
-                            resolve_device, resolve_precision)
+                            resolve_device, resolve_precision, settle)
 
 # Keys that may differ on --resume: most change where or how fast the run computes, not what; train.epochs extends
 # it (the cosine schedule is stretched over the new total, as the README says); the optimisation settings let a run
@@ -180,6 +180,7 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"
     if sys.version_info >= (3, 14) or not hasattr(torch, "compile"):
         print(f"vit: torch.compile is not available here; {doing} eagerly", file=sys.stderr)
         return model
+    prepare_compile()
     return torch.compile(model)
 
 
@@ -714,6 +715,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         raise Interrupted(str(save("last.pt", epoch, done, last_metrics)))
 
     lr = lr_at(max(global_step - 1, 0), total_steps, warmup_steps, config.train.lr, config.train.min_lr)
+    settle()
     with StopSignals() as stop, memory_errors(out_of_memory_advice):
         while epoch < config.train.epochs:
             bar = tqdm(total=train_data.steps_per_epoch, initial=start_step, disable=not main, leave=True,
