@@ -1,0 +1,81 @@
+"""What a timm user writes to train a ViT on Fashion-MNIST: torchvision per-image transforms through a 2-worker
+DataLoader, timm's VisionTransformer in fp32 (timm's default), AdamW with a one-cycle schedule, then the test
+accuracy. The shape and hyper-parameters are configs/fashion_mnist.yaml's (timm's ViT has the linear patch
+embedding). benchmarks/vs_timm.py runs this script as a command of its own and times it from outside, as it times
+`vit train`, so both sides pay for starting Python and importing their libraries.
+
+    python benchmarks/timm_epoch.py --root DIR [--epochs 1] [--seed 0]
+
+DIR holds FashionMNIST/raw/ as torchvision wants it. Prints one JSON object: the seconds from building the datasets
+to the end of the test pass (this process's own clock) and the test top-1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from timm.models.vision_transformer import VisionTransformer
+from torchvision import transforms
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vitcli.config import load_config  # noqa: E402
+from vitcli.runtime import tune_malloc  # noqa: E402
+
+
+def timm_epoch(root: str, epochs: int = 1, seed: int = 0) -> dict[str, float]:
+    config = load_config(REPO / "configs" / "fashion_mnist.yaml")
+    m = config.model
+    normalize = transforms.Normalize(config.mean, config.std)
+    crop = [transforms.RandomCrop(28, padding=config.crop_padding)] if config.crop_padding else []
+    train_tf = transforms.Compose([*crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+    test_tf = transforms.Compose([transforms.ToTensor(), normalize])
+    start = time.perf_counter()
+    train_set = torchvision.datasets.FashionMNIST(root, train=True, transform=train_tf)
+    test_set = torchvision.datasets.FashionMNIST(root, train=False, transform=test_tf)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=config.train.batch_size, shuffle=True,
+                                               num_workers=2, drop_last=True, persistent_workers=True)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=512, num_workers=2)
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=28, patch_size=m.patch_size, in_chans=1, num_classes=10, embed_dim=m.dim,
+                              depth=m.depth, num_heads=m.heads, mlp_ratio=m.mlp_ratio)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    total = epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.train.lr, total_steps=total,
+                                                    pct_start=0.2)
+    for _ in range(epochs):
+        model.train()
+        for x, y in train_loader:
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for x, y in test_loader:
+            correct += (model(x).argmax(1) == y).sum().item()
+    return {"seconds": time.perf_counter() - start, "test_top1": correct / len(test_set)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", required=True, help="the folder holding FashionMNIST/raw/")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    tune_malloc()  # as `vit` tunes its own, so that both sides run with the same allocator settings
+    print(json.dumps(timm_epoch(args.root, args.epochs, args.seed)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
