@@ -1,13 +1,16 @@
 """End-to-end: the real `vit` command on data in the real on-disk formats."""
 
 import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import FASHION_MNIST, REPO, run_vit, write_png
+from conftest import FASHION_MNIST, REPO, VIT, run_vit, write_png
 from vitcli.data import FASHION_MNIST_CLASSES
 
 TINY = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "train.epochs=2",
@@ -243,6 +246,21 @@ def test_imagefolder(imagefolder_dir, tmp_path):
     a = torch.load(run_dir / "last.pt", weights_only=False)["model"]
     b = torch.load(skipped / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_printed_commands_start_vit_as_the_user_did(smoke_run):
+    """The resume command a refused run directory prints: `vit` where that is the vit on PATH, else the path the
+    user ran (a venv not activated), and `python -m vitcli` when run so."""
+    args = ["train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", smoke_run]
+    without = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                              if not p or shutil.which("vit", path=p) is None)
+    cases = {"vit": {"PATH": os.pathsep.join([os.path.dirname(VIT), without])}, shlex.quote(VIT): {"PATH": without}}
+    for program, env in cases.items():
+        result = run_vit(*args, env=env)
+        assert result.returncode == 2 and f"{program} train --resume " in result.stderr, (program, result.stderr)
+    result = subprocess.run([sys.executable, "-m", "vitcli", *map(str, args)], capture_output=True, text=True,
+                            env={**os.environ, "PATH": without})
+    assert f"{shlex.quote(sys.executable)} -m vitcli train --resume " in result.stderr, result.stderr
 
 
 def test_run_directory_is_never_overwritten(smoke_run, tmp_path):

@@ -230,6 +230,10 @@ def launch_torchrun(nproc: int) -> int:
             continue
         args.append(arg)
     argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "vitcli", *args]
+    from vitcli.errors import vit_program
+
+    # the workers run as `python -m vitcli`; the commands they print (resume, evaluate) start vit as the user did
+    os.environ["VIT_PROGRAM"] = vit_program()
     err("launching: torchrun " + " ".join(argv))
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and print four lines of warning about it
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -244,6 +248,9 @@ def launch_torchrun(nproc: int) -> int:
 
     # a failed worker is reported below in one line, not also in torchrun's log record
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    from vitcli.runtime import settle
+
+    settle()  # this process watches the workers for the whole run: collection on, as in theirs
     try:
         torchrun(argv)
     except SignalException:

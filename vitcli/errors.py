@@ -41,6 +41,29 @@ def not_a_file(path, what: str, *patterns: str) -> str:
     return f"{what} not found: {path}"
 
 
+def vit_program() -> str:
+    """How the commands vit prints (resume, evaluate) start vit: `vit` where that name on PATH is the vit this
+    process runs as, else the path the user ran (`.venv/bin/vit` without an activated venv), or this Python with
+    `-m vitcli`. The processes `vit train --nproc` starts get their launcher's (VIT_PROGRAM). Needs no torch
+    import."""
+    import os
+    import shlex
+    import shutil
+    import sys
+
+    if os.environ.get("VIT_PROGRAM"):
+        return os.environ["VIT_PROGRAM"]
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "vit":  # the console script
+        on_path = shutil.which("vit")
+        if on_path and os.path.abspath(on_path) == os.path.abspath(argv0):
+            return "vit"
+        return shlex.quote(argv0)
+    python = shutil.which("python")
+    same = python and os.path.abspath(python) == os.path.abspath(sys.executable)
+    return f"{'python' if same else shlex.quote(sys.executable)} -m vitcli"
+
+
 def is_rank_zero() -> bool:
     """False in the processes of a torchrun / `--nproc` run other than rank 0, which say nothing of a stop (rank 0
     speaks for the run). Needs no torch import."""

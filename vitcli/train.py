@@ -25,7 +25,8 @@ from vitcli.checkpoint import (atomic_save, atomic_write, check_writable, load_c
                                make_checkpoint, rng_state, set_rng_state)
 from vitcli.config import Config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
-from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory, short
+from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory, short,
+                           vit_program)
 from vitcli.evaluate import evaluate
 from vitcli.model import build_model, no_weight_decay, prepare_compile
 from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
@@ -59,7 +60,7 @@ def resume_sets(saved: Config, config: Config, leave_out: Sequence[str] = ()) ->
 def resume_command_line(path: Path) -> str:
     """`vit train --resume PATH`, with `--nproc N` when this process is one of N on this machine (`--nproc` or a
     one-node torchrun): the command that continues the run as it runs now. Across nodes, relaunch as before."""
-    command = f"vit train --resume {shlex.quote(str(path))}"
+    command = f"{vit_program()} train --resume {shlex.quote(str(path))}"
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
@@ -863,5 +864,6 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         dist.destroy_process_group()
     if main:
         print(f"vit: done{synthetic}. best val top-1 {best_top1:.4f}: {run_dir / 'best.pt'}", file=sys.stderr)
-        print(f"vit: evaluate it with: vit eval --ckpt {shlex.quote(str(run_dir / 'best.pt'))}", file=sys.stderr)
+        print(f"vit: evaluate it with: {vit_program()} eval --ckpt {shlex.quote(str(run_dir / 'best.pt'))}",
+              file=sys.stderr)
     return {"run_dir": str(run_dir), "best_top1": best_top1, **last_metrics}
