@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import shlex
@@ -182,6 +183,10 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"
         print(f"vit: torch.compile is not available here; {doing} eagerly", file=sys.stderr)
         return model
     prepare_compile()
+    if not torch.cuda.is_available():
+        # inductor's C++ build imports torch.utils.cpp_extension, which warns "No CUDA runtime is found, using
+        # CUDA_HOME=..." on every machine without a GPU, across the progress bar: nothing a CPU run can act on
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(model)
 
 
