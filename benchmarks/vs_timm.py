@@ -184,9 +184,10 @@ def timm_epoch(root: str, seed: int = 0) -> dict[str, float]:
     reported as timm's time until 2026-11-29, while vitcli's included its start and imports)."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "timm_epoch.py"), "--root", root,
-                           "--seed", str(seed)], check=True, cwd=REPO, stdout=subprocess.PIPE, text=True,
-                          stderr=subprocess.DEVNULL)
+                           "--seed", str(seed)], cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"benchmarks/timm_epoch.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     inner = json.loads(done.stdout.strip().splitlines()[-1])
     return {"seconds": seconds, "test_top1": inner["test_top1"], "in_process_seconds": inner["seconds"]}
 

@@ -70,6 +70,17 @@ def test_an_error_on_rank_0_is_its_one_line(runs):
     assert "exitcode" not in result.stderr and "OMP_NUM_THREADS" not in result.stderr, result.stderr
 
 
+def test_a_diverged_loss_under_two_ranks_is_one_line(tmp_path):
+    """A loss that becomes NaN mid-run (after the start-up's objects were frozen, vitcli.runtime.settle): both ranks
+    see it in the all-reduced sum; rank 0 says so once, the other stops without a word, and neither aborts while
+    leaving the process group (DDP's reducer and gloo left to the exit aborted a rank: SIGABRT, exit 1)."""
+    result = run_vit("train", *EQUAL, "--set", "train.lr=1e6", "--set", "train.grad_clip=null",
+                     "--run-dir", tmp_path / "run", "--nproc", "2")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("vit: error:") == 1 == result.stderr.count("loss became"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "terminate called" not in result.stderr, result.stderr[-3000:]
+
+
 def test_ctrl_c_stops_every_rank_after_it_saved(tmp_path):
     """Ctrl-C on `vit train --nproc 2`: torchrun hands the signal to both workers, they save and stop, and the
     command returns only then, leaving no process behind; resumed with 2 processes, the run ends bit for bit where

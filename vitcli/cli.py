@@ -42,6 +42,7 @@ def leave_process_group() -> None:
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return
     traceback.clear_frames(sys.exc_info()[2])  # the failed run's locals, while the group they use is still there
+    gc.unfreeze()  # the model and DDP wrapper were frozen with the start-up's objects (runtime.settle)
     gc.collect()
     try:
         dist.destroy_process_group()
@@ -544,7 +545,9 @@ def convert(
         from vitcli.errors import VitError
         from vitcli.interop import from_peer, read_state_dict
         from vitcli.model import build_model
+        from vitcli.runtime import settle
 
+        settle()
         if from_ not in ("timm", "torchvision"):
             raise VitError(f"--from must be timm or torchvision, got {from_!r}")
         if out.exists():

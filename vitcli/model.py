@@ -77,7 +77,8 @@ def prepare_compile() -> None:
     break). Done here, not by decorating it at import, because torch.compiler.disable imports torch's compiler
     (~0.9 s), which evaluation, prediction and runs without train.compile never need."""
     global _global_moments
-    _global_moments = torch.compiler.disable(_sum_moments)
+    if _global_moments is _sum_moments:  # once: a second wrapper would fail the guards of graphs traced with the first
+        _global_moments = torch.compiler.disable(_sum_moments)
 
 
 class BatchNorm2d(nn.BatchNorm2d):

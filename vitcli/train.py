@@ -186,8 +186,18 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"
     if not torch.cuda.is_available():
         # inductor's C++ build imports torch.utils.cpp_extension, which warns "No CUDA runtime is found, using
         # CUDA_HOME=..." on every machine without a GPU, across the progress bar: nothing a CPU run can act on
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        # (its other warnings, about the C++ compiler, stay)
+        cpp_extension = logging.getLogger("torch.utils.cpp_extension")
+        if NO_CUDA_RUNTIME_NOTE not in cpp_extension.filters:
+            cpp_extension.addFilter(NO_CUDA_RUNTIME_NOTE)
     return torch.compile(model)
+
+
+def _not_the_cuda_runtime_note(record: logging.LogRecord) -> bool:
+    return "No CUDA runtime is found" not in record.getMessage()
+
+
+NO_CUDA_RUNTIME_NOTE = _not_the_cuda_runtime_note
 
 
 def _ignore_stop_signals() -> None:
@@ -418,6 +428,18 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.tensorboard(lambda tb: tb.close())
+
+
+@contextlib.contextmanager
+def closed_on_error(writer: MetricsWriter):
+    """A stop or an error closes the TensorBoard writer, so that the events its thread still holds reach the file
+    (the exit does not: vit freezes its objects away from the last garbage collections, cli.run_command)."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+            writer.close()
+        raise
 
 
 @contextlib.contextmanager
@@ -722,7 +744,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
     lr = lr_at(max(global_step - 1, 0), total_steps, warmup_steps, config.train.lr, config.train.min_lr)
     settle()
-    with StopSignals() as stop, memory_errors(out_of_memory_advice):
+    with StopSignals() as stop, memory_errors(out_of_memory_advice), closed_on_error(writer):
         while epoch < config.train.epochs:
             bar = tqdm(total=train_data.steps_per_epoch, initial=start_step, disable=not main, leave=True,
                        desc=f"epoch {epoch + 1}/{config.train.epochs}", file=sys.stderr, dynamic_ncols=True)
@@ -746,7 +768,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                                                         torch.tensor(float(len(labels)), device=device),
                                                         torch.tensor(float(stop.requested), device=device)]),
                                            dist_info).tolist()
-                    if not math.isfinite(stats[0]):
+                    if not math.isfinite(stats[0]):  # every rank has the same sum: rank 0 says it, once
+                        if not main:
+                            raise OtherRankFailed()
                         raise VitError(f"loss became {stats[0] / stats[2]} at epoch {epoch + 1}, step {step + 1} "
                                        f"(global step {global_step + 1}); {kept()}; {diverged_advice()}")
                     global_step += 1
