@@ -188,16 +188,13 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"
         # CUDA_HOME=..." on every machine without a GPU, across the progress bar: nothing a CPU run can act on
         # (its other warnings, about the C++ compiler, stay)
         cpp_extension = logging.getLogger("torch.utils.cpp_extension")
-        if NO_CUDA_RUNTIME_NOTE not in cpp_extension.filters:
-            cpp_extension.addFilter(NO_CUDA_RUNTIME_NOTE)
+        if _not_the_cuda_runtime_note not in cpp_extension.filters:
+            cpp_extension.addFilter(_not_the_cuda_runtime_note)
     return torch.compile(model)
 
 
 def _not_the_cuda_runtime_note(record: logging.LogRecord) -> bool:
     return "No CUDA runtime is found" not in record.getMessage()
-
-
-NO_CUDA_RUNTIME_NOTE = _not_the_cuda_runtime_note
 
 
 def _ignore_stop_signals() -> None:
