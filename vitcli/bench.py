@@ -10,7 +10,7 @@ import torch
 from vitcli.config import DATASET_DEFAULTS, Config
 from vitcli.data import Preprocess
 from vitcli.model import ConvStem, build_model
-from vitcli.runtime import autocast, resolve_attention, resolve_device, resolve_precision, settle
+from vitcli.runtime import autocast, resolve_attention, resolve_device, resolve_precision
 from vitcli.train import EMA, Forward, TrainStep, make_optimizer
 
 
@@ -99,7 +99,6 @@ def timed(fn, repeats: int) -> float:
 
 def bench(config: Config, steps: int = 20, warmup: int = 5) -> dict[str, Any]:
     w = Workload(config)
-    settle()
     for _ in range(warmup):
         w.train_step()
     w.sync()

@@ -294,8 +294,9 @@ def eval_(
         from vitcli.data import Preprocess, eval_batches, split_name
         from vitcli.errors import DatasetNotFound, VitError
         from vitcli.evaluate import evaluate
-        from vitcli.runtime import resolve_precision, tune_malloc
+        from vitcli.runtime import resolve_precision, settle, tune_malloc
 
+        settle()
         tune_malloc()
         path = _resolve_ckpt(ckpt)
         checkpoint = load_checkpoint(path)
@@ -509,8 +510,9 @@ def bench(
         from vitcli.bench import bench as run_bench
         from vitcli.config import load_config
         from vitcli.errors import VitError
-        from vitcli.runtime import tune_malloc
+        from vitcli.runtime import settle, tune_malloc
 
+        settle()
         if steps <= 0:
             raise VitError(f"--steps must be positive, got {steps}")
         check_device_option(device)
@@ -602,7 +604,9 @@ def export(
         from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
         from vitcli.errors import VitError
         from vitcli.interop import export as run_export
+        from vitcli.runtime import settle
 
+        settle()  # the exporters (ONNX's above all) make many short-lived objects
         if format_ not in ("onnx", "torchscript", "safetensors"):
             raise VitError(f"--format must be onnx, torchscript or safetensors, got {format_!r}")
         path = _resolve_ckpt(ckpt)

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from vitcli.runtime import Distributed, all_reduce_sum, autocast, settle
+from vitcli.runtime import Distributed, all_reduce_sum, autocast
 
 
 def mirror_average(logits: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,6 @@ def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess
     collects its mistakes there, so the split is run through the model once).
     `hflip`: score each image by its and its mirror's averaged class probabilities (`mirror_average`); the
     result then also holds `top1_single_view`, the top-1 of the image alone, from the same pass."""
-    settle()
     model.eval()
     forward = forward or model
     k = len(classes)

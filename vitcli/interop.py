@@ -163,9 +163,7 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
     import json
 
     from vitcli.config import DATASET_DEFAULTS
-    from vitcli.runtime import settle
 
-    settle()  # the exporters (ONNX's above all) make many short-lived objects
     model = model.float().eval()
     model.set_fused_attention(False)
     channels = DATASET_DEFAULTS[config.data.dataset]["channels"]

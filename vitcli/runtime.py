@@ -55,8 +55,8 @@ def settle() -> None:
     """Ends a command's start-up, which `vit` runs with Python's cyclic garbage collector paused (cli.run_command):
     importing torch, its compiler and TensorBoard makes ~0.5M objects that live as long as the process, and the
     collector's full passes over them while they pile up cost ~0.7 s of a `vit train` start. Here they are moved out
-    of its sight (gc.freeze: later passes skip them) and collection resumes, for the work that follows (a training
-    loop, an evaluation). Does nothing once collection runs."""
+    of its sight (gc.freeze: later passes skip them) and collection resumes, for the work that follows. Each command
+    body calls it after its imports (`fit` before its training loop). Does nothing once collection runs."""
     if not gc.isenabled():
         gc.freeze()
         gc.enable()

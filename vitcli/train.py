@@ -26,8 +26,8 @@ from vitcli.checkpoint import (atomic_save, atomic_write, check_writable, load_c
                                make_checkpoint, rng_state, set_rng_state)
 from vitcli.config import Config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
-from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory, short,
-                           vit_program)
+from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, not_a_file, out_of_memory,
+                           short, vit_program)
 from vitcli.evaluate import evaluate
 from vitcli.model import build_model, no_weight_decay, prepare_compile
 from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
@@ -455,8 +455,6 @@ def check_init_from(config: Config) -> None:
     """model.init_from names a file (checked once before `--nproc` starts its processes, and by each of them)."""
     source = config.model.init_from
     if source and not Path(source).is_file():
-        from vitcli.errors import not_a_file
-
         what = "checkpoint" if config.model.init_format == "vitcli" else "weights file"
         raise VitError(f"model.init_from: {not_a_file(source, what, '*.pt', '*.pth', '*.safetensors', '*.bin')}")
 
