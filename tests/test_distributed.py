@@ -155,3 +155,27 @@ def test_process_launch_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "WORLD_SIZE=2 is set but RANK" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_each_rank_frees_ddp_before_it_destroys_the_group(tmp_path):
+    """A rank that destroyed its process group while DistributedDataParallel's reducer (which holds the group) was
+    still alive left both to the interpreter's teardown, where a rank now and then aborted after a finished run
+    ('terminate called without an active exception', SIGABRT: CI failed on it once). Each rank, after a run that
+    finished and after one that failed, destroys its group once, with no DDP wrapper left."""
+    import subprocess
+    import sys
+
+    def probe(*args):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(REPO / "tests" / "ddp_teardown_probe.py"), "train", *map(str, EQUAL), *args],
+            capture_output=True, text=True, timeout=600)
+        reports = [line for line in result.stderr.splitlines() if line.startswith("ddp-probe:")]
+        return result, reports
+
+    finished, reports = probe("--set", "train.epochs=1", "--run-dir", tmp_path / "finished")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert reports == ["ddp-probe: 0 DistributedDataParallel alive at destroy_process_group"] * 2, reports
+    failed, reports = probe("--set", "train.lr=1e6", "--set", "train.grad_clip=null", "--run-dir", tmp_path / "nan")
+    assert failed.returncode != 0 and "loss became" in failed.stderr, failed.stderr[-3000:]
+    assert reports == ["ddp-probe: 0 DistributedDataParallel alive at destroy_process_group"] * 2, reports

@@ -34,10 +34,11 @@ def err(message: str) -> None:
 
 
 def leave_process_group() -> None:
-    """Under torchrun, a run that ends early (a user error, a stop) leaves the process group before it exits, after
-    dropping what the run's frames hold (DistributedDataParallel's reducer): left to interpreter teardown, they
-    aborted the process ('terminate called without an active exception', SIGABRT) in about a third of the runs,
-    so the launcher saw a crash instead of the one-line error's exit 2."""
+    """Under torchrun, a run leaves the process group before it exits, after dropping what the run held
+    (DistributedDataParallel's reducer, which holds the group): left to interpreter teardown, they aborted the
+    process ('terminate called without an active exception', SIGABRT) in about a third of the runs that ended early
+    (a user error, a stop), so the launcher saw a crash instead of the one-line error's exit 2, and now and then
+    after a run that finished (the group destroyed with the reducer still alive)."""
     dist = sys.modules.get("torch.distributed")  # loaded only by a run under torchrun: nothing to import here
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return

@@ -882,10 +882,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
          "epochs": config.train.epochs, "precision": precision},
         {"hparam/best_val_top1": best_top1}, run_name="hparams"))
     writer.close()
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    # under torchrun the process group stays for cli.leave_process_group, which frees DistributedDataParallel's
+    # reducer (it holds the group) before it destroys the group
     if main:
         print(f"vit: done{synthetic}. best val top-1 {best_top1:.4f}: {run_dir / 'best.pt'}", file=sys.stderr)
         print(f"vit: evaluate it with: {vit_program()} eval --ckpt {shlex.quote(str(run_dir / 'best.pt'))}",
