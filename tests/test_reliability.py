@@ -227,11 +227,14 @@ def test_a_stop_during_the_evaluation_loses_no_epoch(imagefolder_dir, tmp_path):
     else:
         pytest.fail("no stop landed in an evaluation")
     assert metrics_epochs(run_dir) == list(range(1, ckpt["epoch"] + 1))  # the stopped epoch has no row yet
-    resumed = run_vit("train", "--resume", run_dir / "last.pt", check=True)
+    # resumed at another learning rate, which applies from the next step on
+    resumed = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.lr=0.002", check=True)
     assert metrics_epochs(run_dir) == [1, 2, 3]
     assert "(its training is done: its evaluation)" in resumed.stderr, resumed.stderr[-2000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("val_top1" in r for r in rows[:3]) and rows[-1]["final"]
+    # the evaluated epoch's row gives the learning rate its training ended at, as an uninterrupted run's would
+    assert rows[ckpt["epoch"]]["lr"] == ckpt["optimizer"]["param_groups"][0]["lr"], rows
     assert torch.load(run_dir / "last.pt", weights_only=True)["global_step"] == 3  # no step trained twice
 
 
@@ -303,6 +306,8 @@ def test_a_diverged_run_continues_from_its_checkpoint_at_a_lower_lr(smoke_run, t
     diverged = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", "--set", "train.lr=1e6",
                        "--set", "train.grad_clip=null")
     one_line_error(diverged, "loss became", "continue from it with a lower train.lr")
+    # it diverged before its first save: config.yaml still describes last.pt, the run it resumes
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == 0.003
     assert "note: train.lr 0.003 -> 1000000.0, train.grad_clip 1.0 -> None from global step 49 on" in diverged.stderr
     # the command carries what this resume changed and last.pt does not hold yet (train.epochs), halves the
     # learning rates and turns clipping back on
@@ -317,6 +322,7 @@ def test_a_diverged_run_continues_from_its_checkpoint_at_a_lower_lr(smoke_run, t
     assert metrics_epochs(run_dir) == [1, 2, 3, 4]
     saved = torch.load(run_dir / "last.pt", weights_only=True)
     assert saved["global_step"] == 64 and saved["config"]["train"]["lr"] == 0.001
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"] == saved["config"]["train"]
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -623,7 +623,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             prepare_run_dir(run_dir)
         for stale in run_dir.glob(".*.pt.tmp*"):  # left by a save that was killed half-way
             stale.unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml())  # on resume: with the extended epochs
+        if ckpt is None:  # a resumed run's changes (more epochs, a new lr) go in with its first last.pt (save)
+            (run_dir / "config.yaml").write_text(config.to_yaml())
 
     rank0_first(dist_info, set_up_run_dir, others_too=False)
     writer = MetricsWriter(run_dir, main, (epoch, global_step) if ckpt is not None else None)
@@ -674,6 +675,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 epoch_stats=epoch_stats, metrics=metrics, rng_ranks=rng_ranks,
                 elapsed_seconds=time.perf_counter() - start_time), path)
         if name == "last.pt":
+            if main and saved_config is not None and saved_config is not config:  # a resumed run's, from here on
+                (run_dir / "config.yaml").write_text(config.to_yaml())
             saved_step, saved_config = global_step, config
         return path
 
@@ -737,7 +740,10 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                            "checkpoint (send the signal to torchrun or the vit processes, not to the whole group)")
         raise Interrupted(str(save("last.pt", epoch, done, last_metrics)))
 
-    lr = lr_at(max(global_step - 1, 0), total_steps, warmup_steps, config.train.lr, config.train.min_lr)
+    # the learning rate of the last step taken: a resumed run that starts by evaluating a finished epoch logs the
+    # rate that epoch ended at (its optimizer's), not the one a changed train.lr would have given
+    lr = (optimizer.param_groups[0]["lr"] if ckpt is not None and global_step > 0 else
+          lr_at(max(global_step - 1, 0), total_steps, warmup_steps, config.train.lr, config.train.min_lr))
     settle()
     with StopSignals() as stop, memory_errors(out_of_memory_advice), closed_on_error(writer):
         while epoch < config.train.epochs:
