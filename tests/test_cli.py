@@ -264,6 +264,9 @@ def test_printed_commands_start_vit_as_the_user_did(smoke_run):
     same = python and os.path.abspath(python) == os.path.abspath(sys.executable)
     assert f"{'python' if same else shlex.quote(sys.executable)} -m vitcli train --resume " in result.stderr, \
         result.stderr
+    # how the user says they start vit (a runner such as `uv run vit`), as it is
+    result = run_vit(*args, env={"VIT_PROGRAM": "uv run vit"})
+    assert result.returncode == 2 and "uv run vit train --resume " in result.stderr, result.stderr
 
 
 def test_run_directory_is_never_overwritten(smoke_run, tmp_path):
