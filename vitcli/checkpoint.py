@@ -50,21 +50,44 @@ def atomic_write(path: Path, write: Callable[[Any], None], what: str = "file",
     moment leaves either the old file or the new one, never a torn one; an error is one VitError naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    f = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as raw:
+            f = _WriteErrors(raw)
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer turns a failed write (a full disk) into a RuntimeError ("unexpected pos ...")
+        error = e if isinstance(e, OSError) else getattr(f, "error", None)
+        if error is None:
+            raise
         tmp.unlink(missing_ok=True)
-        raise VitError(f"cannot write {what} {path}: {e.strerror or e}; {fix}") from None
+        raise VitError(f"cannot write {what} {path}: {error.strerror or error}; {fix}") from None
+
+
+class _WriteErrors:
+    """A binary file whose first failed write is kept (`error`), for writers that report it as something else."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
 
 
 def rng_state() -> dict[str, Any]:
