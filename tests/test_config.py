@@ -84,8 +84,11 @@ def test_errors_name_the_set_that_gave_the_value():
         build_config({"model": {"heads": 4}}, ["model.dim=30"], source="my.yaml")
     with pytest.raises(VitError, match=r"^my.yaml: model.heads dim 30"):  # both from the file
         build_config({"model": {"heads": 4, "dim": 30}}, ["train.epochs=2"], source="my.yaml")
-    with pytest.raises(VitError, match=r"^--set name=a/b: 'name' must be"):
+    with pytest.raises(VitError, match=r"^--set name=a/b: 'name' \(runs/NAME/...\) must be"):
         build_config({}, ["name=a/b"], source="my.yaml")
+    for parent in (".", ".."):  # runs/.. is the current folder: the run would land outside runs/
+        with pytest.raises(VitError, match=r"other than '\.' and '\.\.', got '\.{1,2}'"):
+            build_config({}, [f"name={parent}"], source="my.yaml")
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):

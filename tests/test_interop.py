@@ -100,6 +100,11 @@ def test_converted_weights_predict_like_the_peer(tmp_path, peer, suffix):
     # and it refuses to overwrite
     again = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out", ckpt)
     assert again.returncode == 2 and "exists" in again.stderr
+    # a folder is not a checkpoint's name (a trailing / was dropped: a file named like the folder was written)
+    folder = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out",
+                     f"{tmp_path / 'new'}/")
+    assert folder.returncode == 2 and "a folder; give the checkpoint file" in folder.stderr, folder.stderr
+    assert not (tmp_path / "new").exists()
     # and an --out that cannot be written is one line naming it
     nowhere = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path),
                       "--out", "/proc/vitcli-convert/model.pt")  # a folder nobody (not even root) can create
@@ -214,6 +219,13 @@ def test_torchscript_and_safetensors_exports(converted, tmp_path):
         torch.testing.assert_close(scripted(x), expected, atol=1e-5, rtol=1e-5)
     st = tmp_path / "model.safetensors"
     run_vit("export", "--ckpt", converted, "--format", "safetensors", "--out", st, check=True)
+    # --out DIR/ (made if need be) or an existing folder: the checkpoint's name with the format's suffix in it
+    for folder in (f"{tmp_path / 'exports'}/", tmp_path / "exports"):
+        (tmp_path / "exports" / f"{converted.stem}.safetensors").unlink(missing_ok=True)
+        run_vit("export", "--ckpt", converted, "--format", "safetensors", "--out", folder, check=True)
+        with safe_open(str(tmp_path / "exports" / f"{converted.stem}.safetensors"), "pt") as f, \
+                safe_open(str(st), "pt") as g:
+            assert f.metadata() == g.metadata() and sorted(f.keys()) == sorted(g.keys())
     with safe_open(str(st), "pt") as f:
         meta = f.metadata()
         assert json.loads(meta["config"])["model"]["dim"] == 48

@@ -366,6 +366,25 @@ def test_resume_refuses_what_would_lose_or_scatter_files(smoke_run, tmp_path):
     assert sorted(p.name for p in alone.iterdir()) == ["last.pt"], "nothing written beside a stray checkpoint"
     after = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name not in ("earlier.pt", "weights.pt")}
     assert after == before, "the refused resumes wrote nothing in the run directory"
+    # a checkpoint put into another run's directory, whose last.pt is at an earlier step: that run is not written
+    # over (it was: its last.pt, config.yaml and metrics replaced by the continued run's)
+    for other, needle in (("seed", "the config.yaml beside it is another run's (train.seed 7, the checkpoint's 0)"),
+                          ("run_id", "the last.pt beside it is another run's")):
+        victim = tmp_path / f"victim-{other}"
+        shutil.copytree(smoke_run, victim)
+        theirs = dict(ckpt, global_step=ckpt["global_step"] - 16, step=ckpt["step"] - 16, run_id="another")
+        if other == "seed":
+            theirs["config"] = {**ckpt["config"], "train": {**ckpt["config"]["train"], "seed": 7}}
+            config = yaml.safe_load((victim / "config.yaml").read_text())
+            config["train"]["seed"] = 7
+            (victim / "config.yaml").write_text(yaml.safe_dump(config))
+        torch.save(theirs, victim / "last.pt")
+        shutil.copy(smoke_run / "last.pt", victim / "foreign.pt")
+        before = {p.name: p.read_bytes() for p in victim.iterdir() if p.is_file()}
+        one_line_error(run_vit("train", "--resume", victim / "foreign.pt", "--set", "train.epochs=4"),
+                       needle, "write over that run's files", "model.init_from")
+        assert {p.name: p.read_bytes() for p in victim.iterdir() if p.is_file()} == before
+    assert ckpt["run_id"] and torch.load(smoke_run / "best.pt", weights_only=True)["run_id"] == ckpt["run_id"]
 
 
 def test_config_errors(tmp_path):
@@ -471,6 +490,10 @@ def test_bad_checkpoints(tmp_path, real_ckpt):
     torch.save(ckpt, tmp_path / "future.pt")
     one_line_error(run_vit("eval", "--ckpt", tmp_path / "future.pt"), "version 99")
     ckpt = torch.load(real_ckpt, weights_only=True)
+    del ckpt["model"]  # was a KeyError traceback
+    torch.save(ckpt, tmp_path / "no-model.pt")
+    one_line_error(run_vit("eval", "--ckpt", tmp_path / "no-model.pt"), "incomplete vitcli checkpoint (no model)")
+    ckpt = torch.load(real_ckpt, weights_only=True)
     ckpt["model"]["head.weight"] = torch.zeros(7, 32)
     torch.save(ckpt, tmp_path / "shape.pt")
     one_line_error(run_vit("eval", "--ckpt", tmp_path / "shape.pt"), "head.weight", "(7, 32)", "(10, 32)")
@@ -558,6 +581,21 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
     one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--attention", tmp_path / "out.txt"),
                    "cannot write a .txt picture", ".png")
     assert not (tmp_path / "out.txt").exists()
+    # a file of the user's under the picture's name is kept (it was replaced); an attention picture vit wrote
+    # (its metadata says so) is replaced, as on a second run
+    for name in ("notes.pdf", "photo.jpg", "taken.png"):
+        mine = write(tmp_path / name, "mine")
+        one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--attention", mine), "would write over",
+                       name, "not an attention picture vit wrote", "nothing was written")
+        assert mine.read_text() == "mine"
+    for name in ("map.png", "map.pdf", "map.svg"):
+        for _ in range(2):
+            run_vit("predict", image, "--ckpt", real_ckpt, "--attention", tmp_path / name, check=True)
+    folder = tmp_path / "maps"
+    run_vit("predict", image, "--ckpt", real_ckpt, "--attention", f"{folder}/", check=True)
+    (folder / "in.attention.png").write_text("mine")
+    one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--attention", f"{folder}/"), "would write over",
+                   "in.attention.png")
     one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--device", "gpu"), "'gpu' is not one of", "--device cpu")
     if not torch.cuda.is_available():  # named as the option given, not as the config key train.device
         one_line_error(run_vit("predict", "x.png", "--ckpt", real_ckpt, "--device", "cuda"),

@@ -119,9 +119,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def make_checkpoint(*, config: Config, classes: list[str], model: torch.nn.Module,
                     ema: Optional[torch.nn.Module], optimizer, scaler, epoch: int, step: int, global_step: int,
                     best_top1: float, epoch_stats: dict[str, float], metrics: dict[str, Any],
-                    rng_ranks: Optional[list[dict[str, Any]]] = None, elapsed_seconds: float = 0.0) -> dict[str, Any]:
+                    rng_ranks: Optional[list[dict[str, Any]]] = None, elapsed_seconds: float = 0.0,
+                    run_id: Optional[str] = None) -> dict[str, Any]:
     """`epoch` is the epoch in progress and `step` the steps of it already done (step == steps_per_epoch once
-    the epoch is finished); `elapsed_seconds` the run's wall time so far, over all its sessions."""
+    the epoch is finished); `elapsed_seconds` the run's wall time so far, over all its sessions; `run_id` names the
+    run, the same in all its checkpoints (a resumed run keeps it)."""
     from vitcli import __version__
 
     return {
@@ -141,6 +143,7 @@ def make_checkpoint(*, config: Config, classes: list[str], model: torch.nn.Modul
         "epoch_stats": epoch_stats,
         "metrics": metrics,
         "elapsed_seconds": elapsed_seconds,
+        "run_id": run_id,
         "rng": rng_ranks[0] if rng_ranks else rng_state(),
         "rng_ranks": rng_ranks,  # under DDP: every rank's own state, for an exact resume with as many ranks
     }
@@ -178,6 +181,10 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str 
     if ckpt.get("version") != VERSION:
         raise VitError(f"{path} is a version {ckpt.get('version')} checkpoint (written by vitcli "
                        f"{ckpt.get('vitcli_version')}); this vitcli reads version {VERSION}")
+    missing = [key for key in ("config", "classes", "model") if not isinstance(ckpt.get(key), (dict, list))]
+    if missing:  # damaged, or edited by hand
+        raise VitError(f"{path} is an incomplete vitcli checkpoint (no {', '.join(missing)}); use another "
+                       f"checkpoint, e.g. the run's best.pt or last.pt")
     ckpt["config"] = config_from_dict(ckpt["config"], source=f"{path} (config)")
     return ckpt
 

@@ -415,6 +415,13 @@ def predict(
             if clash:
                 raise VitError(f"--attention would write over the input image {clash[0]}; choose another file or "
                                f"folder (nothing was written)")
+            from vitcli.visualize import ATTENTION_MARK, carries_mark
+
+            taken = [out for out in attention_paths.values()
+                     if os.path.lexists(out) and not carries_mark(out, ATTENTION_MARK)]
+            if taken:  # an attention picture vit wrote (its metadata says so: PNG, PDF, SVG) is replaced
+                raise VitError(f"--attention would write over {taken[0]}, which is not an attention picture vit "
+                               f"wrote; remove it or choose another file or folder (nothing was written)")
         for image_path in paths:
             try:
                 image = open_image(image_path)
@@ -478,7 +485,7 @@ def write_attention(model, config, tensor, device, mode: str, out: Path, origina
     from vitcli.data import Preprocess
     from vitcli.errors import VitError
     from vitcli.predict import convert_image, view_box
-    from vitcli.visualize import attention_maps, overlay_figure, save_figure
+    from vitcli.visualize import ATTENTION_MARK, attention_maps, overlay_figure, save_figure
 
     x, _ = Preprocess(config, device, train=False)(tensor[None].to(device), None)
     _, heat = attention_maps(model, x, mode)
@@ -491,7 +498,7 @@ def write_attention(model, config, tensor, device, mode: str, out: Path, origina
     heat = F.interpolate(heat[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     title = f"{best['label']} ({100 * best['probability']:.1f}%) - attention {mode}"
     try:
-        save_figure(overlay_figure(image, heat.cpu().numpy(), title), out)
+        save_figure(overlay_figure(image, heat.cpu().numpy(), title), out, mark=ATTENTION_MARK)
     except (OSError, ValueError) as e:  # ValueError: a picture format matplotlib does not write
         raise VitError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}") from None
     return out
@@ -535,7 +542,7 @@ def convert(
     weights: Annotated[Path, typer.Argument(help="State dict of a timm or torchvision ViT (.pth/.pt/.safetensors).")],
     from_: Annotated[str, typer.Option("--from", help="timm or torchvision.")],
     config: ConfigOpt,
-    out: Annotated[Path, typer.Option("--out", help="The vitcli checkpoint to write.")],
+    out: Annotated[str, typer.Option("--out", help="The vitcli checkpoint to write.")],
     set_: SetOpt = None,
     classes: Annotated[Optional[str], typer.Option(
         "--classes", help="Comma-separated class names (default: the config's dataset's, or class_0...).")] = None,
@@ -553,7 +560,10 @@ def convert(
         settle()
         if from_ not in ("timm", "torchvision"):
             raise VitError(f"--from must be timm or torchvision, got {from_!r}")
-        if out.exists():
+        if out.endswith(("/", os.sep)) or Path(out).is_dir():
+            raise VitError(f"--out {out}: a folder; give the checkpoint file to write, such as "
+                           f"{Path(out) / (weights.stem + '.pt')}")
+        if Path(out).exists():
             raise VitError(f"{out} exists; choose another --out (nothing is overwritten)")
         cfg = load_config(config, list(set_ or []))
         state = from_peer(read_state_dict(weights), from_)
@@ -595,7 +605,8 @@ def placeholder_classes(n: int) -> list[str]:
 def export(
     ckpt: CkptOpt = None,
     format_: Annotated[str, typer.Option("--format", help="onnx, torchscript or safetensors.")] = "onnx",
-    out: Annotated[Optional[Path], typer.Option("--out", help="File to write.")] = None,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", help="File to write; a folder (DIR/) for the checkpoint's name with the format's suffix.")] = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Export the raw weights instead of the EMA.")] = False,
 ) -> None:
     """Export a checkpoint: ONNX / TorchScript (normalized N x C x H x W in, logits out, dynamic batch) or
@@ -611,8 +622,13 @@ def export(
         if format_ not in ("onnx", "torchscript", "safetensors"):
             raise VitError(f"--format must be onnx, torchscript or safetensors, got {format_!r}")
         path = _resolve_ckpt(ckpt)
-        target = out or path.with_suffix({"onnx": ".onnx", "torchscript": ".ts", "safetensors": ".safetensors"}
-                                         [format_])
+        default = path.with_suffix({"onnx": ".onnx", "torchscript": ".ts", "safetensors": ".safetensors"}[format_])
+        if out is None:
+            target = default
+        elif out.endswith(("/", os.sep)) or Path(out).is_dir():
+            target = Path(out) / default.name
+        else:
+            target = Path(out)
         if target.exists():
             raise VitError(f"{target} exists; choose another --out (nothing is overwritten)")
         from vitcli.checkpoint import check_writable

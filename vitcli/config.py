@@ -237,8 +237,9 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
     for item in overrides:
         _merge(_set_to_dict(item), values, f"--set {item}")
     name, where = values.pop("name", ("vit", source))
-    if not isinstance(name, str) or not name or "/" in name:
-        raise VitError(f"{where}: 'name' must be a non-empty string without '/', got {name!r}")
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise VitError(f"{where}: 'name' (runs/NAME/...) must be a non-empty string without '/', other than '.' "
+                       f"and '..', got {name!r}")
     sections = {}
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -24,7 +25,7 @@ import yaml
 
 from vitcli.checkpoint import (atomic_save, atomic_write, check_writable, load_checkpoint, load_weights,
                                make_checkpoint, rng_state, set_rng_state)
-from vitcli.config import Config
+from vitcli.config import Config, load_config
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, not_a_file, out_of_memory,
                            short, vit_program)
@@ -312,19 +313,29 @@ def prepare_run_dir(run_dir: Path) -> None:
     check_writable(run_dir, f"to run directory {run_dir}", "choose a writable --run-dir", keep=True)
 
 
-def check_resume_overrides(saved: Config, new: Config, path: Path) -> None:
+def run_changes(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each difference that would make `new` another run than `saved`: all but
+    RESUMABLE_CHANGES; the name first."""
     old_d, new_d = saved.to_dict(), new.to_dict()
-    if old_d["name"] != new_d["name"]:
-        raise VitError(f"--resume {path}: name differs from the checkpoint's")
+    changes = [("name", old_d["name"], new_d["name"])] if old_d["name"] != new_d["name"] else []
     for section in ("data", "model", "train"):
         for key, value in new_d[section].items():
             if section == "data" and key in RESOLVED and getattr(saved, key) == getattr(new, key):
                 continue  # left open (null) and given as what it resolves to: no change (data.hflip=true, say)
             if value != old_d[section][key] and (section, key) not in RESUMABLE_CHANGES:
-                raise VitError(f"--resume {path}: changing {section}.{key} from {old_d[section][key]!r} to "
-                               f"{value!r} would silently alter the run; only "
-                               f"{', '.join(sorted(f'{s}.{k}' for s, k in RESUMABLE_CHANGES))} may change on "
-                               f"resume; start a new run instead")
+                changes.append((f"{section}.{key}", old_d[section][key], value))
+    return changes
+
+
+def check_resume_overrides(saved: Config, new: Config, path: Path) -> None:
+    changes = run_changes(saved, new)
+    if changes and changes[0][0] == "name":
+        raise VitError(f"--resume {path}: name differs from the checkpoint's")
+    if changes:
+        key, old, value = changes[0]
+        raise VitError(f"--resume {path}: changing {key} from {old!r} to {value!r} would silently alter the run; "
+                       f"only {', '.join(sorted(f'{s}.{k}' for s, k in RESUMABLE_CHANGES))} may change on resume; "
+                       f"start a new run instead")
     if new.train.epochs < saved.train.epochs:
         raise VitError(f"--resume {path}: train.epochs may grow on resume, not shrink "
                        f"({saved.train.epochs} -> {new.train.epochs})")
@@ -506,9 +517,23 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
     if not (path.parent / "config.yaml").is_file():
         raise VitError(f"--resume {path}: it is not in its run directory (no config.yaml beside it), where a "
                        f"resumed run writes; resume it inside a copy of the whole run directory, or {new_run}")
+    another = (f"resuming it here would write over that run's files; resume it inside a copy of its own run "
+               f"directory, or {new_run}")
+    try:  # the run the folder holds: config.yaml is the config of its last.pt
+        folder_config = load_config(path.parent / "config.yaml")
+    except VitError:
+        folder_config = None  # unreadable (edited by hand?): the checks below still hold
+    changes = run_changes(ckpt["config"], folder_config) if folder_config is not None else []
+    if changes:
+        key, mine, theirs = changes[0]
+        raise VitError(f"--resume {path}: the config.yaml beside it is another run's ({key} {theirs!r}, the "
+                       f"checkpoint's {mine!r}); {another}")
     last = path.parent / "last.pt"
     if last.is_file() and not last.samefile(path):
-        later = load_checkpoint(last)["global_step"]
+        beside = load_checkpoint(last)
+        if beside.get("run_id") and ckpt.get("run_id") and beside["run_id"] != ckpt["run_id"]:
+            raise VitError(f"--resume {path}: the last.pt beside it is another run's; {another}")
+        later = beside["global_step"]
         if later > ckpt["global_step"]:
             raise VitError(f"--resume {path}: the run went on to step {later} ({last}); resuming from step "
                            f"{ckpt['global_step']} would overwrite that. Resume from {last}, or copy the run "
@@ -673,7 +698,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 config=config, classes=classes, model=model, ema=ema.module if ema else None, optimizer=optimizer,
                 scaler=scaler, epoch=epoch_now, step=step_now, global_step=global_step, best_top1=best_top1,
                 epoch_stats=epoch_stats, metrics=metrics, rng_ranks=rng_ranks,
-                elapsed_seconds=time.perf_counter() - start_time), path)
+                elapsed_seconds=time.perf_counter() - start_time, run_id=run_id), path)
         if name == "last.pt":
             if main and saved_config is not None and saved_config is not config:  # a resumed run's, from here on
                 (run_dir / "config.yaml").write_text(config.to_yaml())
@@ -693,6 +718,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     last_metrics: dict[str, Any] = {}
     # the run's wall time over all its sessions: a resumed run counts on from its checkpoint's
     start_time = time.perf_counter() - (float(ckpt.get("elapsed_seconds", 0.0)) if ckpt is not None else 0.0)
+    run_id = (ckpt.get("run_id") if ckpt is not None else None) or uuid.uuid4().hex  # checkpoints before it had none
     evaluating = False  # which of the two a memory error happened in
 
     def kept() -> str:

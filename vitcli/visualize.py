@@ -70,11 +70,25 @@ def overlay_figure(image: np.ndarray, heat: np.ndarray, title: str, min_size: in
     return fig
 
 
-def save_figure(fig, path: Path) -> None:
+ATTENTION_MARK = "vitcli attention map"  # in the metadata of the pictures `vit predict --attention` writes
+MARK_KEYS = {".png": "Software", ".pdf": "Creator", ".svg": "Creator"}  # formats whose metadata is plain text
+
+
+def save_figure(fig, path: Path, mark: Optional[str] = None) -> None:
+    """`mark`: a text put in the picture's metadata (PNG, PDF, SVG), by which `carries_mark` knows it later."""
     plt = _plt()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    key = MARK_KEYS.get(path.suffix.lower())
+    fig.savefig(path, metadata={key: mark} if mark and key else None)
     plt.close(fig)
+
+
+def carries_mark(path: Path, mark: str) -> bool:
+    """Whether the file at `path` is a picture save_figure wrote with `mark`."""
+    try:
+        return path.is_file() and path.stat().st_size < 64 << 20 and mark.encode() in path.read_bytes()
+    except OSError:
+        return False
 
 
 def figure_to_array(fig) -> np.ndarray:
