@@ -320,11 +320,17 @@ def run_changes(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
     changes = [("name", old_d["name"], new_d["name"])] if old_d["name"] != new_d["name"] else []
     for section in ("data", "model", "train"):
         for key, value in new_d[section].items():
-            if section == "data" and key in RESOLVED and getattr(saved, key) == getattr(new, key):
-                continue  # left open (null) and given as what it resolves to: no change (data.hflip=true, say)
-            if value != old_d[section][key] and (section, key) not in RESUMABLE_CHANGES:
+            if section == "data" and key in RESOLVED:
+                if getattr(saved, key) != getattr(new, key):  # left open (null): as resolved, data.hflip=true say
+                    changes.append((f"data.{key}", getattr(saved, key), getattr(new, key)))
+            elif value != old_d[section][key] and (section, key) not in RESUMABLE_CHANGES:
                 changes.append((f"{section}.{key}", old_d[section][key], value))
     return changes
+
+
+def as_yaml(value: Any) -> str:
+    """A config value as the YAML a user writes: false, null, [0.5, 0.5]."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def check_resume_overrides(saved: Config, new: Config, path: Path) -> None:
@@ -333,9 +339,9 @@ def check_resume_overrides(saved: Config, new: Config, path: Path) -> None:
         raise VitError(f"--resume {path}: name differs from the checkpoint's")
     if changes:
         key, old, value = changes[0]
-        raise VitError(f"--resume {path}: changing {key} from {old!r} to {value!r} would silently alter the run; "
-                       f"only {', '.join(sorted(f'{s}.{k}' for s, k in RESUMABLE_CHANGES))} may change on resume; "
-                       f"start a new run instead")
+        raise VitError(f"--resume {path}: changing {key} from {as_yaml(old)} to {as_yaml(value)} would silently "
+                       f"alter the run; only {', '.join(sorted(f'{s}.{k}' for s, k in RESUMABLE_CHANGES))} may "
+                       f"change on resume; start a new run instead")
     if new.train.epochs < saved.train.epochs:
         raise VitError(f"--resume {path}: train.epochs may grow on resume, not shrink "
                        f"({saved.train.epochs} -> {new.train.epochs})")
@@ -526,8 +532,8 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
     changes = run_changes(ckpt["config"], folder_config) if folder_config is not None else []
     if changes:
         key, mine, theirs = changes[0]
-        raise VitError(f"--resume {path}: the config.yaml beside it is another run's ({key} {theirs!r}, the "
-                       f"checkpoint's {mine!r}); {another}")
+        raise VitError(f"--resume {path}: the config.yaml beside it is another run's ({key} {as_yaml(theirs)}, "
+                       f"the checkpoint's {as_yaml(mine)}); {another}")
     last = path.parent / "last.pt"
     if last.is_file() and not last.samefile(path):
         beside = load_checkpoint(last)
