@@ -124,6 +124,22 @@ def test_a_damaged_gzip_idx_file_is_one_error(tmp_path):
         load_array_dataset(config, "train")
 
 
+def test_swapped_or_mismatched_idx_files_say_which(tmp_path):
+    import shutil
+
+    from conftest import class_images, write_idx
+
+    images, labels = class_images(20, 1, 28, 0)
+    write_idx(tmp_path, "train", images, labels)
+    config = build_config({"data": {"dataset": "mnist", "root": str(tmp_path)}})
+    shutil.copy(tmp_path / "train-labels-idx1-ubyte.gz", tmp_path / "train-images-idx3-ubyte.gz")
+    with pytest.raises(VitError, match=r"train-images-idx3-ubyte.gz: not an idx file of images .* a labels file"):
+        load_array_dataset(config, "train")
+    write_idx(tmp_path, "train", images, labels[:10])
+    with pytest.raises(VitError, match=r"train-labels-idx1-ubyte.gz: labels \(10,\) do not match the 20 images"):
+        load_array_dataset(config, "train")
+
+
 def test_missing_dataset_names_folder_and_fix(tmp_path):
     config = build_config({"data": {"dataset": "fashion_mnist", "root": str(tmp_path / "nothing")}})
     with pytest.raises(VitError, match=r"fashion_mnist not found in .*nothing.*dataset-fashion-mnist"):

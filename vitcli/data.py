@@ -127,8 +127,12 @@ def load_idx_dataset(dataset: str, root: Path, split: str) -> ArrayDataset:
     if None in paths:
         raise _missing(dataset, root, f"{stems[0]}[.gz] and {stems[1]}[.gz]")
     images, labels = _read_idx(paths[0]), _read_idx(paths[1])
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise VitError(f"{paths[0]}: images {tuple(images.shape)} do not match labels {tuple(labels.shape)}")
+    if images.ndim != 3:
+        raise VitError(f"{paths[0]}: not an idx file of images (shape {tuple(images.shape)}, expected (N, H, W)); "
+                       f"is it a labels file under the images' name? Put the original {paths[0].name} back")
+    if labels.ndim != 1 or len(images) != len(labels):
+        raise VitError(f"{paths[1]}: labels {tuple(labels.shape)} do not match the {len(images)} images of "
+                       f"{paths[0]}; put the original files back")
     classes = FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else MNIST_CLASSES
     return ArrayDataset(images.unsqueeze(1).contiguous(), labels.long(), classes)
 
