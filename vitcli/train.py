@@ -198,6 +198,10 @@ def _not_the_cuda_runtime_note(record: logging.LogRecord) -> bool:
     return "No CUDA runtime is found" not in record.getMessage()
 
 
+def _child_exited(signum, frame) -> None:
+    pass
+
+
 def _ignore_stop_signals() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
@@ -223,9 +227,11 @@ class StopSignals:
         self.requested, self.first = True, time.monotonic()
         # A stop sent to the whole process group (timeout, kill -TERM -PGID) kills DataLoader workers too; torch's
         # SIGCHLD handler would then raise in the middle of the step or of the save. From here on a dead worker
-        # shows only when the next batch is fetched, which `until_stopped` turns into the stop.
+        # shows only when the next batch is fetched, which `until_stopped` turns into the stop. A handler that
+        # does nothing, not SIG_DFL: a SIGCHLD caught while this one is put in place then finds a Python handler
+        # (with SIG_DFL Python printed 'OSError: Signal 17 ignored due to race condition' and a traceback)
         if hasattr(signal, "SIGCHLD"):
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, _child_exited)
         if is_rank_zero():
             print("\nvit: interrupt received, saving last.pt after this step (after the evaluation if it ends the "
                   "epoch; press Ctrl-C again, 2 s or more later, to quit at once)", file=sys.stderr)
