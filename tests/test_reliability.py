@@ -265,6 +265,31 @@ def test_a_stop_during_the_evaluation_loses_no_epoch(imagefolder_dir, tmp_path):
     assert torch.load(run_dir / "last.pt", weights_only=True)["global_step"] == 3  # no step trained twice
 
 
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    """A resume started while the run still goes (or a second run given its --run-dir) is one line: both wrote
+    last.pt and metrics.jsonl, whose rows then came twice and out of order. The lock ends with the run."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([VIT, "train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", run_dir,
+                             "--set", "train.epochs=500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(run_dir / "last.pt", proc, timeout=300)
+        one_line_error(run_vit("train", "--resume", run_dir / "last.pt"), f"run directory {run_dir} is in use "
+                       "by another vit process", "wait for it to end or stop it")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    finally:
+        os.close(fd)
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, len(epochs) + 1))
+
+
 def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     import shutil
 

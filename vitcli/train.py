@@ -280,6 +280,31 @@ def barrier(dist_info) -> None:
         dist.barrier()
 
 
+_LOCKED_RUN_DIRS: list[int] = []  # open until the process ends, which releases their locks
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """An exclusive lock on the run directory for the rest of the process: a second `vit train` writing into it
+    (a resume started while the run still goes) is one error, not two processes writing over each other's
+    last.pt and metrics. flock on the folder itself, so no lock file is left behind, and the lock ends with the
+    process however it ends. Where the file system has no such locks (some network file systems), none is taken."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise VitError(f"run directory {run_dir} is in use by another vit process (the run, or a resume of it, is "
+                       f"still going); wait for it to end or stop it (Ctrl-C saves last.pt), then resume") from None
+    except OSError:
+        os.close(fd)
+        return
+    _LOCKED_RUN_DIRS.append(fd)
+
+
 def rank0_first(dist_info, work: Callable[[], Any], others_too: bool = True) -> Any:
     """work() on rank 0, then (others_too) on the other ranks; where rank 0 fails with a user error, it reports it
     in one line and the other ranks stop without a word (instead of each failing on its own, or waiting forever
@@ -658,6 +683,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     def set_up_run_dir():
         if ckpt is None:
             prepare_run_dir(run_dir)
+        lock_run_dir(run_dir)
         for stale in run_dir.glob(".*.pt.tmp*"):  # left by a save that was killed half-way
             stale.unlink(missing_ok=True)
         if ckpt is None:  # a resumed run's changes (more epochs, a new lr) go in with its first last.pt (save)
