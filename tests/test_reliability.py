@@ -762,14 +762,19 @@ def test_running_out_of_memory_is_one_line_and_the_run_continues(tmp_path):
            # would not); the CPU is where RLIMIT_AS applies
            "--set", "model.attention=explicit", "--set", "train.device=cpu"]
     result = vit("train", "--config", REPO / "configs" / "smoke.yaml", *big, "--run-dir", run_dir)
+    # the epoch whose evaluation ran out is kept (global step 32; it was the last one saved, 16): its training is
+    # not lost, and a first evaluation that runs out has a last.pt to resume from too
     one_line_error(result, "out of memory (tried to allocate", "while evaluating at train.eval_batch_size 64",
-                   "last.pt (global step 16) is kept", "train.eval_batch_size=16")
+                   "last.pt (global step 32) is kept", "train.eval_batch_size=16")
     resume = result.stderr.split("continue with a smaller evaluation batch: ")[1].split()
     assert resume[0] in ("vit", VIT) and resume[1:3] == ["train", "--resume"] and Path(resume[3]) == run_dir / "last.pt"
     finished = vit(*resume[1:])
     assert finished.returncode == 0, finished.stderr
-    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
-    assert final["final"] and final["epochs"] == 2 and 0 <= final["test_top1"] <= 1
+    assert "(its training is done: its evaluation)" in finished.stderr, finished.stderr[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in rows] == [1, 2, None] and "val_top1" in rows[1]
+    assert rows[-1]["final"] and rows[-1]["epochs"] == 2 and 0 <= rows[-1]["test_top1"] <= 1
+    assert torch.load(run_dir / "last.pt", weights_only=True)["global_step"] == 32  # no step trained twice
 
     result = vit("eval", "--ckpt", run_dir / "last.pt", "--batch-size", "64", "--device", "cpu")
     one_line_error(result, "out of memory (tried to allocate", "--batch-size")

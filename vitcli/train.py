@@ -871,12 +871,20 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             # ---- end of epoch: evaluate (every train.eval_every epochs, and the last), log, checkpoint
             evaluated = (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs
             evaluating = evaluated
+            short_of_memory = None
             try:
                 val = (evaluate(eval_model, lambda: until_stopped(val_batches(), stop), eval_preprocess, classes,
                                 device, precision, dist_info, forward=eval_forward, hflip=config.train.eval_hflip)
                        if evaluated else None)
             except WorkersStopped:  # in the evaluation's: the epoch's training is kept, not evaluated
                 stop_without_workers(train_data.steps_per_epoch)
+            except RuntimeError as e:  # out of memory: as after a stop, the epoch's training is kept (one process:
+                if out_of_memory(e) is None or dist_info.enabled:  # under torchrun the ranks cannot agree on it)
+                    raise
+                short_of_memory = e.with_traceback(None)  # without the evaluation's frames and their tensors
+            if short_of_memory is not None:  # the resumed run evaluates the epoch first
+                save("last.pt", epoch, train_data.steps_per_epoch, last_metrics)
+                raise short_of_memory
             evaluating = False  # pictures and saves below are not the evaluation batch's doing
             seen = max(epoch_stats["seen"], 1.0)
             last_metrics = {
