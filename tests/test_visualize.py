@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_vit, write_png
+from conftest import REPO, run_vit, write_png
 
 
 def assert_picture(path, min_size):
@@ -136,6 +136,23 @@ def test_tensorboard_holds_the_pictures(smoke_run):
     assert len(events.Images("val/confusion_matrix")) == 3
     encoded = events.Images("val/attention_rollout")[-1]
     assert encoded.width >= 160 * 8 and encoded.height >= 160
+
+
+def test_attention_pictures_keep_their_spacing_across_a_resume(tmp_path):
+    """Drawn at the first evaluation, then at evaluations at least epochs/5 apart, and at the last. A resumed run
+    started the spacing again (a 5-epoch run extended to 10: epochs 6, 8, 10 instead of 7, 9, 10)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--set", "train.epochs=5", "--run-dir", run_dir,
+            check=True)
+    run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=10", check=True)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epoch_at = {r["global_step"]: r["epoch"] for r in rows if "epoch" in r}
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    drawn = sorted(epoch_at[image.step] for image in events.Images("val/attention_rollout"))
+    assert drawn == [1, 2, 3, 4, 5, 7, 9, 10], drawn
 
 
 def test_attention_map_covers_what_the_model_saw():

@@ -120,10 +120,11 @@ def make_checkpoint(*, config: Config, classes: list[str], model: torch.nn.Modul
                     ema: Optional[torch.nn.Module], optimizer, scaler, epoch: int, step: int, global_step: int,
                     best_top1: float, epoch_stats: dict[str, float], metrics: dict[str, Any],
                     rng_ranks: Optional[list[dict[str, Any]]] = None, elapsed_seconds: float = 0.0,
-                    run_id: Optional[str] = None) -> dict[str, Any]:
+                    run_id: Optional[str] = None, attention_drawn_at: Optional[int] = None) -> dict[str, Any]:
     """`epoch` is the epoch in progress and `step` the steps of it already done (step == steps_per_epoch once
     the epoch is finished); `elapsed_seconds` the run's wall time so far, over all its sessions; `run_id` names the
-    run, the same in all its checkpoints (a resumed run keeps it)."""
+    run, the same in all its checkpoints (a resumed run keeps it); `attention_drawn_at` the epoch whose attention
+    maps TensorBoard last got, so that a resumed run keeps their spacing."""
     from vitcli import __version__
 
     return {
@@ -144,6 +145,7 @@ def make_checkpoint(*, config: Config, classes: list[str], model: torch.nn.Modul
         "metrics": metrics,
         "elapsed_seconds": elapsed_seconds,
         "run_id": run_id,
+        "attention_drawn_at": attention_drawn_at,
         "rng": rng_ranks[0] if rng_ranks else rng_state(),
         "rng_ranks": rng_ranks,  # under DDP: every rank's own state, for an exact resume with as many ranks
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -236,7 +237,7 @@ def launch_torchrun(nproc: int) -> int:
 
     # the workers run as `python -m vitcli`; the commands they print (resume, evaluate) start vit as the user did
     os.environ["VIT_PROGRAM"] = vit_program()
-    err("launching: torchrun " + " ".join(argv))
+    err("launching: torchrun " + shlex.join(argv))
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and print four lines of warning about it
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))  # the CPUs this process may use (Slurm, taskset)

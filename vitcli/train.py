@@ -736,7 +736,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 config=config, classes=classes, model=model, ema=ema.module if ema else None, optimizer=optimizer,
                 scaler=scaler, epoch=epoch_now, step=step_now, global_step=global_step, best_top1=best_top1,
                 epoch_stats=epoch_stats, metrics=metrics, rng_ranks=rng_ranks,
-                elapsed_seconds=time.perf_counter() - start_time, run_id=run_id), path)
+                elapsed_seconds=time.perf_counter() - start_time, run_id=run_id, attention_drawn_at=drawn_at), path)
         if name == "last.pt":
             if main and saved_config is not None and saved_config is not config:  # a resumed run's, from here on
                 (run_dir / "config.yaml").write_text(config.to_yaml())
@@ -751,7 +751,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         watch = next(iter(val_batches()))
         watch = (watch[0][:8], watch[1][:8])
     attention_every = max(1, config.train.epochs // 5)
-    drawn_at: Optional[int] = None  # the epoch whose attention maps TensorBoard last got
+    drawn_at: Optional[int] = ckpt.get("attention_drawn_at") if ckpt is not None else None  # the epoch whose
+    # attention maps TensorBoard last got (a resumed run keeps their spacing)
 
     last_metrics: dict[str, Any] = {}
     # the run's wall time over all its sessions: a resumed run counts on from its checkpoint's
