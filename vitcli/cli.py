@@ -209,9 +209,11 @@ def train(
 
                 check_init_from(run_cfg)  # once, not as one line per process
             return launch_torchrun(nproc)
-        from vitcli.runtime import tune_malloc
+        from vitcli.runtime import resolve_device, tune_malloc
         from vitcli.train import fit
 
+        if device is not None:  # named as the option typed, as in eval and predict (fit names train.device=...)
+            resolve_device(device, f"--device {device}")
         tune_malloc()
         fit(cfg, run_dir=run_dir, resume=resume, resume_overrides=tuple(overrides))
         return 0
