@@ -153,6 +153,8 @@ def test_attention_pictures_keep_their_spacing_across_a_resume(tmp_path):
     events.Reload()
     drawn = sorted(epoch_at[image.step] for image in events.Images("val/attention_rollout"))
     assert drawn == [1, 2, 3, 4, 5, 7, 9, 10], drawn
+    # the run's hparams summary is the last session's (each session added an event file of its own)
+    assert len(list((run_dir / "hparams").glob("events.out.tfevents.*"))) == 1
 
 
 def test_attention_map_covers_what_the_model_saw():

@@ -955,6 +955,11 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         final["tta_hflip"] = True
         final["test_top1_single_view"] = last_metrics.get("val_top1_single_view")
     writer.record(final)
+    def earlier_hparams(tb) -> None:  # a resumed run's summary replaces the earlier sessions' (one per run)
+        for old in (run_dir / "hparams").glob("events.out.tfevents.*"):
+            old.unlink()
+
+    writer.tensorboard(earlier_hparams)
     writer.tensorboard(lambda tb: tb.add_hparams(
         {"dim": config.model.dim, "depth": config.model.depth, "heads": config.model.heads,
          "patch_size": config.model.patch_size, "lr": config.train.lr, "batch_size": config.train.batch_size,
