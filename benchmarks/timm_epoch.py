@@ -6,8 +6,10 @@ embedding). benchmarks/vs_timm.py runs this script as a command of its own and t
 
     python benchmarks/timm_epoch.py --root DIR [--epochs 1] [--seed 0]
 
-DIR holds FashionMNIST/raw/ as torchvision wants it. Prints one JSON object: the seconds from building the datasets
-to the end of the test pass (this process's own clock) and the test top-1.
+DIR holds FashionMNIST/raw/ as torchvision wants it: the four idx files unzipped (torchvision's download=True
+leaves them so; Debian's dataset-fashion-mnist has only the .gz files, which benchmarks/vs_timm.py unzips into such
+a folder before it runs this script). Prints one JSON object: the seconds from building the datasets to the end of
+the test pass (this process's own clock) and the test top-1.
 """
 
 from __future__ import annotations
@@ -69,10 +71,15 @@ def timm_epoch(root: str, epochs: int = 1, seed: int = 0) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--root", required=True, help="the folder holding FashionMNIST/raw/")
+    parser.add_argument("--root", required=True,
+                        help="the folder holding FashionMNIST/raw/ with the four idx files unzipped")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    raw = Path(args.root) / "FashionMNIST" / "raw"
+    if not (raw / "t10k-labels-idx1-ubyte").is_file():
+        sys.exit(f"timm_epoch.py: no unzipped Fashion-MNIST idx files in {raw} (torchvision reads those); gunzip "
+                 f"copies of the four *-ubyte.gz files there")
     tune_malloc()  # as `vit` tunes its own, so that both sides run with the same allocator settings
     print(json.dumps(timm_epoch(args.root, args.epochs, args.seed)), flush=True)
 

@@ -60,16 +60,17 @@ def vit(*args: str) -> None:
 def main() -> None:
     run_dir = Path(sys.argv[1])
     ckpt = run_dir / "best.pt"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # made there, copied into docs/ once all commands succeeded
         tmp = Path(tmp)
         for name, image in zip(["ankle_boot", "pullover"], fmnist_test_images([0, 1])):
             Image.fromarray(image).save(tmp / f"{name}.png")
-        shutil.copy(tmp / "ankle_boot.png", DOCS / "ankle_boot.png")
         vit("predict", str(tmp / "ankle_boot.png"), "--ckpt", str(ckpt),
-            "--attention", str(DOCS / "attention_rollout.png"))
-        vit("predict", str(tmp / "pullover.png"), "--ckpt", str(ckpt), "--attention", str(DOCS / "attention_last.png"),
+            "--attention", str(tmp / "attention_rollout.png"))
+        vit("predict", str(tmp / "pullover.png"), "--ckpt", str(ckpt), "--attention", str(tmp / "attention_last.png"),
             "--attention-mode", "last")
         vit("eval", "--ckpt", str(ckpt), "--report", str(tmp / "report"))
+        for name in ["ankle_boot.png", "attention_rollout.png", "attention_last.png"]:
+            shutil.copy(tmp / name, DOCS / name)
         for name in ["confusion_matrix.png", "per_class_accuracy.png", "mistakes.png"]:
             shutil.copy(tmp / "report" / name, DOCS / name)
 
