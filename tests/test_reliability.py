@@ -437,6 +437,12 @@ def test_resume_refuses_what_would_lose_or_scatter_files(smoke_run, tmp_path):
                        needle, "write over that run's files", "model.init_from")
         assert {p.name: p.read_bytes() for p in victim.iterdir() if p.is_file()} == before
     assert ckpt["run_id"] and torch.load(smoke_run / "best.pt", weights_only=True)["run_id"] == ckpt["run_id"]
+    # an emptied config.yaml (a write cut short before it was atomic, an editor) tells nothing: the resume goes on
+    emptied = tmp_path / "emptied"
+    shutil.copytree(smoke_run, emptied)
+    (emptied / "config.yaml").write_text("")
+    run_vit("train", "--resume", emptied / "last.pt", "--set", "train.epochs=4", check=True)
+    assert yaml.safe_load((emptied / "config.yaml").read_text())["train"]["epochs"] == 4
 
 
 def test_config_errors(tmp_path):
@@ -638,7 +644,7 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
     for name in ("notes.pdf", "photo.jpg", "taken.png"):
         mine = write(tmp_path / name, "mine")
         one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--attention", mine), "would write over",
-                       name, "not an attention picture vit wrote", "nothing was written")
+                       name, "does not carry vit's mark of an attention picture", "nothing was written")
         assert mine.read_text() == "mine"
     for name in ("map.png", "map.pdf", "map.svg"):
         for _ in range(2):

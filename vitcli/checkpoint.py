@@ -65,11 +65,11 @@ def atomic_write(path: Path, write: Callable[[Any], None], what: str = "file",
         finally:
             os.close(fd)
     except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
         # torch.save's zip writer turns a failed write (a full disk) into a RuntimeError ("unexpected pos ...")
         error = e if isinstance(e, OSError) else getattr(f, "error", None)
         if error is None:
             raise
-        tmp.unlink(missing_ok=True)
         raise VitError(f"cannot write {what} {path}: {error.strerror or error}; {fix}") from None
 
 

@@ -423,8 +423,9 @@ def predict(
             taken = [out for out in attention_paths.values()
                      if os.path.lexists(out) and not carries_mark(out, ATTENTION_MARK)]
             if taken:  # an attention picture vit wrote (its metadata says so: PNG, PDF, SVG) is replaced
-                raise VitError(f"--attention would write over {taken[0]}, which is not an attention picture vit "
-                               f"wrote; remove it or choose another file or folder (nothing was written)")
+                raise VitError(f"--attention would write over {taken[0]}, which does not carry vit's mark of an "
+                               f"attention picture (PNG, PDF and SVG ones get it); remove it or choose another "
+                               f"file or folder (nothing was written)")
         for image_path in paths:
             try:
                 image = open_image(image_path)

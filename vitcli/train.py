@@ -544,6 +544,13 @@ def log_pictures(writer: MetricsWriter, model, config: Config, classes: list[str
         writer.image("val/attention_rollout", np.concatenate(overlays, axis=1), step)
 
 
+def write_config_yaml(run_dir: Path, config: Config) -> None:
+    """config.yaml, atomically: a resume reads it to tell its run from another's (check_resumable)."""
+    text = config.to_yaml().encode()
+    atomic_write(run_dir / "config.yaml", lambda f: f.write(text), "config", "free disk space or check the run "
+                 "directory's permissions")
+
+
 def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
     """A resumed run writes into the checkpoint's folder: refuse where that would lose or scatter anything."""
     new_run = ("start a new run from its weights instead with --config ... --set "
@@ -557,9 +564,10 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
     another = (f"resuming it here would write over that run's files; resume it inside a copy of its own run "
                f"directory, or {new_run}")
     try:  # the run the folder holds: config.yaml is the config of its last.pt
-        folder_config = load_config(path.parent / "config.yaml")
-    except VitError:
-        folder_config = None  # unreadable (edited by hand?): the checks below still hold
+        text = (path.parent / "config.yaml").read_text()
+        folder_config = load_config(path.parent / "config.yaml") if text.strip() else None
+    except (VitError, OSError, UnicodeDecodeError):
+        folder_config = None  # unreadable or empty (edited by hand?): the checks below still hold
     changes = run_changes(ckpt["config"], folder_config) if folder_config is not None else []
     if changes:
         key, mine, theirs = changes[0]
@@ -687,7 +695,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         for stale in run_dir.glob(".*.pt.tmp*"):  # left by a save that was killed half-way
             stale.unlink(missing_ok=True)
         if ckpt is None:  # a resumed run's changes (more epochs, a new lr) go in with its first last.pt (save)
-            (run_dir / "config.yaml").write_text(config.to_yaml())
+            write_config_yaml(run_dir, config)
 
     rank0_first(dist_info, set_up_run_dir, others_too=False)
     writer = MetricsWriter(run_dir, main, (epoch, global_step) if ckpt is not None else None)
@@ -739,7 +747,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                 elapsed_seconds=time.perf_counter() - start_time, run_id=run_id, attention_drawn_at=drawn_at), path)
         if name == "last.pt":
             if main and saved_config is not None and saved_config is not config:  # a resumed run's, from here on
-                (run_dir / "config.yaml").write_text(config.to_yaml())
+                write_config_yaml(run_dir, config)
             saved_step, saved_config = global_step, config
         return path
 
