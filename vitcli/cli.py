@@ -452,6 +452,12 @@ def predict(
     run_command(body)
 
 
+def names_a_folder(where: str) -> bool:
+    """An output path given as a folder: ending in / (a folder to make; Typer's Path would drop the slash) or
+    naming one that exists."""
+    return where.endswith(("/", os.sep)) or Path(where).is_dir()
+
+
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
 
 
@@ -461,7 +467,7 @@ def attention_outputs(where: str, paths: list[Path]) -> dict[Path, Path]:
     from vitcli.errors import VitError
 
     out = Path(where)
-    if len(paths) == 1 and not where.endswith(("/", os.sep)) and not out.is_dir():
+    if len(paths) == 1 and not names_a_folder(where):
         if not out.suffix:
             return {paths[0]: out.with_name(out.name + ".png")}
         if out.suffix.lower() not in PICTURE_SUFFIXES:
@@ -564,7 +570,7 @@ def convert(
         settle()
         if from_ not in ("timm", "torchvision"):
             raise VitError(f"--from must be timm or torchvision, got {from_!r}")
-        if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        if names_a_folder(out):
             raise VitError(f"--out {out}: a folder; give the checkpoint file to write, such as "
                            f"{Path(out) / (weights.stem + '.pt')}")
         if Path(out).exists():
@@ -629,7 +635,7 @@ def export(
         default = path.with_suffix({"onnx": ".onnx", "torchscript": ".ts", "safetensors": ".safetensors"}[format_])
         if out is None:
             target = default
-        elif out.endswith(("/", os.sep)) or Path(out).is_dir():
+        elif names_a_folder(out):
             target = Path(out) / default.name
         else:
             target = Path(out)

@@ -25,7 +25,7 @@ import yaml
 
 from vitcli.checkpoint import (atomic_save, atomic_write, check_writable, load_checkpoint, load_weights,
                                make_checkpoint, rng_state, set_rng_state)
-from vitcli.config import Config, load_config
+from vitcli.config import Config, build_config, read_yaml
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, not_a_file, out_of_memory,
                            short, vit_program)
@@ -564,9 +564,9 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
     another = (f"resuming it here would write over that run's files; resume it inside a copy of its own run "
                f"directory, or {new_run}")
     try:  # the run the folder holds: config.yaml is the config of its last.pt
-        text = (path.parent / "config.yaml").read_text()
-        folder_config = load_config(path.parent / "config.yaml") if text.strip() else None
-    except (VitError, OSError, UnicodeDecodeError):
+        raw = read_yaml(path.parent / "config.yaml")
+        folder_config = build_config(raw, source=str(path.parent / "config.yaml")) if raw else None
+    except (VitError, OSError):
         folder_config = None  # unreadable or empty (edited by hand?): the checks below still hold
     changes = run_changes(ckpt["config"], folder_config) if folder_config is not None else []
     if changes:
@@ -588,8 +588,6 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
 def resume_config(resume: Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Config]:
     """The checkpoint and the config a resumed run continues with: the saved config plus the `--set` changes that
     keep it the same run (any other change is one clear error)."""
-    from vitcli.config import build_config
-
     ckpt = load_checkpoint(resume, example="last.pt")
     check_resumable(ckpt, Path(resume))
     config = build_config(ckpt["config"].to_dict(), overrides, source=f"{resume} + --set")
@@ -963,6 +961,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         final["tta_hflip"] = True
         final["test_top1_single_view"] = last_metrics.get("val_top1_single_view")
     writer.record(final)
+
     def earlier_hparams(tb) -> None:  # a resumed run's summary replaces the earlier sessions' (one per run)
         for old in (run_dir / "hparams").glob("events.out.tfevents.*"):
             old.unlink()
