@@ -33,7 +33,7 @@ from vitcli.config import load_config  # noqa: E402
 from vitcli.runtime import tune_malloc  # noqa: E402
 
 
-def timm_epoch(root: str, epochs: int = 1, seed: int = 0) -> dict[str, float]:
+def timm_epoch(root: str, epochs: int = 1, seed: int = 0, device: str = "cpu") -> dict[str, float]:
     config = load_config(REPO / "configs" / "fashion_mnist.yaml")
     m = config.model
     normalize = transforms.Normalize(config.mean, config.std)
@@ -44,11 +44,12 @@ def timm_epoch(root: str, epochs: int = 1, seed: int = 0) -> dict[str, float]:
     train_set = torchvision.datasets.FashionMNIST(root, train=True, transform=train_tf)
     test_set = torchvision.datasets.FashionMNIST(root, train=False, transform=test_tf)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=config.train.batch_size, shuffle=True,
-                                               num_workers=2, drop_last=True, persistent_workers=True)
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=512, num_workers=2)
+                                               num_workers=2, drop_last=True, persistent_workers=True,
+                                               pin_memory=device != "cpu")
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=512, num_workers=2, pin_memory=device != "cpu")
     torch.manual_seed(seed)
     model = VisionTransformer(img_size=28, patch_size=m.patch_size, in_chans=1, num_classes=10, embed_dim=m.dim,
-                              depth=m.depth, num_heads=m.heads, mlp_ratio=m.mlp_ratio)
+                              depth=m.depth, num_heads=m.heads, mlp_ratio=m.mlp_ratio).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     total = epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.train.lr, total_steps=total,
@@ -56,6 +57,7 @@ def timm_epoch(root: str, epochs: int = 1, seed: int = 0) -> dict[str, float]:
     for _ in range(epochs):
         model.train()
         for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -65,6 +67,7 @@ def timm_epoch(root: str, epochs: int = 1, seed: int = 0) -> dict[str, float]:
     correct = 0
     with torch.inference_mode():
         for x, y in test_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             correct += (model(x).argmax(1) == y).sum().item()
     return {"seconds": time.perf_counter() - start, "test_top1": correct / len(test_set)}
 
@@ -75,13 +78,14 @@ def main() -> None:
                         help="the folder holding FashionMNIST/raw/ with the four idx files unzipped")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (fp32, timm's default, either way)")
     args = parser.parse_args()
     raw = Path(args.root) / "FashionMNIST" / "raw"
     if not (raw / "t10k-labels-idx1-ubyte").is_file():
         sys.exit(f"timm_epoch.py: no unzipped Fashion-MNIST idx files in {raw} (torchvision reads those); gunzip "
                  f"copies of the four *-ubyte.gz files there")
     tune_malloc()  # as `vit` tunes its own, so that both sides run with the same allocator settings
-    print(json.dumps(timm_epoch(args.root, args.epochs, args.seed)), flush=True)
+    print(json.dumps(timm_epoch(args.root, args.epochs, args.seed, args.device)), flush=True)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class TimmWorkload:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
-    def train_step(self) -> float:
+    def train_step(self, sync: bool = True) -> float:
         self.model.train()
         with self.autocast():
             loss = F.cross_entropy(self.forward(self.x), self.y, label_smoothing=0.1)
@@ -87,7 +87,7 @@ class TimmWorkload:
         else:
             loss.backward()
             self.optimizer.step()
-        return float(loss.detach())  # waits for the GPU: each timed step is complete
+        return float(loss.detach()) if sync else 0.0  # waits for the GPU: each timed step is complete
 
     @torch.inference_mode()
     def infer(self) -> None:
@@ -96,7 +96,7 @@ class TimmWorkload:
             float(self.forward(self.eval_x).float().sum())
 
 
-def measure(contenders: dict, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+def measure(contenders: dict, rounds: int, steps: int, profile: bool = False) -> dict[str, dict[str, float]]:
     for w in contenders.values():  # warm-up, compile included
         for _ in range(3):
             w.train_step()
@@ -107,10 +107,42 @@ def measure(contenders: dict, rounds: int, steps: int) -> dict[str, dict[str, fl
         for name, w in contenders.items():
             train[name].append(w.batch_size / timed(w.train_step, steps))
             infer[name].append(w.eval_batch_size / timed(w.infer, max(2, steps // 2)))
-    return {name: {"train_images_per_second": statistics.median(train[name]),
-                   "infer_images_per_second": statistics.median(infer[name]),
-                   "train_rounds": [round(v, 1) for v in train[name]],
-                   "infer_rounds": [round(v, 1) for v in infer[name]]} for name in contenders}
+    figures = {name: {"train_images_per_second": statistics.median(train[name]),
+                      "infer_images_per_second": statistics.median(infer[name]),
+                      "train_rounds": [round(v, 1) for v in train[name]],
+                      "infer_rounds": [round(v, 1) for v in infer[name]]} for name in contenders}
+    if profile:
+        for name, w in contenders.items():
+            figures[name].update(profile_step(w, steps))
+    return figures
+
+
+def profile_step(w, steps: int) -> dict[str, float]:
+    """On a GPU: the train step without waiting for the device after each step (how fast it could go if the loop
+    read its loss later), and torch.profiler's count per step of kernel launches and CUDA graph replays, the
+    device's busy time (the kernels' durations summed) and the host's time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def unsynced():
+        for _ in range(steps):
+            w.train_step(sync=False)
+        w.train_step()  # waits for the device
+
+    unsynced()
+    seconds = timed(unsynced, 1) / (steps + 1)
+    n = 5
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            w.train_step()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+    graphs = sum(e.count for e in events if "GraphLaunch" in e.key)
+    device_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    top = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)[:8]
+    return {"unsynced_train_images_per_second": w.batch_size / seconds,
+            "kernel_launches_per_step": launches / n, "graph_replays_per_step": graphs / n,
+            "device_busy_ms_per_step": device_us / n / 1000,
+            "top_host_ops": {e.key[:60]: round(e.self_cpu_time_total / n / 1000, 3) for e in top}}
 
 
 def bf16_matmul_peak(device: torch.device = torch.device("cpu"), repeats: int = 10,
@@ -157,12 +189,14 @@ def contenders_for(config, device: torch.device, fp32: bool = False) -> dict:
         contenders[TIMM_BEST["cpu"]] = TimmWorkload(config, "bf16", fused_attention=False, compile=True)
         return contenders
     d = str(device)
+    graphs = {"compile": True, "compile_mode": "reduce-overhead"}
     return {
         "vitcli bf16": vitcli(device=d, precision="bf16", compile=False),
-        "vitcli bf16 compiled": vitcli(device=d, precision="bf16", compile=True),
-        "vitcli fp16": vitcli(device=d, precision="fp16", compile=False),
-        "vitcli fp16 compiled": vitcli(device=d, precision="fp16", compile=True),
+        "vitcli bf16 compiled": vitcli(device=d, precision="bf16", compile=True, compile_mode="default"),
+        "vitcli bf16 compiled, CUDA graphs": vitcli(device=d, precision="bf16", **graphs),
+        "vitcli fp16 compiled, CUDA graphs": vitcli(device=d, precision="fp16", **graphs),
         "vitcli fp32": vitcli(device=d, precision="fp32", compile=False),
+        "vitcli fp32 compiled, CUDA graphs": vitcli(device=d, precision="fp32", **graphs),
         "timm fp32 eager": TimmWorkload(config, "fp32", fused_attention=True, compile=False, device=device),
         "timm bf16 eager": TimmWorkload(config, "bf16", fused_attention=True, compile=False, device=device),
         TIMM_BEST["cuda"]: TimmWorkload(config, "bf16", fused_attention=True, compile=True, device=device),
@@ -177,14 +211,14 @@ def linear_stem(config):
     return dataclasses.replace(config, model=dataclasses.replace(config.model, stem="linear", stem_channels=None))
 
 
-def timm_epoch(root: str, seed: int = 0) -> dict[str, float]:
+def timm_epoch(root: str, seed: int = 0, device: str = "cpu") -> dict[str, float]:
     """benchmarks/timm_epoch.py, what a timm user writes, run as a command of its own and timed from outside as
     `vit train` is: `seconds` from its start to its exit (Python, importing torch, torchvision and timm included);
     `in_process_seconds` its own clock, from building the datasets to the end of the test pass (what this benchmark
     reported as timm's time until 2026-11-29, while vitcli's included its start and imports)."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "timm_epoch.py"), "--root", root,
-                           "--seed", str(seed)], cwd=REPO, capture_output=True, text=True)
+                           "--seed", str(seed), "--device", device], cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"benchmarks/timm_epoch.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -236,6 +270,12 @@ def main() -> None:
     parser.add_argument("--fmnist-root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--epoch-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a --set for both `vit train` epochs (repeatable), e.g. train.compile_mode=reduce-overhead")
+    parser.add_argument("--only", default="", help="only the contenders whose names hold one of these "
+                        "comma-separated texts (timm fp32 eager and timm's best are always measured)")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU: also each train step unsynced, and its kernel launches and device time (profiler)")
     parser.add_argument("--fp32", action="store_true",
                         help="CPU: every contender in fp32 (what a CPU without bf16, as most laptops, runs)")
     args = parser.parse_args()
@@ -275,10 +315,18 @@ def main() -> None:
         results["measured"] = {k: v for k, v in old.get("measured", {}).items() if k not in args.configs}
         results["epoch"] = None if args.epoch else old.get("epoch")
     peak = machine["fp32_matmul_peak_gflops" if args.fp32 else "bf16_matmul_peak_gflops"]
+    if hasattr(torch, "_dynamo"):  # every contender's train and eval graphs of the same model code in one process:
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, 64)  # more than torch's 8 (past them it runs eagerly, silently)
     for path in args.configs:
+        if hasattr(torch, "_dynamo"):  # no graph of another config's shapes: dynamo would make this one's dynamic
+            torch._dynamo.reset()  # ("automatic dynamic shapes"), which `vit train`, one model a process, never does
         config = load_config(REPO / path)
         contenders = contenders_for(config, device, args.fp32)
-        figures = measure(contenders, args.rounds, args.steps)
+        if args.only:
+            keep = ["timm fp32 eager", *TIMM_BEST.values(), *args.only.split(",")]
+            contenders = {k: v for k, v in contenders.items() if any(s in k for s in keep)}
+        figures = measure(contenders, args.rounds, args.steps, profile=args.profile and device.type == "cuda")
         for name, f in figures.items():  # each contender's own FLOPs: timm's and the linear-stem row lack the stem,
             own = name.startswith("vitcli") and "linear stem" not in name  # and timm's last block is full
             flops = forward_flops(config if own else linear_stem(config), class_token_only=name.startswith("vitcli"))
@@ -294,9 +342,11 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             tv_root = torchvision_fmnist_root(args.fmnist_root, Path(tmp))
-            runs = {"vitcli": lambda **kw: vitcli_epoch(args.fmnist_root, Path(tmp), **kw),
-                    LINEAR_EPOCH: lambda **kw: vitcli_epoch(args.fmnist_root, Path(tmp), extra=LINEAR_STEM_SETS, **kw),
-                    "timm + DataLoader": lambda **kw: timm_epoch(tv_root, **kw)}
+            sets = tuple(args.epoch_set)
+            runs = {"vitcli": lambda **kw: vitcli_epoch(args.fmnist_root, Path(tmp), extra=sets, **kw),
+                    LINEAR_EPOCH: lambda **kw: vitcli_epoch(args.fmnist_root, Path(tmp),
+                                                            extra=LINEAR_STEM_SETS + sets, **kw),
+                    "timm + DataLoader": lambda **kw: timm_epoch(tv_root, device=args.device, **kw)}
             warm_up = {name: runs[name](warm_up=True)["seconds"] for name in runs if name.startswith("vitcli")}
             print("warm-up runs (seconds)", warm_up, flush=True)
             rounds = {name: [] for name in runs}
@@ -347,6 +397,15 @@ def markdown(results: dict) -> str:
                 f"{f['train_gflops_per_second']:.0f} ({percent(f['train_gflops_per_second'], row_peak)}) | "
                 f"{f['infer_images_per_second']:.0f} | "
                 f"{f['infer_images_per_second'] / base['infer_images_per_second']:.2f} |")
+    profiled = [(path, name, f) for path, figures in results["step"].items() for name, f in figures.items()
+                if "kernel_launches_per_step" in f]
+    if profiled:
+        lines += ["", "| config | contender | train img/s, each step waited for | not waited for | kernel launches "
+                  "per step | CUDA graph replays per step | device busy ms per step |", "|---|---|---|---|---|---|---|"]
+        for path, name, f in profiled:
+            lines.append(f"| {path} | {name} | {f['train_images_per_second']:.0f} | "
+                         f"{f['unsynced_train_images_per_second']:.0f} | {f['kernel_launches_per_step']:.0f} | "
+                         f"{f['graph_replays_per_step']:.0f} | {f['device_busy_ms_per_step']:.2f} |")
     if results["epoch"]:
         e = results["epoch"]
         lines += ["", "| one epoch of real Fashion-MNIST + test | wall seconds | test top-1 |", "|---|---|---|"]

@@ -10,7 +10,8 @@ import torch
 from vitcli.config import DATASET_DEFAULTS, Config
 from vitcli.data import Preprocess
 from vitcli.model import ConvStem, build_model
-from vitcli.runtime import autocast, resolve_attention, resolve_device, resolve_precision
+from vitcli.runtime import (autocast, evaluation_compile_mode, resolve_attention, resolve_compile_mode,
+                            resolve_device, resolve_precision)
 from vitcli.train import EMA, Forward, TrainStep, make_optimizer
 
 
@@ -54,9 +55,11 @@ class Workload:
         optimizer = make_optimizer(model, config, device)
         ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.compile_mode = mode = resolve_compile_mode(config.train.compile_mode, device)
         self.step_fn = TrainStep(model, optimizer, config, device, precision, ema, scaler,
-                                 forward=Forward(model, config.train.compile))
-        self.eval_forward = Forward(model, config.train.compile, "evaluating")  # as `vit train` evaluates
+                                 forward=Forward(model, config.train.compile, mode=mode))
+        self.eval_forward = Forward(model, config.train.compile, "evaluating",  # as `vit train` evaluates
+                                    evaluation_compile_mode(mode))
         self.preprocess = Preprocess(config, device, train=True)
         self.preprocess.num_classes = self.num_classes
         self.eval_preprocess = Preprocess(config, device, train=False)
@@ -74,11 +77,12 @@ class Workload:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step(self) -> float:
+    def train_step(self, sync: bool = True) -> float:
+        """One step; with `sync` (as `vit train`, which reads each step's loss) it waits for the device."""
         x, targets = self.preprocess(self.images, self.labels, self.i)
         loss, _ = self.step_fn(x, targets, self.config.train.lr, self.i)
         self.i += 1
-        return float(loss)
+        return float(loss) if sync else 0.0
 
     @torch.inference_mode()
     def infer(self) -> None:
@@ -114,6 +118,7 @@ def bench(config: Config, steps: int = 20, warmup: int = 5) -> dict[str, Any]:
         "precision": w.precision,
         "attention": w.attention,
         "compile": w.step_fn.forward.compiled is not w.step_fn.forward.module,  # what ran: False after a fallback
+        "compile_mode": w.compile_mode,
         "batch_size": w.batch_size,
         "threads": torch.get_num_threads(),
         "train_images_per_second": train_ips,

@@ -84,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps (cuda:N also accepted)
     compile: bool = False
+    compile_mode: str = "auto"  # auto | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     ema_decay: float = 0.0  # 0 disables the EMA of the weights
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
     eval_batch_size: int = 512
@@ -136,6 +137,7 @@ CHOICES = {
     ("model", "init_format"): ("vitcli", "timm", "torchvision"),
     ("model", "stem"): ("linear", "conv"),
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
+    ("train", "compile_mode"): ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 

@@ -31,8 +31,8 @@ from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero,
                            short, vit_program)
 from vitcli.evaluate import evaluate
 from vitcli.model import build_model, no_weight_decay, prepare_compile
-from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_attention,
-                            resolve_device, resolve_precision, settle)
+from vitcli.runtime import (CUDA_GRAPH_MODES, all_reduce_sum, autocast, evaluation_compile_mode, init_distributed,
+                            resolve_attention, resolve_compile_mode, resolve_device, resolve_precision, settle)
 
 # Keys that may differ on --resume: most change where or how fast the run computes, not what; train.epochs extends
 # it (the cosine schedule is stretched over the new total, as the README says); the optimisation settings let a run
@@ -40,7 +40,8 @@ from vitcli.runtime import (all_reduce_sum, autocast, init_distributed, resolve_
 OPTIMISATION_CHANGES = ("lr", "min_lr", "grad_clip")
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("data", "num_workers"), ("data", "root"),
                      ("train", "checkpoint_every"), ("data", "download"), ("train", "eval_batch_size"),
-                     ("train", "compile"), ("train", "eval_every")} | {("train", key) for key in OPTIMISATION_CHANGES}
+                     ("train", "compile"), ("train", "compile_mode"),
+                     ("train", "eval_every")} | {("train", key) for key in OPTIMISATION_CHANGES}
 
 
 RESOLVED = ("image_size", "mean", "std", "crop_padding", "hflip")  # data keys that a Config resolves when null
@@ -159,14 +160,20 @@ class Forward:
     """A module's forward through torch.compile where that works; where compiling fails (no C++ compiler, an
     unsupported op) it says so once and runs the module eagerly from then on."""
 
-    def __init__(self, module: torch.nn.Module, compile: bool, doing: str = "training"):
-        self.module, self.doing = module, doing
-        self.compiled = maybe_compile(module, compile, doing)
+    def __init__(self, module: torch.nn.Module, compile: bool, doing: str = "training", mode: str = "default"):
+        self.module, self.doing, self.mode = module, doing, mode
+        self.compiled = maybe_compile(module, compile, doing, mode)
+        # CUDA graphs (torch.compile's reduce-overhead): each training step starts a new replay generation, whose
+        # outputs may reuse the memory of the previous step's
+        self.graphs = self.compiled is not module and mode in CUDA_GRAPH_MODES and (
+            next(module.parameters()).device.type == "cuda")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.compiled is self.module:
             return self.module(x)
         try:
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             return self.compiled(x)
         except Exception as e:  # torch.compile fails in many ways (no compiler, unsupported op): run eager
             if out_of_memory(e):  # not compile's fault: the caller reports it, and compile stays on
@@ -177,7 +184,7 @@ class Forward:
             return self.module(x)
 
 
-def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"):
+def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training", mode: str = "default"):
     if not enabled:
         return model
     if sys.version_info >= (3, 14) or not hasattr(torch, "compile"):
@@ -191,7 +198,7 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"
         cpp_extension = logging.getLogger("torch.utils.cpp_extension")
         if _not_the_cuda_runtime_note not in cpp_extension.filters:
             cpp_extension.addFilter(_not_the_cuda_runtime_note)
-    return torch.compile(model)
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def _not_the_cuda_runtime_note(record: logging.LogRecord) -> bool:
@@ -671,11 +678,12 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     if dist_info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    compile_mode = resolve_compile_mode(config.train.compile_mode, device, dist_info.world_size)
     step_fn = TrainStep(model, optimizer, config, device, precision, ema, scaler,
-                        forward=Forward(train_model, config.train.compile))
+                        forward=Forward(train_model, config.train.compile, mode=compile_mode))
     eval_model = ema.module if ema is not None else model
     # compiled too where training is: the same weights, updated in place, so it compiles once per run
-    eval_forward = Forward(eval_model, config.train.compile, "evaluating")
+    eval_forward = Forward(eval_model, config.train.compile, "evaluating", evaluation_compile_mode(compile_mode))
 
     # ---- the run directory
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
