@@ -2,15 +2,17 @@
 
     python benchmarks/vs_timm.py [--configs configs/fashion_mnist.yaml configs/cifar10.yaml] [--rounds 5]
                                  [--epoch [--epoch-rounds 2]]   (also end-to-end epochs of real Fashion-MNIST)
-    python benchmarks/vs_timm.py --device cuda --out benchmarks/results/cuda   (a GPU: bf16, fp16, fp32,
-                                 eager and compiled, against timm fp32, timm AMP and timm AMP compiled)
+    python benchmarks/vs_timm.py --device cuda --out benchmarks/results/cuda [--profile]   (a GPU: vitcli bf16
+                                 eager, compiled and with CUDA graphs, fp16 and fp32 with CUDA graphs, fp32 eager,
+                                 against timm fp32, timm AMP and timm AMP compiled)
     python benchmarks/vs_timm.py --fp32 --out benchmarks/results/cpu-fp32   (a CPU without bf16, as most
                                  laptops: every contender in fp32, timm eager and compiled)
 
 Train step: vitcli's exact `vit train` step (vitcli.bench.Workload) against timm's VisionTransformer of the same
 shape, (a) fp32 eager with timm's defaults and (b) timm's best setting seen here: fused attention off, bf16
 autocast, torch.compile. Eval: inference forward at the eval batch size. On a GPU (`--device cuda`) timm's best setting is its default
-fused attention with bf16 autocast and torch.compile, and vitcli runs in each precision, eager and compiled.
+fused attention with bf16 autocast and torch.compile (no CUDA graphs), and vitcli runs in each precision, eager,
+compiled and compiled with CUDA graphs (train.compile_mode: reduce-overhead, what `auto` picks on a GPU).
 Each contender is timed for a few steps in
 every round, rounds alternate, the median per contender is reported. Writes benchmarks/results/*.json and *.md.
 End to end: one epoch of `vit train` with the recipe's conv stem, one with timm's linear patch embedding, and the
@@ -97,9 +99,10 @@ class TimmWorkload:
 
 
 def measure(contenders: dict, rounds: int, steps: int, profile: bool = False) -> dict[str, dict[str, float]]:
-    for w in contenders.values():  # warm-up, compile included
-        for _ in range(3):
+    for w in contenders.values():  # warm-up, compile included: every training step first, as `vit train` compiles
+        for _ in range(3):  # its step before its evaluation
             w.train_step()
+    for w in contenders.values():
         w.infer()
     train = {name: [] for name in contenders}
     infer = {name: [] for name in contenders}
@@ -168,8 +171,8 @@ TIMM_BEST = {"cpu": "timm best (bf16, explicit attn, compiled)", "cuda": "timm b
 def contenders_for(config, device: torch.device, fp32: bool = False) -> dict:
     """On the CPU: vit bench as configured (and in timm's linear-stem shape), timm fp32 eager and timm's best;
     with `fp32` (a CPU without bf16) vitcli in fp32 and timm fp32 eager and compiled.
-    On a GPU: vitcli in bf16, fp16 and fp32, eager and compiled (fp32 eager only), timm fp32 eager, timm bf16
-    autocast eager and timm's best (bf16, fused attention, compiled)."""
+    On a GPU: vitcli bf16 eager, compiled and compiled with CUDA graphs, fp16 and fp32 compiled with CUDA graphs,
+    fp32 eager; timm fp32 eager, timm bf16 autocast eager and timm's best (bf16, fused attention, compiled)."""
     def vitcli(**train):
         return Workload(dataclasses.replace(config, train=dataclasses.replace(config.train, **train)))
 
@@ -376,10 +379,11 @@ def markdown(results: dict) -> str:
     dtype, peak = ("fp32", m["fp32_matmul_peak_gflops"]) if fp32 else ("bf16", m["bf16_matmul_peak_gflops"])
     lines = [f"Machine: {where}, torch {m['torch']}; measured {dtype} matmul peak {peak:.0f} GFLOP/s"
              + (" (every contender in fp32, as on a CPU without bf16)." if fp32 else ".")
-             + (" glibc malloc tuned as `vit` does, for every contender." if m.get("malloc_tuned_for_all") else ""),
-             "",
-             f"| config | contender | train img/s | x timm fp32 | x {'timm fp32 compiled' if fp32 else 'timm best'} "
-             f"| train GFLOP/s (% of {dtype} peak) | eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|"]
+             + (" glibc malloc tuned as `vit` does, for every contender." if m.get("malloc_tuned_for_all") else "")]
+    if results["step"]:
+        best = "timm fp32 compiled" if fp32 else "timm best"
+        lines += ["", f"| config | contender | train img/s | x timm fp32 | x {best} | train GFLOP/s (% of {dtype} peak) "
+                  "| eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|"]
     for path, figures in results["step"].items():
         base = figures["timm fp32 eager"]
         best = figures[TIMM_BEST["cpu-fp32" if fp32 else m.get("device", "cpu")]]
@@ -423,9 +427,9 @@ def markdown(results: dict) -> str:
                          + ", ".join(f"{f['warm_up_seconds']:.0f} s ({name})" for name, f in e.items()
                                      if "warm_up_seconds" in f) + ".")
         timm = e["timm + DataLoader"]["seconds"]
-        lines.append(f"\nvitcli is {timm / e['vitcli']['seconds']:.2f}x faster end to end"
-                     + (f"; with timm's model (linear stem) {timm / e[LINEAR_EPOCH]['seconds']:.2f}x."
-                        if LINEAR_EPOCH in e else "."))
+        lines.append(f"\nvitcli end to end: {timm / e['vitcli']['seconds']:.2f}x the speed of timm + DataLoader"
+                     + (f"; with timm's model (linear stem) {timm / e[LINEAR_EPOCH]['seconds']:.2f}x"
+                        if LINEAR_EPOCH in e else "") + " (above 1: faster).")
         inner = [r["in_process_seconds"] for r in e["timm + DataLoader"].get("rounds", []) if "in_process_seconds" in r]
         if inner:  # each side is timed from its command's start to its exit; timm's own clock leaves both out
             own = statistics.median(inner)

@@ -58,11 +58,47 @@ def test_compile_mode_choice():
     assert resolve_compile_mode("auto", CPU) == "default"
     assert resolve_compile_mode("max-autotune", CPU) == "max-autotune"
     assert resolve_compile_mode("default", CUDA) == "default"
+    assert resolve_compile_mode("reduce-overhead", CUDA, world_size=2) == "default"
+    assert resolve_compile_mode("max-autotune", CUDA, world_size=4) == "max-autotune-no-cudagraphs"
     assert [evaluation_compile_mode(m) for m in ("reduce-overhead", "max-autotune", "default",
                                                  "max-autotune-no-cudagraphs")] == [
         "default", "max-autotune-no-cudagraphs", "default", "max-autotune-no-cudagraphs"]
     with pytest.raises(VitError, match="train.compile_mode must be one of auto, default, reduce-overhead"):
         build_config({"train": {"compile_mode": "fast"}})
+
+
+def test_the_training_step_compiles_static_after_another_batch_size(monkeypatch):
+    """dynamo keys its graphs by the model's code: once an evaluation of the same ViT code ran at another batch size
+    (a resumed run that evaluates first; the benchmark's other contenders), a plain torch.compile would trace the
+    training step with a symbolic batch size, which is not the static graph (and CUDA graphs) measured. The
+    training Forward asks for static shapes; inductor is swapped for a backend that records what dynamo gives it."""
+    from vitcli.model import build_model
+    from vitcli.train import Forward
+
+    symbolic = []
+
+    def recorder(gm, example_inputs):
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        symbolic.append(any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(
+            isinstance(d, torch.SymInt) for d in v.shape)) for v in values))
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: real_compile(model, backend=recorder, **kw))
+    config = build_config({"data": {"dataset": "synthetic", "image_size": 16},
+                           "model": {"patch_size": 4, "dim": 32, "depth": 1, "heads": 2}})
+    torch._dynamo.reset()
+    try:
+        evaluating = Forward(build_model(config, 10).eval(), compile=True, doing="evaluating")
+        with torch.inference_mode():
+            evaluating(torch.randn(8, 3, 16, 16))
+        training = Forward(build_model(config, 10), compile=True)
+        training(torch.randn(4, 3, 16, 16)).sum().backward()
+        plain = real_compile(build_model(config, 10), backend=recorder)  # the same without static shapes
+        plain(torch.randn(6, 3, 16, 16)).sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert symbolic == [False, False, True], symbolic
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")

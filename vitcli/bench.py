@@ -118,7 +118,7 @@ def bench(config: Config, steps: int = 20, warmup: int = 5) -> dict[str, Any]:
         "precision": w.precision,
         "attention": w.attention,
         "compile": w.step_fn.forward.compiled is not w.step_fn.forward.module,  # what ran: False after a fallback
-        "compile_mode": w.compile_mode,
+        "compile_mode": w.compile_mode if w.step_fn.forward.compiled is not w.step_fn.forward.module else None,
         "batch_size": w.batch_size,
         "threads": torch.get_num_threads(),
         "train_images_per_second": train_ips,

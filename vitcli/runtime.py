@@ -119,10 +119,11 @@ def resolve_compile_mode(name: str, device: torch.device, world_size: int = 1) -
     """torch.compile's mode for the training step. `auto`: CUDA graphs (reduce-overhead) on a GPU in one process,
     where a small model's step is bound by kernel launches (on an H200: fashion_mnist.yaml 15214 against 7118
     img/s, cifar10.yaml 9597 against 5682; README "On a GPU"); torch's default elsewhere (a CPU has no graphs to
-    replay; under DDP graphs are unmeasured)."""
-    if name != "auto":
-        return name
-    return "reduce-overhead" if device.type == "cuda" and world_size == 1 else "default"
+    replay). Under DDP (world_size > 1) no mode replays graphs: unmeasured here, and torch has open issues with CUDA
+    graphs beside DistributedDataParallel's hooks; `reduce-overhead` and `max-autotune` become their modes without."""
+    if name == "auto":
+        return "reduce-overhead" if device.type == "cuda" and world_size == 1 else "default"
+    return evaluation_compile_mode(name) if world_size > 1 else name
 
 
 def evaluation_compile_mode(mode: str) -> str:

@@ -198,7 +198,10 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"
         cpp_extension = logging.getLogger("torch.utils.cpp_extension")
         if _not_the_cuda_runtime_note not in cpp_extension.filters:
             cpp_extension.addFilter(_not_the_cuda_runtime_note)
-    return torch.compile(model, mode=None if mode == "default" else mode)
+    # the training step's batches all have one size: a static graph, even where dynamo has seen this model code at
+    # another batch size first (a resumed run that evaluates before it trains; other models in a benchmark's process)
+    return torch.compile(model, mode=None if mode == "default" else mode,
+                         dynamic=False if doing == "training" else None)
 
 
 def _not_the_cuda_runtime_note(record: logging.LogRecord) -> bool:
@@ -679,6 +682,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     compile_mode = resolve_compile_mode(config.train.compile_mode, device, dist_info.world_size)
+    if main and config.train.compile and config.train.compile_mode not in ("auto", compile_mode):
+        print(f"vit: train.compile_mode {config.train.compile_mode} replays CUDA graphs, which vit does not use under "
+              f"torchrun / --nproc; compiling with {compile_mode}", file=sys.stderr)
     step_fn = TrainStep(model, optimizer, config, device, precision, ema, scaler,
                         forward=Forward(train_model, config.train.compile, mode=compile_mode))
     eval_model = ema.module if ema is not None else model
@@ -717,7 +723,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         what = "resuming" if ckpt else "training"
         print(f"vit: {what} {config.name}{synthetic}: {params / 1e6:.2f}M parameters, {train_data.num_samples} "
               f"train / {num_val} val images, {len(classes)} classes, device {device}, precision {precision}, "
-              f"attention {attention}" + (f", {dist_info.world_size} processes" if dist_info.enabled else ""),
+              f"attention {attention}" + (f", compiled ({compile_mode})" if config.train.compile else "")
+              + (f", {dist_info.world_size} processes" if dist_info.enabled else ""),
               file=sys.stderr)
         print(f"vit: run directory {run_dir}  (watch it: tensorboard --logdir {shlex.quote(str(run_dir))})",
               file=sys.stderr)
