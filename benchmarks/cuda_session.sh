@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What ran on a lent GPU, in one call (the figures are in the README, "On a GPU"). From the repo root:
+# What ran on a lent GPU (the figures are in the README, "On a GPU"; its second call, for cifar10.yaml, is in
+# benchmarks/NOTES.md item 26). From the repo root:
 #   OUT=/tmp/cuda FMNIST=/usr/share/datasets/fashion-mnist bash benchmarks/cuda_session.sh
 # 1. benchmarks/vs_timm.py --device cuda --profile: vitcli bf16/fp16/fp32, eager, compiled and compiled with CUDA
 #    graphs (train.compile_mode: reduce-overhead), against timm on the GPU; each train step also unsynced and

@@ -35,6 +35,9 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"train": {"eval_every": 0}}, "train.eval_every must be >= 1, got 0"),
     ({"data": {"dataset": "imagenet21k"}}, "data.dataset must be one of"),
     ({"train": {"precision": "fp8"}}, "train.precision must be one of"),
+    # the choices once, and a near miss suggested (the choices were listed twice, a second time after "; choices:")
+    ({"train": {"compile_mode": "turbo"}}, r"max-autotune-no-cudagraphs, got 'turbo'$"),
+    ({"train": {"compile_mode": "reduce_overhead"}}, r"got 'reduce_overhead'; did you mean 'reduce-overhead'\?$"),
     ({"model": {"stem": "conv", "patch_size": 6}, "data": {"image_size": 36}}, "power-of-two patch_size"),
     ({"model": {"stem": "conv", "stem_channels": [16]}}, "model.stem_channels needs one positive width"),
     ({"model": {"patch_size": 0}}, "model.patch_size must be positive, got 0"),  # not a ZeroDivisionError

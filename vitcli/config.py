@@ -250,8 +250,9 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
             kwargs[key] = _coerce(value, hints[key], f"{where}: {section}.{key}")
             choices = CHOICES.get((section, key))
             if choices and kwargs[key] not in choices:
+                hint = _closest(str(value), choices)  # a near miss; the choices are listed already
                 raise VitError(f"{where}: {section}.{key} must be one of {', '.join(choices)}, got {value!r}"
-                               f"{_closest(str(value), choices).replace('valid keys', 'choices')}")
+                               f"{hint if 'did you mean' in hint else ''}")
         sections[section] = cls(**kwargs)
     config = Config(name=name, **sections)
     validate(config, source, {f"{section}.{key}": where for section in SECTIONS
