@@ -318,12 +318,12 @@ def main() -> None:
         results["measured"] = {k: v for k, v in old.get("measured", {}).items() if k not in args.configs}
         results["epoch"] = None if args.epoch else old.get("epoch")
     peak = machine["fp32_matmul_peak_gflops" if args.fp32 else "bf16_matmul_peak_gflops"]
-    if hasattr(torch, "_dynamo"):  # every contender's train and eval graphs of the same model code in one process:
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, 64)  # more than torch's 8 (past them it runs eagerly, silently)
+    # every contender's train and eval graphs of the same model code in one process: more than torch's 8 per function
+    # (past them it runs eagerly, silently)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, 64)
     for path in args.configs:
-        if hasattr(torch, "_dynamo"):  # no graph of another config's shapes: dynamo would make this one's dynamic
-            torch._dynamo.reset()  # ("automatic dynamic shapes"), which `vit train`, one model a process, never does
+        torch._dynamo.reset()  # no graph of another config's shapes: dynamo would trace this one's with symbolic sizes
         config = load_config(REPO / path)
         contenders = contenders_for(config, device, args.fp32)
         if args.only:
@@ -381,8 +381,8 @@ def markdown(results: dict) -> str:
              + (" (every contender in fp32, as on a CPU without bf16)." if fp32 else ".")
              + (" glibc malloc tuned as `vit` does, for every contender." if m.get("malloc_tuned_for_all") else "")]
     if results["step"]:
-        best = "timm fp32 compiled" if fp32 else "timm best"
-        lines += ["", f"| config | contender | train img/s | x timm fp32 | x {best} | train GFLOP/s (% of {dtype} peak) "
+        best_name = "timm fp32 compiled" if fp32 else "timm best"
+        lines += ["", f"| config | contender | train img/s | x timm fp32 | x {best_name} | train GFLOP/s (% of {dtype} peak) "
                   "| eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|"]
     for path, figures in results["step"].items():
         base = figures["timm fp32 eager"]

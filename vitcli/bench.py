@@ -112,13 +112,14 @@ def bench(config: Config, steps: int = 20, warmup: int = 5) -> dict[str, Any]:
     infer_seconds = timed(w.infer, max(3, steps // 2))
     flops = forward_flops(config, w.num_classes)
     train_ips = w.batch_size / train_seconds
+    compiled = w.step_fn.forward.compiled is not w.step_fn.forward.module  # what ran: False after a fallback
     return {
         "config": config.name,
         "device": str(w.device),
         "precision": w.precision,
         "attention": w.attention,
-        "compile": w.step_fn.forward.compiled is not w.step_fn.forward.module,  # what ran: False after a fallback
-        "compile_mode": w.compile_mode if w.step_fn.forward.compiled is not w.step_fn.forward.module else None,
+        "compile": compiled,
+        "compile_mode": w.compile_mode if compiled else None,
         "batch_size": w.batch_size,
         "threads": torch.get_num_threads(),
         "train_images_per_second": train_ips,

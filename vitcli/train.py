@@ -161,7 +161,7 @@ class Forward:
     unsupported op) it says so once and runs the module eagerly from then on."""
 
     def __init__(self, module: torch.nn.Module, compile: bool, doing: str = "training", mode: str = "default"):
-        self.module, self.doing, self.mode = module, doing, mode
+        self.module, self.doing = module, doing
         self.compiled = maybe_compile(module, compile, doing, mode)
         # CUDA graphs (torch.compile's reduce-overhead): each training step starts a new replay generation, whose
         # outputs may reuse the memory of the previous step's
