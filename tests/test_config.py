@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_vit
-from vitcli.config import build_config, load_config
+from vitcli.config import build_config, compile_mode_note, load_config
 from vitcli.errors import VitError
 
 
@@ -24,7 +24,8 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
 
 
 @pytest.mark.parametrize("raw,message", [
-    ({"model": {"dimm": 3}}, "did you mean 'dim'"),
+    ({"model": {"dimm": 3}}, "did you mean 'model.dim'"),  # the key as it is written in --set
+    ({"train": {"zzzzqq": 3}}, "unknown key 'train.zzzzqq'; valid keys in train: batch_size, checkpoint_every"),
     ({"trian": {}}, "did you mean 'train'"),
     ({"train": {"epochs": "ten"}}, "train.epochs: expected a whole number"),
     ({"train": {"compile": "yes"}}, "expected true or false"),
@@ -38,6 +39,13 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     # the choices once, and a near miss suggested (the choices were listed twice, a second time after "; choices:")
     ({"train": {"compile_mode": "turbo"}}, r"max-autotune-no-cudagraphs, got 'turbo'$"),
     ({"train": {"compile_mode": "reduce_overhead"}}, r"got 'reduce_overhead'; did you mean 'reduce-overhead'\?$"),
+    # an empty value (`key:` in YAML, `--set key=`): said so, and a choice key lists its choices (it said
+    # "expected str, got None")
+    ({"train": {"compile_mode": None}}, r"compile_mode must be one of auto, .*, got no value \(empty or null\)$"),
+    ({"model": {"stem": 5}}, r"model.stem must be one of linear, conv, got 5$"),
+    ({"train": {"epochs": None}}, r"train.epochs: expected a whole number, got no value \(empty or null\)$"),
+    ({"train": {"lr": None}}, r"train.lr: expected a number, got no value"),
+    ({"train": {"device": None}}, r"train.device: expected text, got no value"),
     ({"model": {"stem": "conv", "patch_size": 6}, "data": {"image_size": 36}}, "power-of-two patch_size"),
     ({"model": {"stem": "conv", "stem_channels": [16]}}, "model.stem_channels needs one positive width"),
     ({"model": {"patch_size": 0}}, "model.patch_size must be positive, got 0"),  # not a ZeroDivisionError
@@ -72,11 +80,20 @@ def test_invalid_configs_name_the_key(raw, message):
         build_config(raw, source="my.yaml")
 
 
+def test_a_compile_mode_without_compile_gets_a_note():
+    assert "has no effect without train.compile: true" in compile_mode_note(
+        build_config({"train": {"compile_mode": "reduce-overhead"}}))
+    assert compile_mode_note(build_config({"train": {"compile_mode": "reduce-overhead", "compile": True}})) is None
+    assert compile_mode_note(build_config({})) is None  # auto: nothing was asked for
+
+
 def test_set_errors():
     with pytest.raises(VitError, match="section.key=value"):
         build_config({}, ["epochs"])
-    with pytest.raises(VitError, match="did you mean 'epochs'"):
+    with pytest.raises(VitError, match="did you mean 'train.epochs'"):
         build_config({}, ["train.epoch=3"])
+    with pytest.raises(VitError, match=r"^--set train.epochs=: train.epochs: expected a whole number, got no value"):
+        build_config({}, ["train.epochs="])
 
 
 def test_errors_name_the_set_that_gave_the_value():

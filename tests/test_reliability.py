@@ -454,7 +454,7 @@ def test_config_errors(tmp_path):
     bad = write(tmp_path / "bad.yaml", "model:\n  dim: 64\n   heads: 4\n")
     one_line_error(run_vit("train", "--config", bad), "bad.yaml", "YAML syntax error at line 3")
     one_line_error(run_vit("train", "--config", write(tmp_path / "k.yaml", "model:\n  depht: 3\n")),
-                   "k.yaml", "model.depht", "did you mean 'depth'")
+                   "k.yaml", "model.depht", "did you mean 'model.depth'")
     one_line_error(run_vit("train", "--config", write(tmp_path / "t.yaml", "train:\n  batch_size: big\n")),
                    "t.yaml", "train.batch_size", "whole number")
     one_line_error(run_vit("train", "--config", write(tmp_path / "p.yaml", "model:\n  patch_size: 5\n")),

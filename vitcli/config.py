@@ -141,9 +141,18 @@ CHOICES = {
 }
 
 
-def _closest(key: str, options: typing.Iterable[str]) -> str:
+def _closest(key: str, options: typing.Iterable[str], section: str = "") -> str:
+    """'; did you mean ...?' for a near miss, else the valid names; with `section`, written as section.key."""
+    prefix = f"{section}." if section else ""
     match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
+    if match:
+        return f"; did you mean '{prefix}{match[0]}'?"
+    return f"; valid keys{f' in {section}' if section else ''}: {', '.join(options)}"
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it; None (`--set key=` or `key:` left empty) as 'no value'."""
+    return "no value (empty or null)" if value is None else repr(value)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -157,7 +166,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise VitError(f"{where}: expected a list, got {value!r}")
+            raise VitError(f"{where}: expected a list, got {_shown(value)}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -169,11 +178,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is float and isinstance(value, float) and not math.isfinite(value):  # .inf, nan, "inf" by --set
         raise VitError(f"{where}: expected a finite number, got {value!r}")
     if hint is bool and not isinstance(value, bool):
-        raise VitError(f"{where}: expected true or false, got {value!r}")
+        raise VitError(f"{where}: expected true or false, got {_shown(value)}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise VitError(f"{where}: expected a whole number, got {value!r}")
+        raise VitError(f"{where}: expected a whole number, got {_shown(value)}")
     if not isinstance(value, hint):
-        raise VitError(f"{where}: expected {hint.__name__}, got {value!r}")
+        what = {str: "text", float: "a number"}.get(hint, hint.__name__)
+        raise VitError(f"{where}: expected {what}, got {_shown(value)}")
     return value
 
 
@@ -191,7 +201,7 @@ def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) ->
         fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
         for key, value in values.items():
             if key not in fields:
-                raise VitError(f"{source}: unknown key '{section}.{key}'{_closest(key, sorted(fields))}")
+                raise VitError(f"{source}: unknown key '{section}.{key}'{_closest(key, sorted(fields), section)}")
             into[section][key] = (value, source)
 
 
@@ -247,18 +257,27 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, (value, where) in values[section].items():
-            kwargs[key] = _coerce(value, hints[key], f"{where}: {section}.{key}")
             choices = CHOICES.get((section, key))
-            if choices and kwargs[key] not in choices:
-                hint = _closest(str(value), choices)  # a near miss; the choices are listed already
-                raise VitError(f"{where}: {section}.{key} must be one of {', '.join(choices)}, got {value!r}"
+            if choices and value not in choices:  # before the type check: a choice key lists its choices
+                hint = _closest(str(value), choices) if isinstance(value, str) else ""  # a near miss
+                raise VitError(f"{where}: {section}.{key} must be one of {', '.join(choices)}, got {_shown(value)}"
                                f"{hint if 'did you mean' in hint else ''}")
+            kwargs[key] = _coerce(value, hints[key], f"{where}: {section}.{key}")
         sections[section] = cls(**kwargs)
     config = Config(name=name, **sections)
     validate(config, source, {f"{section}.{key}": where for section in SECTIONS
                               for key, (_, where) in values[section].items()})
     return config
 
+
+
+def compile_mode_note(config: Config) -> Optional[str]:
+    """The note for a train.compile_mode that nothing reads (train.compile off), else None."""
+    t = config.train
+    if t.compile or t.compile_mode == "auto":
+        return None
+    return (f"vit: note: train.compile_mode {t.compile_mode} has no effect without train.compile: true; running "
+            f"eagerly (--set train.compile=true compiles)")
 
 # the keys a check reads besides the one it names (an error names the --set that gave any of them)
 CHECK_READS = {
