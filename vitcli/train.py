@@ -800,8 +800,14 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             return (f"while evaluating at train.eval_batch_size {config.train.eval_batch_size} on {device}; {kept()}; "
                     f"{how}")
         tokens = (config.image_size // config.model.patch_size) ** 2 + 1
+        graphs = ""
+        if step_fn.forward.graphs:  # CUDA graphs hold a memory pool of their own, beside the caching allocator's
+            graphs = ("; or train without CUDA graphs, which keep a memory pool of their own: "
+                      + (f"{resume_command(['train.compile_mode'])} " if saved_step is not None else "")
+                      + "--set train.compile_mode=default")
         return (f"in the training step at train.batch_size {config.train.batch_size} ({tokens} tokens per image) "
-                f"on {device}; {kept()}; lower train.batch_size, data.image_size or the model size in a new run")
+                f"on {device}; {kept()}; lower train.batch_size, data.image_size or the model size in a new run"
+                f"{graphs}")
 
     def resume_command(leave_out: Sequence[str] = ()) -> str:
         """The command that continues from last.pt with this session's settings (those given at this resume are
