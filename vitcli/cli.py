@@ -279,7 +279,8 @@ def eval_(
     data_root: Annotated[Optional[str], typer.Option("--data-root", help="Dataset folder, if not the one "
                                                      "trained on.")] = None,
     split: Annotated[str, typer.Option("--split", help="test (val for image folders), val or train.")] = "test",
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Evaluation batch size.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Evaluation batch size (halved where "
+                                                                    "it runs out of memory).")] = None,
     device: DeviceOpt = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even if the checkpoint has "
                                          "EMA weights.")] = False,
@@ -297,7 +298,7 @@ def eval_(
         from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
         from vitcli.data import Preprocess, eval_batches, split_name
         from vitcli.errors import DatasetNotFound, VitError
-        from vitcli.evaluate import evaluate
+        from vitcli.evaluate import evaluate, largest_batch_that_fits
         from vitcli.runtime import resolve_precision, settle, tune_malloc
 
         settle()
@@ -334,14 +335,24 @@ def eval_(
             raise VitError(f"the {split} split's classes {classes[:5]}... differ from the checkpoint's "
                            f"{checkpoint['classes'][:5]}...")
         mistakes = None
-        if report is not None:
-            from vitcli.visualize import Mistakes
-
-            mistakes = Mistakes()
         hflip = _tta_choice(tta, config)
-        result = evaluate(model, batches, Preprocess(config, dev, train=False), classes, dev, precision,
-                          on_batch=mistakes, hflip=hflip)
+
+        def run(size: int) -> dict:
+            nonlocal mistakes
+            if report is not None:
+                from vitcli.visualize import Mistakes
+
+                mistakes = Mistakes()  # a retry collects afresh
+            return evaluate(model, lambda: batches(size), Preprocess(config, dev, train=False), classes, dev,
+                            precision, on_batch=mistakes, hflip=hflip)
+
+        def smaller(size: int, half: int, what: str) -> None:
+            err(f"note: out of memory at batch size {size} ({what}); evaluating at {half}")
+
+        # the largest batch that fits, from --batch-size (or the run's train.eval_batch_size) down
+        result, used = largest_batch_that_fits(run, batch_size or config.train.eval_batch_size, smaller)
         result["tta_hflip"] = hflip
+        result["batch_size"] = used
         if report is not None:
             from vitcli.visualize import eval_report
 

@@ -348,13 +348,14 @@ def ignore_ctrl_c(worker_id: int = 0) -> None:
 
 def eval_batches(config: Config, split: str, device: torch.device, batch_size: int, rank: int = 0,
                  world_size: int = 1):
-    """(classes, number of samples, iterator factory) for evaluation; each rank takes every world_size-th sample."""
+    """(classes, number of samples, iterator factory) for evaluation; each rank takes every world_size-th sample.
+    The factory takes an optional batch size other than `batch_size` (a retry after running out of memory)."""
     if is_in_memory(config.data.dataset):
         data = load_array_dataset(config, split).to(device)
 
-        def batches():
+        def batches(size: Optional[int] = None):
             index = torch.arange(rank, len(data), world_size, device=device)
-            for chunk in index.split(batch_size):
+            for chunk in index.split(size or batch_size):
                 yield data.images[chunk], data.labels[chunk]
 
         return data.classes, len(data), batches
@@ -365,12 +366,15 @@ def eval_batches(config: Config, split: str, device: torch.device, batch_size: i
     workers = config.data.num_workers
     # its own generator: the workers' base seed is not drawn from the global RNG, so an evaluation leaves the
     # training's random stream (dropout, drop_path) as it was, and eval_every does not change the trained weights
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda", generator=torch.Generator(),
-                                         worker_init_fn=ignore_ctrl_c)
+    loaders = {}  # batch size -> its DataLoader
 
-    def batches():
-        for images, labels in loader:
+    def batches(size: Optional[int] = None):
+        size = size or batch_size
+        if size not in loaders:
+            loaders[size] = torch.utils.data.DataLoader(subset, batch_size=size, num_workers=workers,
+                                                        pin_memory=device.type == "cuda",
+                                                        generator=torch.Generator(), worker_init_fn=ignore_ctrl_c)
+        for images, labels in loaders[size]:
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
     return dataset.classes, len(dataset), batches

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from vitcli.errors import out_of_memory
 from vitcli.runtime import Distributed, all_reduce_sum, autocast
 
 
@@ -68,3 +69,21 @@ def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess
         "confusion": confusion.tolist(),
         **({"top1_single_view": float(totals[2]) / max(n, 1)} if hflip else {}),
     }
+
+
+def largest_batch_that_fits(run: Callable[[int], dict[str, Any]], batch_size: int,
+                            on_smaller: Callable[[int, int, str], None]) -> tuple[dict[str, Any], int]:
+    """(run(size), size) for the largest of batch_size, batch_size / 2, ... down to 1 at which `run` does not run
+    out of memory, as timm's validate.py retries; on_smaller(size, smaller, what) before each retry. Out of memory
+    at batch 1, and any other error, is raised."""
+    while True:
+        try:
+            return run(batch_size), batch_size
+        except RuntimeError as e:
+            what = out_of_memory(e)
+            if what is None or batch_size == 1:
+                raise
+        # out of the except block: the failed pass's frames, and the tensors they hold, are gone
+        smaller = batch_size // 2
+        on_smaller(batch_size, smaller, what)
+        batch_size = smaller

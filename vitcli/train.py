@@ -29,7 +29,7 @@ from vitcli.config import Config, build_config, compile_mode_note, read_yaml
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, not_a_file, out_of_memory,
                            short, vit_program)
-from vitcli.evaluate import evaluate
+from vitcli.evaluate import evaluate, largest_batch_that_fits
 from vitcli.model import build_model, no_weight_decay, prepare_compile
 from vitcli.runtime import (CUDA_GRAPH_MODES, all_reduce_sum, autocast, evaluation_compile_mode, init_distributed,
                             resolve_attention, resolve_compile_mode, resolve_device, resolve_precision, settle)
@@ -783,6 +783,12 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     start_time = time.perf_counter() - (float(ckpt.get("elapsed_seconds", 0.0)) if ckpt is not None else 0.0)
     run_id = (ckpt.get("run_id") if ckpt is not None else None) or uuid.uuid4().hex  # checkpoints before it had none
     evaluating = False  # which of the two a memory error happened in
+    eval_size = config.train.eval_batch_size  # halved for the rest of the session where an evaluation ran out of memory
+
+    def smaller_evaluation_batch(size: int, smaller: int, what: str) -> None:
+        if main:
+            print(f"\nvit: out of memory evaluating at batch size {size} ({what}); evaluating at {smaller} from now on "
+                  f"(--set train.eval_batch_size={smaller} starts there)", file=sys.stderr)
 
     def kept() -> str:
         return (f"last.pt (global step {saved_step}) is kept in {run_dir}" if saved_step is not None
@@ -790,14 +796,14 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
     def out_of_memory_advice() -> str:
         if evaluating:
-            size = config.train.eval_batch_size
+            size = eval_size
             smaller = max(size // 4, 1)
             how = (f"continue with a smaller evaluation batch: {resume_command(['train.eval_batch_size'])} "
                    f"--set train.eval_batch_size={smaller}"
                    if saved_step is not None and smaller < size else
                    "lower train.eval_batch_size" if smaller < size else
-                   "train.eval_batch_size is 1 already: use a smaller model or data.image_size, or a larger device")
-            return (f"while evaluating at train.eval_batch_size {config.train.eval_batch_size} on {device}; {kept()}; "
+                   "batch size 1 runs out of memory too: use a smaller model or data.image_size, or a larger device")
+            return (f"while evaluating at batch size {size} on {device}; {kept()}; "
                     f"{how}")
         tokens = (config.image_size // config.model.patch_size) ** 2 + 1
         graphs = ""
@@ -903,10 +909,17 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             evaluated = (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs
             evaluating = evaluated
             short_of_memory = None
-            try:
-                val = (evaluate(eval_model, lambda: until_stopped(val_batches(), stop), eval_preprocess, classes,
+
+            def run_evaluation(size: int) -> dict[str, Any]:
+                return evaluate(eval_model, lambda: until_stopped(val_batches(size), stop), eval_preprocess, classes,
                                 device, precision, dist_info, forward=eval_forward, hflip=config.train.eval_hflip)
-                       if evaluated else None)
+
+            try:
+                val = None
+                if evaluated and dist_info.enabled:  # the ranks cannot agree on a retry at another size
+                    val = run_evaluation(eval_size)
+                elif evaluated:
+                    val, eval_size = largest_batch_that_fits(run_evaluation, eval_size, smaller_evaluation_batch)
             except WorkersStopped:  # in the evaluation's: the epoch's training is kept, not evaluated
                 stop_without_workers(train_data.steps_per_epoch)
             except RuntimeError as e:  # out of memory: as after a stop, the epoch's training is kept (one process:
