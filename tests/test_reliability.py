@@ -750,6 +750,36 @@ def test_out_of_memory_messages_are_recognised_and_sized():
     assert out_of_memory(ValueError("can't allocate memory")) is None
 
 
+def test_largest_batch_that_fits_halves_down_to_one():
+    """The retry loop alone, with the CPU allocator's wording: it stops at the first size that fits, reports each
+    retry (the size that ran out first, so a caller's advice can name it), raises out of memory at batch 1 after
+    reporting the step down to 1, and never retries other errors."""
+    from vitcli.evaluate import largest_batch_that_fits
+
+    def run_fitting(limit):
+        def run(size):
+            if size > limit:
+                raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {size} bytes.")
+            return {"size": size}
+        return run
+
+    retries = []
+    result, used = largest_batch_that_fits(run_fitting(20), 64, lambda *a: retries.append(a))
+    assert (result, used) == ({"size": 16}, 16)
+    assert retries == [(64, 32, "tried to allocate 64 bytes"), (32, 16, "tried to allocate 32 bytes")]
+    retries.clear()
+    with pytest.raises(RuntimeError, match="you tried to allocate 1 bytes"):
+        largest_batch_that_fits(run_fitting(0), 4, lambda *a: retries.append(a))
+    assert [(a, b) for a, b, _ in retries] == [(4, 2), (2, 1)]
+
+    def wrong_shape(size):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    retries.clear()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        largest_batch_that_fits(wrong_shape, 64, lambda *a: retries.append(a))
+    assert retries == []
+
+
 def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_line(tmp_path):
     """A real allocation failure: the process may map 10 GB (RLIMIT_AS). Training at batch 1 fits; evaluating 64
     images of 4097 tokens (a 64x64 image in 1x1 patches) needs a 4 GiB attention matrix (and its softmax), 32 fit.
@@ -775,7 +805,7 @@ def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_
                  "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert re.search(r"vit: out of memory evaluating at batch size 64 \(tried to allocate [\d.]+ GiB\); evaluating "
+    assert re.search(r"\nvit: out of memory evaluating at batch size 64 \(tried to allocate [\d.]+ GiB\); evaluating "
                      r"at 32 from now on \(--set train.eval_batch_size=32 starts there\)", result.stderr), result.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in rows] == [1, 2, None] and "val_top1" in rows[1]

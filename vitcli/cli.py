@@ -297,7 +297,7 @@ def eval_(
 
         from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
         from vitcli.data import Preprocess, eval_batches, split_name
-        from vitcli.errors import DatasetNotFound, VitError
+        from vitcli.errors import DatasetNotFound, VitError, out_of_memory
         from vitcli.evaluate import evaluate, largest_batch_that_fits
         from vitcli.runtime import resolve_precision, settle, tune_malloc
 
@@ -350,7 +350,14 @@ def eval_(
             err(f"note: out of memory at batch size {size} ({what}); evaluating at {half}")
 
         # the largest batch that fits, from --batch-size (or the run's train.eval_batch_size) down
-        result, used = largest_batch_that_fits(run, batch_size or config.train.eval_batch_size, smaller)
+        try:
+            result, used = largest_batch_that_fits(run, batch_size or config.train.eval_batch_size, smaller)
+        except RuntimeError as e:
+            what = out_of_memory(e)
+            if what is None:
+                raise
+            raise VitError(f"out of memory ({what}) at batch size 1 on {dev}; evaluate a smaller model or "
+                           f"data.image_size, or on a device with more memory") from None
         result["tta_hflip"] = hflip
         result["batch_size"] = used
         if report is not None:

@@ -270,7 +270,6 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
     return config
 
 
-
 def compile_mode_note(config: Config) -> Optional[str]:
     """The note for a train.compile_mode that nothing reads (train.compile off), else None."""
     t = config.train
@@ -278,6 +277,7 @@ def compile_mode_note(config: Config) -> Optional[str]:
         return None
     return (f"vit: note: train.compile_mode {t.compile_mode} has no effect without train.compile: true; running "
             f"eagerly (--set train.compile=true compiles)")
+
 
 # the keys a check reads besides the one it names (an error names the --set that gave any of them)
 CHECK_READS = {

@@ -786,8 +786,10 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     eval_size = config.train.eval_batch_size  # halved for the rest of the session where an evaluation ran out of memory
 
     def smaller_evaluation_batch(size: int, smaller: int, what: str) -> None:
+        nonlocal eval_size
+        eval_size = smaller  # also where the smaller size runs out too: the advice names the size that ran out
         if main:
-            print(f"\nvit: out of memory evaluating at batch size {size} ({what}); evaluating at {smaller} from now on "
+            print(f"vit: out of memory evaluating at batch size {size} ({what}); evaluating at {smaller} from now on "
                   f"(--set train.eval_batch_size={smaller} starts there)", file=sys.stderr)
 
     def kept() -> str:
@@ -807,7 +809,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                     f"{how}")
         tokens = (config.image_size // config.model.patch_size) ** 2 + 1
         graphs = ""
-        if step_fn.forward.graphs:  # CUDA graphs hold a memory pool of their own, beside the caching allocator's
+        forward = step_fn.forward
+        if forward.graphs and forward.compiled is not forward.module:  # CUDA graphs (not after an eager fallback)
+            # hold a memory pool of their own, beside the caching allocator's
             graphs = ("; or train without CUDA graphs, which keep a memory pool of their own: "
                       + (f"{resume_command(['train.compile_mode'])} " if saved_step is not None else "")
                       + "--set train.compile_mode=default")
