@@ -101,6 +101,57 @@ def test_the_training_step_compiles_static_after_another_batch_size(monkeypatch)
     assert symbolic == [False, False, True], symbolic
 
 
+def test_the_compiled_evaluation_runs_one_static_graph_for_a_short_last_batch(monkeypatch):
+    """After training at another batch size, the evaluation compiles one static graph: its last, shorter batch is
+    padded to the first's size (fixed_batch) and the padding's outputs dropped, so the results are the eager
+    evaluation's. Without the padding the short batch is a second graph."""
+    from vitcli.data import Preprocess
+    from vitcli.evaluate import evaluate
+    from vitcli.model import build_model
+    from vitcli.train import Forward
+
+    graphs = []
+
+    def recorder(gm, example_inputs):
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append([tuple(v.shape) for v in values if isinstance(v, torch.Tensor) and v.dim() == 4])
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: real_compile(model, backend=recorder, **kw))
+    config = build_config({"data": {"dataset": "synthetic", "image_size": 16},
+                           "model": {"patch_size": 4, "dim": 32, "depth": 1, "heads": 2}})
+    torch.manual_seed(0)
+    model = build_model(config, 10)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (19, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (19,), generator=g)
+
+    def batches():  # 8, 8, 3
+        return zip(images.split(8), labels.split(8))
+
+    cpu = torch.device("cpu")
+    preprocess = Preprocess(config, cpu, train=False)
+    classes = [str(i) for i in range(10)]
+    torch._dynamo.reset()
+    try:
+        Forward(model, compile=True)(torch.randn(4, 3, 16, 16)).sum().backward()  # the training step's graph
+        graphs.clear()
+        padded = evaluate(model, batches, preprocess, classes, cpu, "fp32", forward=Forward(
+            model, compile=True, doing="evaluating"), hflip=True, fixed_batch=True)
+        assert graphs == [[(8, 3, 16, 16)]], graphs  # one graph, for the flips too
+        graphs.clear()
+        evaluate(model, batches, preprocess, classes, cpu, "fp32",
+                 forward=Forward(model, compile=True, doing="evaluating"))
+        assert graphs == [[(3, 3, 16, 16)]], graphs  # without: a graph of its own (the 8's is dynamo's already)
+    finally:
+        torch._dynamo.reset()
+    eager = evaluate(model, batches, preprocess, classes, cpu, "fp32", hflip=True)
+    assert padded["num_samples"] == eager["num_samples"] == 19
+    assert padded["confusion"] == eager["confusion"] and padded["top1_single_view"] == eager["top1_single_view"]
+    assert padded["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
 def test_cuda_requested_without_a_gpu_is_one_clear_error():
     with pytest.raises(VitError, match="no CUDA GPU"):

@@ -24,13 +24,16 @@ def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess
              device: torch.device, precision: str, dist_info: Distributed = Distributed(),
              forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
              on_batch: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None,
-             hflip: bool = False) -> dict[str, Any]:
+             hflip: bool = False, fixed_batch: bool = False) -> dict[str, Any]:
     """Loss, top-1, top-5, per-class accuracy and the confusion matrix over all batches (and all ranks).
     `forward`: how to run the model (its compiled forward during training); the model itself by default.
     `on_batch(images, labels, logits)`: called with each uint8 batch and its float logits (`vit eval --report`
     collects its mistakes there, so the split is run through the model once).
     `hflip`: score each image by its and its mirror's averaged class probabilities (`mirror_average`); the
-    result then also holds `top1_single_view`, the top-1 of the image alone, from the same pass."""
+    result then also holds `top1_single_view`, the top-1 of the image alone, from the same pass.
+    `fixed_batch`: a shorter batch (the split's last) is padded with blank images to the first batch's size and their
+    outputs dropped, so that a compiled forward runs one static graph (each image's output is its own: the model
+    mixes nothing across the batch in evaluation)."""
     model.eval()
     forward = forward or model
     k = len(classes)
@@ -38,11 +41,16 @@ def evaluate(model: torch.nn.Module, batches: Callable[[], Iterable], preprocess
     top5_hits = torch.zeros((), device=device, dtype=torch.float64)
     single_hits = torch.zeros((), device=device, dtype=torch.float64)  # with hflip: the unmirrored view alone
     confusion = torch.zeros(k * k, device=device, dtype=torch.float64)  # row: true class, column: predicted
+    size = None  # the first batch's
     for images, labels in batches():
         x, labels = preprocess(images, labels)
+        n = x.shape[0]
+        size = size or n
+        if fixed_batch and n < size:
+            x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
         with autocast(device, precision):
-            logits = forward(x)
-            mirrored = forward(x.flip(-1)) if hflip else None
+            logits = forward(x)[:n]
+            mirrored = forward(x.flip(-1))[:n] if hflip else None
         if mirrored is not None:
             single_hits += (logits.float().topk(min(5, k), dim=1).indices[:, 0] == labels).sum()  # as without
             logits = mirror_average(logits, mirrored)

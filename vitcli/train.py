@@ -198,10 +198,10 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"
         cpp_extension = logging.getLogger("torch.utils.cpp_extension")
         if _not_the_cuda_runtime_note not in cpp_extension.filters:
             cpp_extension.addFilter(_not_the_cuda_runtime_note)
-    # the training step's batches all have one size: a static graph, even where dynamo has seen this model code at
-    # another batch size first (a resumed run that evaluates before it trains; other models in a benchmark's process)
-    return torch.compile(model, mode=None if mode == "default" else mode,
-                         dynamic=False if doing == "training" else None)
+    # static graphs, even where dynamo has seen this model code at another batch size first (the evaluation after
+    # the training; a resumed run that evaluates before it trains; other models in a benchmark's process): the
+    # training step's batches all have one size, and the evaluation pads its last, shorter batch (fixed_batch)
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
 def _not_the_cuda_runtime_note(record: logging.LogRecord) -> bool:
@@ -916,7 +916,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
             def run_evaluation(size: int) -> dict[str, Any]:
                 return evaluate(eval_model, lambda: until_stopped(val_batches(size), stop), eval_preprocess, classes,
-                                device, precision, dist_info, forward=eval_forward, hflip=config.train.eval_hflip)
+                                device, precision, dist_info, forward=eval_forward, hflip=config.train.eval_hflip,
+                                fixed_batch=config.train.compile)
 
             try:
                 val = None
