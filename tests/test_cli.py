@@ -85,6 +85,10 @@ def test_smoke_train_eval_predict(smoke_run, tmp_path):
     assert report["top1"] == pytest.approx(best, abs=1e-6)
     assert report["num_samples"] == 256 and set(report) >= {"top1", "top5", "loss", "num_samples", "per_class"}
     assert len(report["per_class"]) == 10 and report["top5"] >= report["top1"]
+    # a batch larger than the split is the split (2^66 was torch's "Overflow when unpacking long long" traceback)
+    huge = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", "--batch-size", str(2**66),
+                              check=True).stdout)
+    assert huge["batch_size"] == 256 and huge["top1"] == pytest.approx(best, abs=1e-6)
     text = run_vit("eval", "--ckpt", run_dir / "best.pt", check=True)
     assert "top-1" in text.stdout and "SYNTHETIC" in text.stdout
     # the smoke recipe validates on 256 of the split's images: the count says so

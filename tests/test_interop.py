@@ -105,6 +105,12 @@ def test_converted_weights_predict_like_the_peer(tmp_path, peer, suffix):
                      f"{tmp_path / 'new'}/")
     assert folder.returncode == 2 and "a folder; give the checkpoint file" in folder.stderr, folder.stderr
     assert not (tmp_path / "new").exists()
+    # class names: one each, none empty or repeated (both were written into the checkpoint)
+    for names in ("a,b,c,d,", "a,b,b,c,d"):
+        bad = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out",
+                      tmp_path / "named.pt", "--classes", names)
+        assert bad.returncode == 2 and "each class needs a name of its own" in bad.stderr, bad.stderr
+    assert not (tmp_path / "named.pt").exists()
     # and an --out that cannot be written is one line naming it
     nowhere = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path),
                       "--out", "/proc/vitcli-convert/model.pt")  # a folder nobody (not even root) can create
@@ -202,6 +208,11 @@ def test_onnx_export_matches_vit_predict(converted, tmp_path):
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     logits = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])  # batch 4: the batch axis is dynamic
+    # the file says what it takes: the class names and the preprocessing above
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["classes"]) == [f"class_{i}" for i in range(5)]
+    assert json.loads(meta["preprocessing"]) | {"input": None} == {"image_size": 32, "channels": 3, "mean": MEAN,
+                                                                   "std": STD, "input": None}
     assert (logits.double().softmax(1) - vit_probs(converted, paths)).abs().max() < 1e-5
 
 
@@ -211,7 +222,9 @@ def test_torchscript_and_safetensors_exports(converted, tmp_path):
     ts = tmp_path / "model.ts"
     exported = run_vit("export", "--ckpt", converted, "--format", "torchscript", "--out", ts, check=True)
     assert "Warning" not in exported.stderr, exported.stderr  # torch's deprecation warnings: one note at most
-    scripted = torch.jit.load(str(ts))
+    extra = {"vitcli.json": ""}
+    scripted = torch.jit.load(str(ts), _extra_files=extra)
+    assert json.loads(json.loads(extra["vitcli.json"])["preprocessing"])["mean"] == MEAN
     x = torch.randn(7, 3, 32, 32)
     ckpt = load_checkpoint(converted)
     with torch.inference_mode():
@@ -230,6 +243,8 @@ def test_torchscript_and_safetensors_exports(converted, tmp_path):
         meta = f.metadata()
         assert json.loads(meta["config"])["model"]["dim"] == 48
         assert json.loads(meta["classes"]) == [f"class_{i}" for i in range(5)]
+        preprocessing = json.loads(meta["preprocessing"])  # as resolved (data.mean etc. may be null: defaults)
+        assert (preprocessing["image_size"], preprocessing["mean"], preprocessing["std"]) == (32, MEAN, STD)
         assert "head.weight" in f.keys()
         weights = model_from_checkpoint(ckpt, converted).float().state_dict()  # the EMA weights where there are
         assert set(f.keys()) == set(weights)

@@ -666,6 +666,35 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
     report = write(tmp_path / "notes.txt", "mine")
     one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", report), "is a file")
     assert report.read_text() == "mine"
+    # a file where a folder of the output path should be: named as such (it said "File exists"), before the work
+    one_line_error(run_vit("predict", image, image, "--ckpt", real_ckpt, "--attention", report),
+                   f"{report} is a file, not a folder", "choose another --attention path")
+    one_line_error(run_vit("export", "--ckpt", real_ckpt, "--format", "safetensors", "--out", report / "m.st"),
+                   f"{report} is a file, not a folder", "choose another --out")
+    one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", report / "sub"),
+                   f"cannot write the report to --report {report / 'sub'}: {report} is a file, not a folder")
+    assert report.read_text() == "mine"
+    # an empty path ('' is the current folder) is refused, not searched or written into
+    for args, option in [(("predict", "", "--ckpt", real_ckpt), "an image path is empty"),
+                         (("predict", image, "--ckpt", real_ckpt, "--attention", ""), "--attention is empty"),
+                         (("eval", "--ckpt", real_ckpt, "--report", ""), "--report is empty"),
+                         (("export", "--ckpt", real_ckpt, "--out", ""), "--out is empty"),
+                         (("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", ""), "--run-dir is empty")]:
+        one_line_error(run_vit(*args), option)
+    # a folder's hidden folders and files (.git, .venv, editors' .~ files) are not searched for images
+    folder = tmp_path / "pics"
+    (folder / ".venv").mkdir(parents=True)
+    (folder / "one.png").write_bytes(original)
+    (folder / ".venv" / "icon.png").write_bytes(original)
+    (folder / ".hidden.png").write_bytes(original)
+    found = json.loads(run_vit("predict", folder, "--ckpt", real_ckpt, "--json", check=True).stdout)
+    assert [Path(entry["path"]).name for entry in found] == ["one.png"], found
+    # an exported TorchScript model given as the checkpoint: said so, in one line (torch warned in two more)
+    scripted = tmp_path / "model.ts"
+    run_vit("export", "--ckpt", real_ckpt, "--format", "torchscript", "--out", scripted, check=True)
+    one_line_error(run_vit("predict", image, "--ckpt", scripted), "is an exported TorchScript model",
+                   "pass the best.pt or last.pt")
+    assert "Warning" not in run_vit("eval", "--ckpt", scripted).stderr
     nowhere = Path("/proc/vitcli-out/model.onnx")  # a folder nobody (not even root) can create
     one_line_error(run_vit("export", "--ckpt", real_ckpt, "--format", "onnx", "--out", nowhere), "vitcli-out")
     one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", "/proc/vitcli-report"), "vitcli-report")

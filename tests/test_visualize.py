@@ -122,6 +122,13 @@ def test_eval_report(smoke_run, tmp_path):
     assert refused.returncode == 2 and "already holds mistakes.png, report.json" in refused.stderr, refused.stderr
     assert (mine / "report.json").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == [
         "mistakes.png", "report.json"]
+    # a report of vit eval with a picture of the user's in place of one of its own: the picture is kept (a real
+    # PNG, which it replaced when report.json alone was checked)
+    (small / "mistakes.png").write_bytes((out / "confusion_matrix.png").read_bytes().replace(b"vitcli", b"mine!!"))
+    mine_png = (small / "mistakes.png").read_bytes()
+    refused = run_vit("eval", "--ckpt", smoke_run / "best.pt", "--report", small)
+    assert refused.returncode == 2 and "already holds mistakes.png, not" in refused.stderr, refused.stderr
+    assert (small / "mistakes.png").read_bytes() == mine_png
 
 
 def test_tensorboard_holds_the_pictures(smoke_run):

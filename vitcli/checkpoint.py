@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from vitcli.config import Config, config_from_dict
-from vitcli.errors import VitError, not_a_file, short
+from vitcli.errors import VitError, not_a_file, short, write_problem
 
 FORMAT = "vitcli-checkpoint"
 VERSION = 1
@@ -36,7 +36,8 @@ def check_writable(folder: Path, what: str, fix: str, keep: bool = False) -> Non
         except OSError:
             break
     if error is not None:
-        raise VitError(f"cannot write {what}: {error.strerror or error}; {fix}")
+        problem, _ = write_problem(folder / "file", error)
+        raise VitError(f"cannot write {what}: {problem}; {fix}")
 
 
 def atomic_save(obj: Any, path: Path, fix: str = "free disk space or choose a writable --run-dir") -> None:
@@ -70,7 +71,9 @@ def atomic_write(path: Path, write: Callable[[Any], None], what: str = "file",
         error = e if isinstance(e, OSError) else getattr(f, "error", None)
         if error is None:
             raise
-        raise VitError(f"cannot write {what} {path}: {error.strerror or error}; {fix}") from None
+        problem, space = write_problem(path, error)
+        raise VitError(f"cannot write {what} {path}: {problem}; "
+                       f"{fix if space else fix.removeprefix('free disk space or ')}") from None
 
 
 class _WriteErrors:
@@ -157,6 +160,17 @@ def written_by_torch_save(path: Path) -> bool:
         return f.read(2).startswith((b"PK", b"\x80"))
 
 
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (vit export --format torchscript, torch.jit.save): a zip holding code/."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist()[:4096])
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str = "best.pt") -> dict[str, Any]:
     """Loads with weights_only=True: tensors and plain data only, so a crafted file cannot run code. `example`: the
     file to suggest when `path` is a run directory."""
@@ -168,6 +182,9 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str 
     if not written_by_torch_save(path):
         raise VitError(f"{path} is not a checkpoint (not a file written by torch.save); pass a best.pt or last.pt "
                        f"written by 'vit train'")
+    if is_torchscript(path):  # torch.load would warn in two lines, then fail
+        raise VitError(f"{path} is an exported TorchScript model (vit export), not a checkpoint; pass the best.pt "
+                       f"or last.pt it was exported from")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -34,6 +34,15 @@ def err(message: str) -> None:
     typer.echo(f"vit: {message}", err=True)
 
 
+def path_option(value: Optional[str], option: str) -> Optional[Path]:
+    """An option's path; an empty one ('' would be the current folder) is refused in one line."""
+    from vitcli.errors import VitError
+
+    if value is not None and not value.strip():
+        raise VitError(f"{option} is empty ('{value}'); give a path")
+    return Path(value) if value is not None else None
+
+
 def leave_process_group() -> None:
     """Under torchrun, a run leaves the process group before it exits, after dropping what the run held
     (DistributedDataParallel's reducer, which holds the group): left to interpreter teardown, they aborted the
@@ -159,7 +168,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe, e.g. configs/cifar10.yaml.")] = None,
     set_: SetOpt = None,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Exactly this run directory "
+    run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="Exactly this run directory "
                                                     "(default runs/<name>/<timestamp>).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run of this checkpoint "
                                                    "(its last.pt), in its run directory.")] = None,
@@ -176,6 +185,7 @@ def train(
         from vitcli.errors import VitError
 
         check_device_option(device)
+        run_path = path_option(run_dir, "--run-dir")
         overrides = list(set_ or []) + ([f"train.device={device}"] if device else [])
         if resume is None and config is None:
             raise VitError("give --config PATH (e.g. configs/smoke.yaml) or --resume CKPT")
@@ -215,7 +225,7 @@ def train(
         if device is not None:  # named as the option typed, as in eval and predict (fit names train.device=...)
             resolve_device(device, f"--device {device}")
         tune_malloc()
-        fit(cfg, run_dir=run_dir, resume=resume, resume_overrides=tuple(overrides))
+        fit(cfg, run_dir=run_path, resume=resume, resume_overrides=tuple(overrides))
         return 0
 
     run_command(body)
@@ -284,7 +294,7 @@ def eval_(
     device: DeviceOpt = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even if the checkpoint has "
                                          "EMA weights.")] = False,
-    report: Annotated[Optional[Path], typer.Option(
+    report_dir: Annotated[Optional[str], typer.Option(
         "--report", help="Write a confusion matrix, per-class accuracy chart, the most confident mistakes and "
         "report.json to this folder.")] = None,
     tta: TtaOpt = None,
@@ -311,6 +321,7 @@ def eval_(
                                                                           download=False))
         if batch_size is not None and batch_size <= 0:
             raise VitError(f"--batch-size must be positive, got {batch_size}")
+        report = path_option(report_dir, "--report")
         if report is not None and report.exists() and not report.is_dir():
             raise VitError(f"--report {report} is a file; give a folder for the report (nothing was written)")
         if report is not None and report.is_dir():
@@ -320,6 +331,10 @@ def eval_(
             if clash:
                 raise VitError(f"--report {report} already holds {', '.join(clash)}, not a report of vit eval; give "
                                f"a new or empty folder (nothing was written)")
+        if report is not None:  # before the evaluation, not after it
+            from vitcli.checkpoint import check_writable
+
+            check_writable(report, f"the report to --report {report}", "choose another --report folder")
         dev = checkpoint_device(device, config)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
@@ -359,7 +374,7 @@ def eval_(
             raise VitError(f"out of memory ({what}) at batch size 1 on {dev}; evaluate a smaller model or "
                            f"data.image_size, or on a device with more memory") from None
         result["tta_hflip"] = hflip
-        result["batch_size"] = used
+        result["batch_size"] = min(used, max(n, 1))  # (eval_batches cuts a larger one to the split's size)
         if report is not None:
             from vitcli.visualize import eval_report
 
@@ -420,6 +435,7 @@ def predict(
             raise VitError(f"--top-k must be positive, got {top_k}")
         if attention_mode not in ("rollout", "last"):
             raise VitError(f"--attention-mode must be rollout or last, got {attention_mode!r}")
+        path_option(attention, "--attention")
         path = _resolve_ckpt(ckpt)
         checkpoint = load_checkpoint(path)
         config, classes = checkpoint["config"], checkpoint["classes"]
@@ -511,7 +527,7 @@ def write_attention(model, config, tensor, device, mode: str, out: Path, origina
     import torch.nn.functional as F
 
     from vitcli.data import Preprocess
-    from vitcli.errors import VitError
+    from vitcli.errors import VitError, write_problem
     from vitcli.predict import convert_image, view_box
     from vitcli.visualize import ATTENTION_MARK, attention_maps, overlay_figure, save_figure
 
@@ -528,7 +544,7 @@ def write_attention(model, config, tensor, device, mode: str, out: Path, origina
     try:
         save_figure(overlay_figure(image, heat.cpu().numpy(), title), out, mark=ATTENTION_MARK)
     except (OSError, ValueError) as e:  # ValueError: a picture format matplotlib does not write
-        raise VitError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}") from None
+        raise VitError(f"cannot write {out}: {write_problem(out, e)[0]}; choose another --attention path") from None
     return out
 
 
@@ -591,6 +607,7 @@ def convert(
         settle()
         if from_ not in ("timm", "torchvision"):
             raise VitError(f"--from must be timm or torchvision, got {from_!r}")
+        path_option(out, "--out")
         if names_a_folder(out):
             raise VitError(f"--out {out}: a folder; give the checkpoint file to write, such as "
                            f"{Path(out) / (weights.stem + '.pt')}")
@@ -601,7 +618,10 @@ def convert(
         if "head.weight" not in state:
             raise VitError(f"{weights}: no classification head (head.weight) in the state dict")
         num_classes = state["head.weight"].shape[0]
-        names = classes.split(",") if classes else default_classes(cfg, num_classes)
+        names = [name.strip() for name in classes.split(",")] if classes else default_classes(cfg, num_classes)
+        if classes and (not all(names) or len(set(names)) < len(names)):
+            raise VitError(f"--classes {classes!r}: each class needs a name of its own (empty or repeated names); "
+                           f"give one comma-separated name per class, e.g. --classes cat,dog")
         if len(names) != num_classes:
             raise VitError(f"--classes has {len(names)} names, the head has {num_classes} outputs")
         model = build_model(cfg, num_classes)
@@ -652,6 +672,7 @@ def export(
         settle()  # the exporters (ONNX's above all) make many short-lived objects
         if format_ not in ("onnx", "torchscript", "safetensors"):
             raise VitError(f"--format must be onnx, torchscript or safetensors, got {format_!r}")
+        path_option(out, "--out")
         path = _resolve_ckpt(ckpt)
         default = path.with_suffix({"onnx": ".onnx", "torchscript": ".ts", "safetensors": ".safetensors"}[format_])
         if out is None:

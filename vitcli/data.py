@@ -355,7 +355,7 @@ def eval_batches(config: Config, split: str, device: torch.device, batch_size: i
 
         def batches(size: Optional[int] = None):
             index = torch.arange(rank, len(data), world_size, device=device)
-            for chunk in index.split(size or batch_size):
+            for chunk in index.split(min(size or batch_size, max(len(index), 1))):  # (torch overflows past 2^63)
                 yield data.images[chunk], data.labels[chunk]
 
         return data.classes, len(data), batches
@@ -369,7 +369,7 @@ def eval_batches(config: Config, split: str, device: torch.device, batch_size: i
     loaders = {}  # batch size -> its DataLoader
 
     def batches(size: Optional[int] = None):
-        size = size or batch_size
+        size = min(size or batch_size, max(len(subset), 1))
         if size not in loaders:
             loaders[size] = torch.utils.data.DataLoader(subset, batch_size=size, num_workers=workers,
                                                         pin_memory=device.type == "cuda",

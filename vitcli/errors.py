@@ -1,5 +1,9 @@
 """The one error type a user can cause. The CLI prints it as one line and exits non-zero, without a traceback."""
 
+import errno
+import os
+from pathlib import Path
+
 
 class VitError(Exception):
     """A mistake the user can fix: bad config, missing file, wrong checkpoint. The message says what, where and how."""
@@ -39,6 +43,16 @@ def not_a_file(path, what: str, *patterns: str) -> str:
         hint = f" ({', '.join(found)} in it)" if found else " (it holds no such file)"
         return f"{path} is a directory; pass the {what} itself, e.g. {path / patterns[0]}{hint}"
     return f"{what} not found: {path}"
+
+
+def write_problem(path, error: BaseException) -> tuple[str, bool]:
+    """What stopped a write to `path`, and whether it is a lack of space (where freeing disk space helps): a file
+    where a folder of the path should be is named as such ('File exists' / 'Not a directory' said nothing)."""
+    for parent in Path(path).parents:
+        if os.path.lexists(parent) and not os.path.isdir(parent):
+            return f"{parent} is a file, not a folder", False
+    code = getattr(error, "errno", None)
+    return getattr(error, "strerror", None) or str(error), code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def vit_program() -> str:

@@ -171,10 +171,16 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
     x = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = model(x)
+    # what a user of the file needs beside it: the class names and the input's preprocessing, resolved (the config's
+    # data.mean / std / image_size may be null: the dataset's defaults)
+    metadata = {"format": "vitcli", "config": json.dumps(config.to_dict()), "classes": json.dumps(classes),
+                "preprocessing": json.dumps({
+                    "input": "float32 N x C x H x W: the image resized to image_size (image folders: resized and "
+                             "centre-cropped), pixel values / 255, minus mean, divided by std, per channel",
+                    "image_size": size, "channels": channels, "mean": config.mean, "std": config.std})}
     if fmt == "safetensors":
         from safetensors.torch import load, save
 
-        metadata = {"config": json.dumps(config.to_dict()), "classes": json.dumps(classes), "format": "vitcli"}
         data = save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=metadata)
         reloaded = type(model)(**model.init_kwargs)
         reloaded.load_state_dict(load(data))
@@ -187,7 +193,8 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
         buffer = io.BytesIO()
         with warnings.catch_warnings(record=True) as caught:  # newer torch warns at each torch.jit call
             warnings.simplefilter("always", FutureWarning)
-            torch.jit.save(torch.jit.trace(model, x[:1], check_trace=False), buffer)
+            torch.jit.save(torch.jit.trace(model, x[:1], check_trace=False), buffer,
+                           _extra_files={"vitcli.json": json.dumps(metadata)})
             data = buffer.getvalue()
             with torch.inference_mode():
                 got = torch.jit.load(io.BytesIO(data))(x)
@@ -199,7 +206,7 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
         if weights > ONNX_ONE_FILE_LIMIT:  # protobuf cannot serialize it (found only after minutes of export)
             raise VitError(f"this model's weights take {weights / 2**30:.1f} GiB, over the 2 GB that ONNX holds in one "
                            f"file (protobuf's limit); use --format safetensors or torchscript (nothing was written)")
-        data, got = _export_onnx(model, x)
+        data, got = _export_onnx(model, x, metadata)
     else:
         raise VitError(f"unknown export format '{fmt}': use onnx, torchscript or safetensors")
     diff = float((got - expected).abs().max())
@@ -209,9 +216,9 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
     return diff
 
 
-def _export_onnx(model, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
-    """The ONNX model as bytes, one self-contained file (weights inside, no .data beside it), and its logits for x
-    from onnxruntime."""
+def _export_onnx(model, x: torch.Tensor, metadata: dict[str, str]) -> tuple[bytes, torch.Tensor]:
+    """The ONNX model as bytes, one self-contained file (weights inside, no .data beside it), with `metadata` in its
+    metadata_props, and its logits for x from onnxruntime."""
     major, minor = (int(part) for part in torch.__version__.split(".")[:2])
     if (major, minor) < (2, 5):  # torch.onnx.export(dynamo=True, dynamic_shapes=...) arrived in 2.5
         raise VitError(f"ONNX export needs torch 2.5 or newer (this is {torch.__version__}): pip install -U torch; "
@@ -227,8 +234,12 @@ def _export_onnx(model, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(model, (x,), input_names=["images"], output_names=["logits"],
                                 dynamic_shapes={"images": {0: batch}}, dynamo=True, verbose=False)
+    proto = program.model_proto  # (a new proto at each access)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     try:
-        data = program.model_proto.SerializeToString()
+        data = proto.SerializeToString()
     except Exception as e:  # protobuf's EncodeError: near the 2 GB limit, the graph's own bytes on top
         raise VitError(f"the ONNX model could not be serialized ({type(e).__name__}: {e}); use --format "
                        f"safetensors or torchscript (nothing was written)") from None

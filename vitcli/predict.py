@@ -56,12 +56,16 @@ def convert_image(image, mode: str):
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; folders replaced by the images they hold (sorted)."""
+    """Files as given; folders replaced by the images they hold (sorted), hidden folders and files (.git, .venv)
+    left out. An empty path ('' would be the current folder) is refused."""
     paths: list[Path] = []
     for item in inputs:
+        if not item.strip():
+            raise VitError(f"an image path is empty ('{item}'); give image files or folders")
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise VitError(f"no images in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)

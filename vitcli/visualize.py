@@ -5,6 +5,7 @@ Drawn with matplotlib (Agg, no screen needed), imported only here, so `vit --hel
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -205,17 +206,29 @@ class Mistakes:
 REPORT_FILES = ("confusion_matrix.png", "per_class_accuracy.png", "mistakes.png", "report.json")
 
 
+REPORT_MARK = "vitcli eval report"  # in the metadata of the report's pictures
+
+
 def report_clash(out_dir: Path) -> list[str]:
-    """The report's file names already in `out_dir`, unless they are an earlier report of `vit eval` (its
-    report.json says so), which a new one replaces."""
+    """The report's file names already in `out_dir` that vit eval did not write: a new report replaces an earlier
+    one's files (its report.json says written_by vit eval, its pictures carry REPORT_MARK), nothing else."""
     import json
 
-    there = [name for name in REPORT_FILES if (out_dir / name).exists()]
-    try:
-        earlier = json.loads((out_dir / "report.json").read_text()).get("written_by") == "vit eval"
-    except (OSError, ValueError, AttributeError):
-        earlier = False
-    return [] if earlier else there
+    clash = []
+    for name in REPORT_FILES:
+        path = out_dir / name
+        if not os.path.lexists(path):
+            continue
+        if name.endswith(".json"):
+            try:
+                ours = json.loads(path.read_text()).get("written_by") == "vit eval"
+            except (OSError, ValueError, AttributeError):
+                ours = False
+        else:
+            ours = carries_mark(path, REPORT_MARK)
+        if not ours:
+            clash.append(name)
+    return clash
 
 
 def eval_report(classes: list[str], result: dict, mistakes: Mistakes, out_dir: Path) -> list[Path]:
@@ -225,12 +238,12 @@ def eval_report(classes: list[str], result: dict, mistakes: Mistakes, out_dir: P
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion = np.array(result["confusion"])
     written = [out_dir / name for name in REPORT_FILES]
-    save_figure(confusion_figure(confusion, classes), written[0])
-    save_figure(per_class_figure(result["per_class"]), written[1])
+    save_figure(confusion_figure(confusion, classes), written[0], mark=REPORT_MARK)
+    save_figure(per_class_figure(result["per_class"]), written[1], mark=REPORT_MARK)
     worst = mistakes.worst
     pictures = to_display(torch.stack([mistakes.kept[w[1]] for w in worst])) if worst else []
     captions = [f"true {classes[t]}\npredicted {classes[p]} ({100 * c:.0f}%)" for c, _, t, p in worst]
-    save_figure(mistakes_figure(pictures, captions), written[2])
+    save_figure(mistakes_figure(pictures, captions), written[2], mark=REPORT_MARK)
     report = {"written_by": "vit eval", **result}
     report["classes"] = classes
     report["most_confident_mistakes"] = [{"index": i, "true": classes[t], "predicted": classes[p],
