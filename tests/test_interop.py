@@ -105,6 +105,13 @@ def test_converted_weights_predict_like_the_peer(tmp_path, peer, suffix):
                      f"{tmp_path / 'new'}/")
     assert folder.returncode == 2 and "a folder; give the checkpoint file" in folder.stderr, folder.stderr
     assert not (tmp_path / "new").exists()
+    # the other peer's weights, or a vitcli checkpoint: said so (it listed missing and unexpected keys)
+    other = "torchvision" if peer == "timm" else "timm"
+    wrong = run_vit("convert", weights, "--from", other, "--config", vit_config(tmp_path), "--out", tmp_path / "w.pt")
+    assert wrong.returncode == 2 and f"holds {peer} weights" in wrong.stderr and f"use --from {peer}" in wrong.stderr
+    again = run_vit("convert", ckpt, "--from", peer, "--config", vit_config(tmp_path), "--out", tmp_path / "w.pt")
+    assert again.returncode == 2 and "holds vitcli weights already" in again.stderr, again.stderr
+    assert not (tmp_path / "w.pt").exists()
     # class names: one each, none empty or repeated (both were written into the checkpoint)
     for names in ("a,b,c,d,", "a,b,b,c,d"):
         bad = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out",

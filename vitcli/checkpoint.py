@@ -191,15 +191,18 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str 
         raise VitError(f"refused to load {path}: it holds more than tensors and plain data, so it may run code "
                        f"({short(str(e))})") from None
     except Exception as e:  # torn zip, legacy-format garbage, text: torch raises many types for a bad file
+        reason = str(e).split(". This is an internal")[0]  # miniz's advice to file a bug is not for this case
         raise VitError(f"{path} is not a readable checkpoint (truncated or not a torch file: "
-                       f"{short(str(e)) or type(e).__name__}); use another checkpoint, e.g. the run's best.pt or "
+                       f"{short(reason) or type(e).__name__}); use another checkpoint, e.g. the run's best.pt or "
                        f"last.pt") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise VitError(f"{path} is not a vitcli checkpoint (no '{FORMAT}' marker); pass a best.pt or last.pt "
                        f"written by 'vit train'{not_vitcli_advice}")
     if ckpt.get("version") != VERSION:
+        newer = isinstance(ckpt.get("version"), int) and ckpt["version"] > VERSION
         raise VitError(f"{path} is a version {ckpt.get('version')} checkpoint (written by vitcli "
-                       f"{ckpt.get('vitcli_version')}); this vitcli reads version {VERSION}")
+                       f"{ckpt.get('vitcli_version')}); this vitcli reads version {VERSION}"
+                       + ("; update vitcli to read it" if newer else ""))
     missing = [key for key in ("config", "classes", "model") if not isinstance(ckpt.get(key), (dict, list))]
     if missing:  # damaged, or edited by hand
         raise VitError(f"{path} is an incomplete vitcli checkpoint (no {', '.join(missing)}); use another "

@@ -578,7 +578,8 @@ def bench(
             typer.echo(json.dumps(result))
         else:
             for key, value in result.items():
-                typer.echo(f"{key:>26}: {value:.1f}" if isinstance(value, float) else f"{key:>26}: {value}")
+                shown = (f"{value:.1f}" if abs(value) >= 100 else f"{value:.4g}") if isinstance(value, float) else value
+                typer.echo(f"{key:>26}: {shown}")
         return 0
 
     run_command(body)
@@ -600,7 +601,7 @@ def convert(
         from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint
         from vitcli.config import load_config
         from vitcli.errors import VitError
-        from vitcli.interop import from_peer, read_state_dict
+        from vitcli.interop import from_peer, read_state_dict, weights_flavor
         from vitcli.model import build_model
         from vitcli.runtime import settle
 
@@ -614,7 +615,14 @@ def convert(
         if Path(out).exists():
             raise VitError(f"{out} exists; choose another --out (nothing is overwritten)")
         cfg = load_config(config, list(set_ or []))
-        state = from_peer(read_state_dict(weights), from_)
+        raw = read_state_dict(weights)
+        flavor, key = weights_flavor(raw)
+        if flavor == "vitcli":
+            raise VitError(f"{weights} holds vitcli weights already ('{key}'): nothing to convert; use it as --ckpt, "
+                           f"or start a run from it with --set model.init_from={weights}")
+        if flavor is not None and flavor != from_:
+            raise VitError(f"{weights} holds {flavor} weights ('{key}'), not {from_}'s; use --from {flavor}")
+        state = from_peer(raw, from_)
         if "head.weight" not in state:
             raise VitError(f"{weights}: no classification head (head.weight) in the state dict")
         num_classes = state["head.weight"].shape[0]

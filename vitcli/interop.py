@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -80,6 +80,18 @@ TORCHVISION_RULES = [
     (r"^encoder\.ln\.", "encoder.norm."),
     (r"^heads\.head\.", "head."),
 ]
+
+
+def weights_flavor(state: dict[str, torch.Tensor]) -> tuple[Optional[str], str]:
+    """(vitcli, timm or torchvision, a key that says so) by the state dict's names; (None, "") where none fits."""
+    marks = [("vitcli", lambda k: k.startswith("patch_embedding.")),
+             ("timm", lambda k: k in ("cls_token", "pos_embed") or k.startswith(("patch_embed.", "blocks."))),
+             ("torchvision", lambda k: k in ("class_token",) or k.startswith(("conv_proj.", "encoder.layers.")))]
+    for flavor, fits in marks:
+        key = next((k for k in state if fits(k)), None)
+        if key is not None:
+            return flavor, key
+    return None, ""
 
 
 def from_peer(state: dict[str, torch.Tensor], peer: str) -> dict[str, torch.Tensor]:
