@@ -239,6 +239,9 @@ def test_torchscript_and_safetensors_exports(converted, tmp_path):
         torch.testing.assert_close(scripted(x), expected, atol=1e-5, rtol=1e-5)
     st = tmp_path / "model.safetensors"
     run_vit("export", "--ckpt", converted, "--format", "safetensors", "--out", st, check=True)
+    # written as asked, with a note where the name says another format
+    odd = run_vit("export", "--ckpt", converted, "--format", "safetensors", "--out", tmp_path / "m.onnx", check=True)
+    assert "is a safetensors file, although its name ends in .onnx" in odd.stderr, odd.stderr
     # --out DIR/ (made if need be) or an existing folder: the checkpoint's name with the format's suffix in it
     for folder in (f"{tmp_path / 'exports'}/", tmp_path / "exports"):
         (tmp_path / "exports" / f"{converted.stem}.safetensors").unlink(missing_ok=True)

@@ -69,6 +69,17 @@ def test_predict_attention_maps(smoke_run, tmp_path):
     assert [p.name for p in written] == ["s0.attention.png", "s1.attention.png", "s2.attention.png"]
     for path in written:
         assert_picture(path, 256)
+    # a folder of images and their maps, twice: the maps vit wrote are not read as images (the second run was
+    # refused: "would write over the input image"), and the text output names each image's picture
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    for path in small:
+        (inside / path.name).write_bytes(path.read_bytes())
+    for _ in range(2):
+        result = run_vit("predict", inside, "--ckpt", smoke_run / "best.pt", "--attention", inside, check=True)
+        assert [line.split(":")[0] for line in result.stdout.splitlines()] == [str(inside / p.name) for p in small]
+        assert f"(attention: {inside / 's1.attention.png'})" in result.stdout
+    assert len(list(inside.iterdir())) == 6
     # one image: OUT/ (or an existing folder) is a folder, a name without an extension gets .png
     result = run_vit("predict", small[0], "--ckpt", smoke_run / "best.pt", "--attention", f"{tmp_path / 'one'}/",
                      "--json", check=True)

@@ -316,7 +316,9 @@ def eval_(
         path = _resolve_ckpt(ckpt)
         checkpoint = load_checkpoint(path)
         config = checkpoint["config"]
-        if data_root is not None:
+        if data_root is not None and config.data.dataset == "synthetic":
+            err("note: --data-root is not read: this checkpoint was trained on synthetic data, made in memory")
+        elif data_root is not None:
             config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data_root,
                                                                           download=False))
         if batch_size is not None and batch_size <= 0:
@@ -476,7 +478,7 @@ def predict(
             results.append(entry)
             if not json_:
                 best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in predictions)
-                typer.echo(f"{image_path}: {best}")
+                typer.echo(f"{image_path}: {best}" + (f"  (attention: {entry['attention']})" if attention else ""))
         if json_:
             typer.echo(json.dumps(results, indent=1))
         if config.data.dataset == "synthetic":
@@ -698,6 +700,11 @@ def export(
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema)
         diff = run_export(model, checkpoint["config"], checkpoint["classes"], format_, target)
         err(f"wrote {target} (max |logit difference| vs PyTorch {diff:.1e})")
+        formats = {".onnx": "onnx", ".ts": "torchscript", ".safetensors": "safetensors"}
+        if formats.get(target.suffix.lower(), format_) != format_:
+            err(f"note: {target} is a {format_} file, although its name ends in {target.suffix} "
+                f"({formats[target.suffix.lower()]}'s); rename it, or export with --format "
+                f"{formats[target.suffix.lower()]}")
         return 0
 
     run_command(body)

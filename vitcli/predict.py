@@ -55,9 +55,19 @@ def convert_image(image, mode: str):
                        f"{mode} ({e}); save it as an 8-bit RGB or grayscale image") from None
 
 
+def is_attention_picture(path: Path) -> bool:
+    """A picture `vit predict --attention` wrote (named *.attention.<ext> and carrying vit's mark): not an input
+    when a folder is searched, so that a second run into the same folder reads the same images."""
+    if ".attention." not in path.name:
+        return False
+    from vitcli.visualize import ATTENTION_MARK, carries_mark
+
+    return carries_mark(path, ATTENTION_MARK)
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; folders replaced by the images they hold (sorted), hidden folders and files (.git, .venv)
-    left out. An empty path ('' would be the current folder) is refused."""
+    and vit's own attention pictures left out. An empty path ('' would be the current folder) is refused."""
     paths: list[Path] = []
     for item in inputs:
         if not item.strip():
@@ -65,7 +75,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                           and not is_attention_picture(p))
             if not found:
                 raise VitError(f"no images in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)
