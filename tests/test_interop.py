@@ -110,8 +110,15 @@ def test_converted_weights_predict_like_the_peer(tmp_path, peer, suffix):
     wrong = run_vit("convert", weights, "--from", other, "--config", vit_config(tmp_path), "--out", tmp_path / "w.pt")
     assert wrong.returncode == 2 and f"holds {peer} weights" in wrong.stderr and f"use --from {peer}" in wrong.stderr
     again = run_vit("convert", ckpt, "--from", peer, "--config", vit_config(tmp_path), "--out", tmp_path / "w.pt")
-    assert again.returncode == 2 and "holds vitcli weights already" in again.stderr, again.stderr
+    assert again.returncode == 2 and "is a vitcli checkpoint already" in again.stderr, again.stderr
     assert not (tmp_path / "w.pt").exists()
+    # vitcli's own names outside a checkpoint (vit export --format safetensors) are read as they are
+    exported = tmp_path / "own.safetensors"
+    run_vit("export", "--ckpt", ckpt, "--format", "safetensors", "--out", exported, check=True)
+    own = run_vit("convert", exported, "--from", peer, "--config", vit_config(tmp_path), "--out", tmp_path / "own.pt",
+                  check=True)
+    assert "holds vitcli's own weight names" in own.stderr
+    assert (vit_probs(tmp_path / "own.pt", paths) - expected).abs().max() < 1e-5
     # class names: one each, none empty or repeated (both were written into the checkpoint)
     for names in ("a,b,c,d,", "a,b,b,c,d"):
         bad = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out",
@@ -231,7 +238,7 @@ def test_torchscript_and_safetensors_exports(converted, tmp_path):
     assert "Warning" not in exported.stderr, exported.stderr  # torch's deprecation warnings: one note at most
     extra = {"vitcli.json": ""}
     scripted = torch.jit.load(str(ts), _extra_files=extra)
-    assert json.loads(json.loads(extra["vitcli.json"])["preprocessing"])["mean"] == MEAN
+    assert json.loads(extra["vitcli.json"])["preprocessing"]["mean"] == MEAN
     x = torch.randn(7, 3, 32, 32)
     ckpt = load_checkpoint(converted)
     with torch.inference_mode():

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import os
 
 import numpy as np
 import pytest
@@ -140,6 +141,15 @@ def test_eval_report(smoke_run, tmp_path):
     refused = run_vit("eval", "--ckpt", smoke_run / "best.pt", "--report", small)
     assert refused.returncode == 2 and "already holds mistakes.png, not" in refused.stderr, refused.stderr
     assert (small / "mistakes.png").read_bytes() == mine_png
+    # a report of vitcli before the mark: its unmarked pictures, written just before its report.json, are replaced
+    old = tmp_path / "old"
+    run_vit("eval", "--ckpt", smoke_run / "best.pt", "--report", old, check=True)
+    written_at = (old / "report.json").stat().st_mtime
+    for name in ("confusion_matrix.png", "per_class_accuracy.png", "mistakes.png"):
+        (old / name).write_bytes((old / name).read_bytes().replace(b"vitcli eval report", b"x" * 18))
+        os.utime(old / name, (written_at - 1, written_at - 1))
+    run_vit("eval", "--ckpt", smoke_run / "best.pt", "--report", old, check=True)
+    assert b"vitcli eval report" in (old / "mistakes.png").read_bytes()
 
 
 def test_tensorboard_holds_the_pictures(smoke_run):

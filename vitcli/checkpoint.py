@@ -40,7 +40,8 @@ def check_writable(folder: Path, what: str, fix: str, keep: bool = False) -> Non
         raise VitError(f"cannot write {what}: {problem}; {fix}")
 
 
-def atomic_save(obj: Any, path: Path, fix: str = "free disk space or choose a writable --run-dir") -> None:
+def atomic_save(obj: Any, path: Path, fix: str = "free disk space or check that the run directory can be written"
+                ) -> None:
     """torch.save through atomic_write."""
     atomic_write(path, lambda f: torch.save(obj, f), "checkpoint", fix)
 

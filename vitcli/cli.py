@@ -368,7 +368,8 @@ def eval_(
 
         # the largest batch that fits, from --batch-size (or the run's train.eval_batch_size) down
         try:
-            result, used = largest_batch_that_fits(run, batch_size or config.train.eval_batch_size, smaller)
+            start = min(batch_size or config.train.eval_batch_size, max(n, 1))  # the size eval_batches runs
+            result, used = largest_batch_that_fits(run, start, smaller)
         except RuntimeError as e:
             what = out_of_memory(e)
             if what is None:
@@ -376,7 +377,7 @@ def eval_(
             raise VitError(f"out of memory ({what}) at batch size 1 on {dev}; evaluate a smaller model or "
                            f"data.image_size, or on a device with more memory") from None
         result["tta_hflip"] = hflip
-        result["batch_size"] = min(used, max(n, 1))  # (eval_batches cuts a larger one to the split's size)
+        result["batch_size"] = used
         if report is not None:
             from vitcli.visualize import eval_report
 
@@ -603,7 +604,7 @@ def convert(
         from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint
         from vitcli.config import load_config
         from vitcli.errors import VitError
-        from vitcli.interop import from_peer, read_state_dict, weights_flavor
+        from vitcli.interop import from_peer, is_vitcli_checkpoint, read_state_dict, weights_flavor
         from vitcli.model import build_model
         from vitcli.runtime import settle
 
@@ -619,12 +620,15 @@ def convert(
         cfg = load_config(config, list(set_ or []))
         raw = read_state_dict(weights)
         flavor, key = weights_flavor(raw)
-        if flavor == "vitcli":
-            raise VitError(f"{weights} holds vitcli weights already ('{key}'): nothing to convert; use it as --ckpt, "
-                           f"or start a run from it with --set model.init_from={weights}")
-        if flavor is not None and flavor != from_:
+        if flavor == "vitcli" and is_vitcli_checkpoint(weights):
+            raise VitError(f"{weights} is a vitcli checkpoint already: nothing to convert; use it as --ckpt, or "
+                           f"start a run from it with --set model.init_from={weights}")
+        if flavor == "vitcli":  # vitcli's names (vit export --format safetensors): taken as they are
+            err(f"note: {weights} holds vitcli's own weight names ('{key}'): read as they are (--from {from_} "
+                f"not applied)")
+        elif flavor is not None and flavor != from_:
             raise VitError(f"{weights} holds {flavor} weights ('{key}'), not {from_}'s; use --from {flavor}")
-        state = from_peer(raw, from_)
+        state = from_peer(raw, "vitcli" if flavor == "vitcli" else from_)
         if "head.weight" not in state:
             raise VitError(f"{weights}: no classification head (head.weight) in the state dict")
         num_classes = state["head.weight"].shape[0]

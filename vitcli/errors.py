@@ -49,6 +49,8 @@ def write_problem(path, error: BaseException) -> tuple[str, bool]:
     """What stopped a write to `path`, and whether it is a lack of space (where freeing disk space helps): a file
     where a folder of the path should be is named as such ('File exists' / 'Not a directory' said nothing)."""
     for parent in Path(path).parents:
+        if os.path.islink(parent) and not os.path.exists(parent):
+            return f"{parent} is a broken link", False
         if os.path.lexists(parent) and not os.path.isdir(parent):
             return f"{parent} is a file, not a folder", False
     code = getattr(error, "errno", None)

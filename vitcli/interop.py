@@ -82,6 +82,19 @@ TORCHVISION_RULES = [
 ]
 
 
+def is_vitcli_checkpoint(path: str | Path) -> bool:
+    """A checkpoint vit train or vit convert wrote (its format marker), not a bare state dict."""
+    from vitcli.checkpoint import FORMAT
+
+    path = Path(path)
+    if path.suffix == ".safetensors" or not written_by_torch_save(path):
+        return False
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("format") == FORMAT
+    except Exception:  # unreadable: read_state_dict has said so already
+        return False
+
+
 def weights_flavor(state: dict[str, torch.Tensor]) -> tuple[Optional[str], str]:
     """(vitcli, timm or torchvision, a key that says so) by the state dict's names; (None, "") where none fits."""
     marks = [("vitcli", lambda k: k.startswith("patch_embedding.")),
@@ -206,7 +219,8 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
         with warnings.catch_warnings(record=True) as caught:  # newer torch warns at each torch.jit call
             warnings.simplefilter("always", FutureWarning)
             torch.jit.save(torch.jit.trace(model, x[:1], check_trace=False), buffer,
-                           _extra_files={"vitcli.json": json.dumps(metadata)})
+                           _extra_files={"vitcli.json": json.dumps(  # one JSON object, not JSON in JSON
+                               {k: v if k == "format" else json.loads(v) for k, v in metadata.items()})})
             data = buffer.getvalue()
             with torch.inference_mode():
                 got = torch.jit.load(io.BytesIO(data))(x)

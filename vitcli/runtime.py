@@ -127,8 +127,8 @@ def resolve_compile_mode(name: str, device: torch.device, world_size: int = 1) -
 
 
 def evaluation_compile_mode(mode: str) -> str:
-    """The evaluation's mode: the training's without CUDA graphs (its last batch has another size, and test-time
-    flips call the model twice per batch, whose replays would share their output memory)."""
+    """The evaluation's mode: the training's without CUDA graphs (test-time flips call the model twice per batch,
+    whose replays would share their output memory)."""
     return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
 
 

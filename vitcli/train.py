@@ -438,7 +438,8 @@ class MetricsWriter:
                 redone.append(row["epoch"])
         if len(kept) == len(lines) and not torn:
             return
-        atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()), "metrics log")
+        atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()), "metrics log",
+                     "free disk space or check that the run directory can be written")
         if redone or torn:
             what = f"the rows of epoch {', '.join(map(str, redone))}" if redone else ""
             what += (" and " if what else "") + ("a torn last line" if torn else "")
@@ -783,7 +784,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     start_time = time.perf_counter() - (float(ckpt.get("elapsed_seconds", 0.0)) if ckpt is not None else 0.0)
     run_id = (ckpt.get("run_id") if ckpt is not None else None) or uuid.uuid4().hex  # checkpoints before it had none
     evaluating = False  # which of the two a memory error happened in
-    eval_size = config.train.eval_batch_size  # halved for the rest of the session where an evaluation ran out of memory
+    # halved for the rest of the session where an evaluation runs out of memory; from what eval_batches runs
+    eval_size = min(config.train.eval_batch_size, max(num_val, 1))
 
     def smaller_evaluation_batch(size: int, smaller: int, what: str) -> None:
         nonlocal eval_size
@@ -917,7 +919,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             def run_evaluation(size: int) -> dict[str, Any]:
                 return evaluate(eval_model, lambda: until_stopped(val_batches(size), stop), eval_preprocess, classes,
                                 device, precision, dist_info, forward=eval_forward, hflip=config.train.eval_hflip,
-                                fixed_batch=config.train.compile)
+                                fixed_batch=eval_forward.compiled is not eval_forward.module)
 
             try:
                 val = None

@@ -214,18 +214,21 @@ def report_clash(out_dir: Path) -> list[str]:
     one's files (its report.json says written_by vit eval, its pictures carry REPORT_MARK), nothing else."""
     import json
 
+    summary = out_dir / "report.json"
+    try:
+        earlier = json.loads(summary.read_text()).get("written_by") == "vit eval"
+    except (OSError, ValueError, AttributeError):
+        earlier = False
     clash = []
     for name in REPORT_FILES:
         path = out_dir / name
         if not os.path.lexists(path):
             continue
-        if name.endswith(".json"):
-            try:
-                ours = json.loads(path.read_text()).get("written_by") == "vit eval"
-            except (OSError, ValueError, AttributeError):
-                ours = False
-        else:
-            ours = carries_mark(path, REPORT_MARK)
+        if name == "report.json":
+            ours = earlier
+        else:  # marked; or unmarked (vitcli before the mark) and written just before the report.json it goes with
+            ours = carries_mark(path, REPORT_MARK) or (
+                earlier and path.is_file() and 0 <= summary.stat().st_mtime - path.stat().st_mtime <= 60)
         if not ours:
             clash.append(name)
     return clash
