@@ -173,6 +173,26 @@ def test_image_folder_subsets_draw_from_every_class(imagefolder_dir):
     assert len(make_imagefolder(config, "train", train=False).samples) == 72
 
 
+def test_evaluation_batches_take_another_size_and_never_exceed_the_split(imagefolder_dir):
+    """eval_batches' factory runs at a smaller size (a retry after running out of memory; image folders get a
+    DataLoader of that size) and cuts a size larger than the split to it, for image folders and in-memory data:
+    the same images, in the same order, whatever the size."""
+    from vitcli.data import eval_batches
+
+    cpu = torch.device("cpu")
+    folder = build_config({"data": {"dataset": "imagefolder", "root": str(imagefolder_dir), "image_size": 32,
+                                    "num_workers": 0}})
+    memory = build_config({"data": {"dataset": "synthetic", "image_size": 16, "max_val_samples": 20}})
+    for config, n in ((folder, 24), (memory, 20)):
+        _, count, batches = eval_batches(config, "val" if config is folder else "test", cpu, 8)
+        assert count == n
+        sizes = {size: [len(labels) for _, labels in batches(size)] for size in (None, 5, 2**66)}
+        assert sizes[None] == [8] * (n // 8) + ([n % 8] if n % 8 else [])
+        assert sizes[5] == [5] * (n // 5) + ([n % 5] if n % 5 else []) and sizes[2**66] == [n]
+        first = torch.cat([images for images, _ in batches(5)])
+        assert torch.equal(first, torch.cat([images for images, _ in batches(2**66)]))
+
+
 def test_predict_sees_an_image_folder_image_as_eval_does(imagefolder_dir):
     """`vit predict` and `vit eval` resize and crop an image folder's image the same way, to the same pixels, so
     an image scores the same in both; shapes whose rounding differs included (wide, tall, odd, gray, JPEG)."""
