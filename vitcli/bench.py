@@ -112,7 +112,7 @@ def bench(config: Config, steps: int = 20, warmup: int = 5) -> dict[str, Any]:
     infer_seconds = timed(w.infer, max(3, steps // 2))
     flops = forward_flops(config, w.num_classes)
     train_ips = w.batch_size / train_seconds
-    compiled = w.step_fn.forward.compiled is not w.step_fn.forward.module  # what ran: False after a fallback
+    compiled = w.step_fn.forward.running_compiled  # what ran: False after a fallback
     return {
         "config": config.name,
         "device": str(w.device),

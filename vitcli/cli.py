@@ -495,6 +495,7 @@ def names_a_folder(where: str) -> bool:
     return where.endswith(("/", os.sep)) or Path(where).is_dir()
 
 
+EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "safetensors": ".safetensors"}  # vit export's formats
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
 
 
@@ -604,7 +605,7 @@ def convert(
         from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint
         from vitcli.config import load_config
         from vitcli.errors import VitError
-        from vitcli.interop import from_peer, is_vitcli_checkpoint, read_state_dict, weights_flavor
+        from vitcli.interop import from_peer, load_weights_file, weights_flavor
         from vitcli.model import build_model
         from vitcli.runtime import settle
 
@@ -618,9 +619,9 @@ def convert(
         if Path(out).exists():
             raise VitError(f"{out} exists; choose another --out (nothing is overwritten)")
         cfg = load_config(config, list(set_ or []))
-        raw = read_state_dict(weights)
+        raw, checkpoint = load_weights_file(weights)
         flavor, key = weights_flavor(raw)
-        if flavor == "vitcli" and is_vitcli_checkpoint(weights):
+        if flavor == "vitcli" and checkpoint:
             raise VitError(f"{weights} is a vitcli checkpoint already: nothing to convert; use it as --ckpt, or "
                            f"start a run from it with --set model.init_from={weights}")
         if flavor == "vitcli":  # vitcli's names (vit export --format safetensors): taken as they are
@@ -688,7 +689,7 @@ def export(
             raise VitError(f"--format must be onnx, torchscript or safetensors, got {format_!r}")
         path_option(out, "--out")
         path = _resolve_ckpt(ckpt)
-        default = path.with_suffix({"onnx": ".onnx", "torchscript": ".ts", "safetensors": ".safetensors"}[format_])
+        default = path.with_suffix(EXPORT_SUFFIXES[format_])
         if out is None:
             target = default
         elif names_a_folder(out):
@@ -704,11 +705,10 @@ def export(
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema)
         diff = run_export(model, checkpoint["config"], checkpoint["classes"], format_, target)
         err(f"wrote {target} (max |logit difference| vs PyTorch {diff:.1e})")
-        formats = {".onnx": "onnx", ".ts": "torchscript", ".safetensors": "safetensors"}
-        if formats.get(target.suffix.lower(), format_) != format_:
-            err(f"note: {target} is a {format_} file, although its name ends in {target.suffix} "
-                f"({formats[target.suffix.lower()]}'s); rename it, or export with --format "
-                f"{formats[target.suffix.lower()]}")
+        named = {suffix: fmt for fmt, suffix in EXPORT_SUFFIXES.items()}.get(target.suffix.lower(), format_)
+        if named != format_:
+            err(f"note: {target} is a {format_} file, although its name ends in {target.suffix} ({named}'s); "
+                f"rename it, or export with --format {named}")
         return 0
 
     run_command(body)

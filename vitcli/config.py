@@ -141,12 +141,17 @@ CHOICES = {
 }
 
 
+def _near_miss(key: str, options: typing.Iterable[str]) -> Optional[str]:
+    """The closest of `options` to a mistyped `key`, or None where none is close."""
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
 def _closest(key: str, options: typing.Iterable[str], section: str = "") -> str:
     """'; did you mean ...?' for a near miss, else the valid names; with `section`, written as section.key."""
-    prefix = f"{section}." if section else ""
-    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    match = _near_miss(key, options)
     if match:
-        return f"; did you mean '{prefix}{match[0]}'?"
+        return f"; did you mean '{section + '.' if section else ''}{match}'?"
     return f"; valid keys{f' in {section}' if section else ''}: {', '.join(options)}"
 
 
@@ -259,9 +264,9 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
         for key, (value, where) in values[section].items():
             choices = CHOICES.get((section, key))
             if choices and value not in choices:  # before the type check: a choice key lists its choices
-                hint = _closest(str(value), choices) if isinstance(value, str) else ""  # a near miss
+                near = _near_miss(value, choices) if isinstance(value, str) else None  # the choices are listed
                 raise VitError(f"{where}: {section}.{key} must be one of {', '.join(choices)}, got {_shown(value)}"
-                               f"{hint if 'did you mean' in hint else ''}")
+                               + (f"; did you mean '{near}'?" if near else ""))
             kwargs[key] = _coerce(value, hints[key], f"{where}: {section}.{key}")
         sections[section] = cls(**kwargs)
     config = Config(name=name, **sections)

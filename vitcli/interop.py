@@ -16,6 +16,13 @@ from vitcli.errors import VitError, not_a_file, short
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from a .pt/.pth (loaded weights_only; a {'state_dict': ...} or
     {'model': ...} wrapper is unwrapped)."""
+    return load_weights_file(path)[0]
+
+
+def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """read_state_dict's state dict, and whether the file was a vitcli checkpoint (its format marker)."""
+    from vitcli.checkpoint import FORMAT
+
     path = Path(path)
     if not path.is_file():
         raise VitError(not_a_file(path, "weights file", "*.safetensors", "*.pth", "*.pt", "*.bin"))
@@ -23,7 +30,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return load_file(str(path)), False
         except Exception as e:  # safetensors raises its own error types
             raise VitError(f"{path}: not a readable safetensors file ({e})") from None
     if not written_by_torch_save(path):
@@ -37,13 +44,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # torn zip files and the like
         raise VitError(f"{path} is not a readable weights file (truncated or not a torch file: "
                        f"{short(str(e)) or type(e).__name__})") from None
+    checkpoint = isinstance(state, dict) and state.get("format") == FORMAT
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VitError(f"{path}: expected a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}, checkpoint
 
 
 def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -80,19 +88,6 @@ TORCHVISION_RULES = [
     (r"^encoder\.ln\.", "encoder.norm."),
     (r"^heads\.head\.", "head."),
 ]
-
-
-def is_vitcli_checkpoint(path: str | Path) -> bool:
-    """A checkpoint vit train or vit convert wrote (its format marker), not a bare state dict."""
-    from vitcli.checkpoint import FORMAT
-
-    path = Path(path)
-    if path.suffix == ".safetensors" or not written_by_torch_save(path):
-        return False
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True).get("format") == FORMAT
-    except Exception:  # unreadable: read_state_dict has said so already
-        return False
 
 
 def weights_flavor(state: dict[str, torch.Tensor]) -> tuple[Optional[str], str]:
@@ -198,11 +193,12 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
         expected = model(x)
     # what a user of the file needs beside it: the class names and the input's preprocessing, resolved (the config's
     # data.mean / std / image_size may be null: the dataset's defaults)
-    metadata = {"format": "vitcli", "config": json.dumps(config.to_dict()), "classes": json.dumps(classes),
-                "preprocessing": json.dumps({
-                    "input": "float32 N x C x H x W: the image resized to image_size (image folders: resized and "
-                             "centre-cropped), pixel values / 255, minus mean, divided by std, per channel",
-                    "image_size": size, "channels": channels, "mean": config.mean, "std": config.std})}
+    info = {"format": "vitcli", "config": config.to_dict(), "classes": classes, "preprocessing": {
+        "input": "float32 N x C x H x W: the image resized to image_size (image folders: resized and centre-cropped), "
+                 "pixel values / 255, minus mean, divided by std, per channel",
+        "image_size": size, "channels": channels, "mean": config.mean, "std": config.std}}
+    # safetensors and ONNX hold text values: each a JSON text (the format's name as it is)
+    metadata = {key: value if isinstance(value, str) else json.dumps(value) for key, value in info.items()}
     if fmt == "safetensors":
         from safetensors.torch import load, save
 
@@ -219,8 +215,7 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
         with warnings.catch_warnings(record=True) as caught:  # newer torch warns at each torch.jit call
             warnings.simplefilter("always", FutureWarning)
             torch.jit.save(torch.jit.trace(model, x[:1], check_trace=False), buffer,
-                           _extra_files={"vitcli.json": json.dumps(  # one JSON object, not JSON in JSON
-                               {k: v if k == "format" else json.loads(v) for k, v in metadata.items()})})
+                           _extra_files={"vitcli.json": json.dumps(info)})
             data = buffer.getvalue()
             with torch.inference_mode():
                 got = torch.jit.load(io.BytesIO(data))(x)

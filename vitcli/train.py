@@ -163,16 +163,24 @@ class Forward:
     def __init__(self, module: torch.nn.Module, compile: bool, doing: str = "training", mode: str = "default"):
         self.module, self.doing = module, doing
         self.compiled = maybe_compile(module, compile, doing, mode)
-        # CUDA graphs (torch.compile's reduce-overhead): each training step starts a new replay generation, whose
-        # outputs may reuse the memory of the previous step's
-        self.graphs = self.compiled is not module and mode in CUDA_GRAPH_MODES and (
-            next(module.parameters()).device.type == "cuda")
+        self.graph_mode = mode in CUDA_GRAPH_MODES and next(module.parameters()).device.type == "cuda"
+
+    @property
+    def running_compiled(self) -> bool:
+        """Whether calls run the compiled module (False when compile is off, or after an eager fallback)."""
+        return self.compiled is not self.module
+
+    @property
+    def graphs(self) -> bool:
+        """Whether calls replay CUDA graphs (torch.compile's reduce-overhead): each training step starts a new replay
+        generation, whose outputs may reuse the memory of the previous step's."""
+        return self.graph_mode and self.running_compiled
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.compiled is self.module:
             return self.module(x)
         try:
-            if self.graphs:
+            if self.graph_mode:  # (running compiled here)
                 torch.compiler.cudagraph_mark_step_begin()
             return self.compiled(x)
         except Exception as e:  # torch.compile fails in many ways (no compiler, unsupported op): run eager
@@ -789,7 +797,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
     def smaller_evaluation_batch(size: int, smaller: int, what: str) -> None:
         nonlocal eval_size
-        eval_size = smaller  # also where the smaller size runs out too: the advice names the size that ran out
+        eval_size = smaller  # the session's size from now on (the advice names it if this one runs out too)
         if main:
             print(f"vit: out of memory evaluating at batch size {size} ({what}); evaluating at {smaller} from now on "
                   f"(--set train.eval_batch_size={smaller} starts there)", file=sys.stderr)
@@ -811,9 +819,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                     f"{how}")
         tokens = (config.image_size // config.model.patch_size) ** 2 + 1
         graphs = ""
-        forward = step_fn.forward
-        if forward.graphs and forward.compiled is not forward.module:  # CUDA graphs (not after an eager fallback)
-            # hold a memory pool of their own, beside the caching allocator's
+        if step_fn.forward.graphs:  # CUDA graphs hold a memory pool of their own, beside the caching allocator's
             graphs = ("; or train without CUDA graphs, which keep a memory pool of their own: "
                       + (f"{resume_command(['train.compile_mode'])} " if saved_step is not None else "")
                       + "--set train.compile_mode=default")
@@ -919,14 +925,14 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             def run_evaluation(size: int) -> dict[str, Any]:
                 return evaluate(eval_model, lambda: until_stopped(val_batches(size), stop), eval_preprocess, classes,
                                 device, precision, dist_info, forward=eval_forward, hflip=config.train.eval_hflip,
-                                fixed_batch=eval_forward.compiled is not eval_forward.module)
+                                fixed_batch=eval_forward.running_compiled)
 
             try:
                 val = None
                 if evaluated and dist_info.enabled:  # the ranks cannot agree on a retry at another size
                     val = run_evaluation(eval_size)
                 elif evaluated:
-                    val, eval_size = largest_batch_that_fits(run_evaluation, eval_size, smaller_evaluation_batch)
+                    val = largest_batch_that_fits(run_evaluation, eval_size, smaller_evaluation_batch)[0]
             except WorkersStopped:  # in the evaluation's: the epoch's training is kept, not evaluated
                 stop_without_workers(train_data.steps_per_epoch)
             except RuntimeError as e:  # out of memory: as after a stop, the epoch's training is kept (one process:
