@@ -1,10 +1,11 @@
 """What a timm user writes to train a ViT on Fashion-MNIST: torchvision per-image transforms through a 2-worker
 DataLoader, timm's VisionTransformer in fp32 (timm's default), AdamW with a one-cycle schedule, then the test
-accuracy. The shape and hyper-parameters are configs/fashion_mnist.yaml's (timm's ViT has the linear patch
-embedding). benchmarks/vs_timm.py runs this script as a command of its own and times it from outside, as it times
-`vit train`, so both sides pay for starting Python and importing their libraries.
+accuracy. The shape and hyper-parameters are configs/fashion_mnist.yaml's, with timm's linear patch embedding, or
+with `--stem conv` the recipe's convolutional stem, built the way timm builds its hybrid ViTs. benchmarks/vs_timm.py
+runs this script as a command of its own and times it from outside, as it times `vit train`, so both sides pay for
+starting Python and importing their libraries.
 
-    python benchmarks/timm_epoch.py --root DIR [--epochs 1] [--seed 0]
+    python benchmarks/timm_epoch.py --root DIR [--epochs 1] [--seed 0] [--stem linear|conv]
 
 DIR holds FashionMNIST/raw/ as torchvision wants it: the four idx files unzipped (torchvision's download=True
 leaves them so; Debian's dataset-fashion-mnist has only the .gz files, which benchmarks/vs_timm.py unzips into such
@@ -18,24 +19,48 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
+from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torchvision import transforms
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vitcli.config import load_config  # noqa: E402
+from vitcli.config import DATASET_DEFAULTS, load_config  # noqa: E402
 from vitcli.runtime import tune_malloc  # noqa: E402
 
 
-def timm_epoch(root: str, epochs: int = 1, seed: int = 0, device: str = "cpu") -> dict[str, float]:
-    config = load_config(REPO / "configs" / "fashion_mnist.yaml")
+def timm_vit(config, stem: str = "linear"):
+    """timm's VisionTransformer with the config's dim, depth, heads and MLP. stem="linear": timm's own patch
+    embedding. stem="conv": the config's convolutional stem, the way timm builds its hybrid ViTs: timm's HybridEmbed
+    over a backbone, here the same 3x3 Conv-BatchNorm-ReLU layers as vitcli's (torch.nn's), whose 1x1 projection to
+    the embedding is HybridEmbed's own (with a bias, as vitcli's)."""
     m = config.model
+    channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
+    shape = dict(img_size=config.image_size, in_chans=channels, num_classes=10, embed_dim=m.dim, depth=m.depth,
+                 num_heads=m.heads, mlp_ratio=m.mlp_ratio, class_token=True, global_pool="token")
+    if stem == "linear":
+        return VisionTransformer(patch_size=m.patch_size, **shape)
+    steps = m.patch_size.bit_length() - 1  # as vitcli.model.ConvStem: log2(patch) stride-2 layers, then stride 1
+    widths = list(m.stem_channels or [max(m.dim // 2 ** (steps - i), 8) for i in range(steps)])
+    layers, width_in = [], channels
+    for i, width in enumerate(widths):
+        layers += [torch.nn.Conv2d(width_in, width, 3, stride=2 if i < steps else 1, padding=1, bias=False),
+                   torch.nn.BatchNorm2d(width), torch.nn.ReLU(inplace=True)]
+        width_in = width
+    backbone = torch.nn.Sequential(*layers)
+    return VisionTransformer(patch_size=1, embed_layer=partial(HybridEmbed, backbone=backbone), **shape)
+
+
+def timm_epoch(root: str, epochs: int = 1, seed: int = 0, device: str = "cpu",
+               stem: str = "linear") -> dict[str, float]:
+    config = load_config(REPO / "configs" / "fashion_mnist.yaml")
     normalize = transforms.Normalize(config.mean, config.std)
     crop = [transforms.RandomCrop(28, padding=config.crop_padding)] if config.crop_padding else []
     train_tf = transforms.Compose([*crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
@@ -48,8 +73,7 @@ def timm_epoch(root: str, epochs: int = 1, seed: int = 0, device: str = "cpu") -
                                                pin_memory=device != "cpu")
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=512, num_workers=2, pin_memory=device != "cpu")
     torch.manual_seed(seed)
-    model = VisionTransformer(img_size=28, patch_size=m.patch_size, in_chans=1, num_classes=10, embed_dim=m.dim,
-                              depth=m.depth, num_heads=m.heads, mlp_ratio=m.mlp_ratio).to(device)
+    model = timm_vit(config, stem).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     total = epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.train.lr, total_steps=total,
@@ -79,13 +103,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (fp32, timm's default, either way)")
+    parser.add_argument("--stem", choices=["linear", "conv"], default="linear",
+                        help="timm's linear patch embedding, or the recipe's convolutional stem (timm's HybridEmbed)")
     args = parser.parse_args()
     raw = Path(args.root) / "FashionMNIST" / "raw"
     if not (raw / "t10k-labels-idx1-ubyte").is_file():
         sys.exit(f"timm_epoch.py: no unzipped Fashion-MNIST idx files in {raw} (torchvision reads those); gunzip "
                  f"copies of the four *-ubyte.gz files there")
     tune_malloc()  # as `vit` tunes its own, so that both sides run with the same allocator settings
-    print(json.dumps(timm_epoch(args.root, args.epochs, args.seed, args.device)), flush=True)
+    print(json.dumps(timm_epoch(args.root, args.epochs, args.seed, args.device, args.stem)), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,20 @@
 
 Train step: vitcli's exact `vit train` step (vitcli.bench.Workload) against timm's VisionTransformer of the same
 shape, (a) fp32 eager with timm's defaults and (b) timm's best setting seen here: fused attention off, bf16
-autocast, torch.compile. Eval: inference forward at the eval batch size. On a GPU (`--device cuda`) timm's best setting is its default
-fused attention with bf16 autocast and torch.compile (no CUDA graphs), and vitcli runs in each precision, eager,
-compiled and compiled with CUDA graphs (train.compile_mode: reduce-overhead, what `auto` picks on a GPU).
-Each contender is timed for a few steps in
-every round, rounds alternate, the median per contender is reported. Writes benchmarks/results/*.json and *.md.
+autocast, torch.compile. For a config with a convolutional stem, timm's ViT is measured twice: with the same stem
+(timm's HybridEmbed over the same Conv-BatchNorm-ReLU layers: the same model, tests/test_benchmarks.py), and with
+its own linear patch embedding (fewer FLOPs), against which vitcli also runs the config with a linear stem. Eval:
+inference forward at the eval batch size. On a GPU (`--device cuda`) timm's best setting is its default fused
+attention with bf16 autocast and torch.compile (no CUDA graphs), and vitcli runs in each precision, eager, compiled
+and compiled with CUDA graphs (train.compile_mode: reduce-overhead, what `auto` picks on a GPU). Each contender is
+timed for a few steps in every round, rounds alternate, the median per contender is reported. Writes
+benchmarks/results/*.json and *.md.
 End to end: one epoch of `vit train` with the recipe's conv stem, one with timm's linear patch embedding, and the
-timm + DataLoader pipeline (benchmarks/timm_epoch.py), each a command of its own timed from start to exit, in
-alternating rounds (--epoch-rounds; round r trains with seed r on every side, and the
-medians of the wall times and of the test accuracies are reported). Each `vit train` variant first runs once on 10
-batches, untimed, so that torch.compile's on-disk cache holds its graphs, as after a user's first run; that warm-up's
-wall time is reported beside it.
+timm + DataLoader pipeline (benchmarks/timm_epoch.py) with each of those two models, each a command of its own timed
+from start to exit, in alternating rounds (--epoch-rounds; round r trains with seed r on every side, and the medians
+of the wall times and of the test accuracies are reported). Each `vit train` variant first runs once on 10 batches,
+untimed, so that torch.compile's on-disk cache holds its graphs, as after a user's first run; that warm-up's wall
+time is reported beside it.
 glibc's malloc is tuned for the whole process as `vit` tunes its own (vitcli.runtime.tune_malloc), timm included.
 """
 
@@ -47,22 +50,21 @@ from vitcli.bench import Workload, forward_flops, timed  # noqa: E402
 from vitcli.config import DATASET_DEFAULTS, load_config  # noqa: E402
 from vitcli.runtime import tune_malloc  # noqa: E402
 
+from timm_epoch import timm_vit  # noqa: E402  (benchmarks/, this script's folder)
+
 
 class TimmWorkload:
-    """timm's VisionTransformer with the config's shape, trained the way a timm user would."""
+    """timm's VisionTransformer with the config's shape (timm's linear patch embedding, or with stem="conv" the
+    config's convolutional stem), trained the way a timm user would."""
 
     def __init__(self, config, precision: str, fused_attention: bool, compile: bool,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), stem: str = "linear"):
         import timm.layers
-        from timm.models.vision_transformer import VisionTransformer
 
         timm.layers.set_fused_attn(fused_attention)
-        m = config.model
         channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
-        self.model = VisionTransformer(img_size=config.image_size, patch_size=m.patch_size, in_chans=channels,
-                                       num_classes=10, embed_dim=m.dim, depth=m.depth, num_heads=m.heads,
-                                       mlp_ratio=m.mlp_ratio, class_token=True,
-                                       global_pool="token").to(device)
+        self.stem = stem
+        self.model = timm_vit(config, stem).to(device)
         self.forward = torch.compile(self.model) if compile else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
         self.device, self.precision = device, precision
@@ -172,56 +174,75 @@ def contenders_for(config, device: torch.device, fp32: bool = False) -> dict:
     """On the CPU: vit bench as configured (and in timm's linear-stem shape), timm fp32 eager and timm's best;
     with `fp32` (a CPU without bf16) vitcli in fp32 and timm fp32 eager and compiled.
     On a GPU: vitcli bf16 eager, compiled and compiled with CUDA graphs, fp16 and fp32 compiled with CUDA graphs,
-    fp32 eager; timm fp32 eager, timm bf16 autocast eager and timm's best (bf16, fused attention, compiled)."""
+    fp32 eager; timm fp32 eager, timm bf16 autocast eager and timm's best (bf16, fused attention, compiled).
+    A config with a convolutional stem also gets timm's fp32 eager and best with that same stem (CONV_STEM)."""
     def vitcli(**train):
         return Workload(dataclasses.replace(config, train=dataclasses.replace(config.train, **train)))
 
+    conv = config.model.stem != "linear"
     if device.type == "cpu" and fp32:  # what train.precision: auto picks on a CPU without bf16
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision="fp32"))
         contenders = {"vitcli fp32 (vit bench)": Workload(config)}
-        if config.model.stem != "linear":
+        if conv:
             contenders["vitcli fp32, linear stem (timm's shape)"] = Workload(linear_stem(config))
-        contenders["timm fp32 eager"] = TimmWorkload(config, "fp32", fused_attention=True, compile=False)
-        contenders[TIMM_BEST["cpu-fp32"]] = TimmWorkload(config, "fp32", fused_attention=True, compile=True)
-        return contenders
-    if device.type == "cpu":
+        timm = {"timm fp32 eager": ("fp32", True, False), TIMM_BEST["cpu-fp32"]: ("fp32", True, True)}
+    elif device.type == "cpu":
         contenders = {"vitcli (vit bench)": Workload(config)}
-        if config.model.stem != "linear":  # timm's ViT has the linear patch embedding: compare that shape too
+        if conv:  # timm's ViT has the linear patch embedding: compare that shape too
             contenders["vitcli, linear stem (timm's shape)"] = Workload(linear_stem(config))
-        contenders["timm fp32 eager"] = TimmWorkload(config, "fp32", fused_attention=True, compile=False)
-        contenders[TIMM_BEST["cpu"]] = TimmWorkload(config, "bf16", fused_attention=False, compile=True)
-        return contenders
-    d = str(device)
-    graphs = {"compile": True, "compile_mode": "reduce-overhead"}
-    return {
-        "vitcli bf16": vitcli(device=d, precision="bf16", compile=False),
-        "vitcli bf16 compiled": vitcli(device=d, precision="bf16", compile=True, compile_mode="default"),
-        "vitcli bf16 compiled, CUDA graphs": vitcli(device=d, precision="bf16", **graphs),
-        "vitcli fp16 compiled, CUDA graphs": vitcli(device=d, precision="fp16", **graphs),
-        "vitcli fp32": vitcli(device=d, precision="fp32", compile=False),
-        "vitcli fp32 compiled, CUDA graphs": vitcli(device=d, precision="fp32", **graphs),
-        "timm fp32 eager": TimmWorkload(config, "fp32", fused_attention=True, compile=False, device=device),
-        "timm bf16 eager": TimmWorkload(config, "bf16", fused_attention=True, compile=False, device=device),
-        TIMM_BEST["cuda"]: TimmWorkload(config, "bf16", fused_attention=True, compile=True, device=device),
-    }
+        timm = {"timm fp32 eager": ("fp32", True, False), TIMM_BEST["cpu"]: ("bf16", False, True)}
+    else:
+        graphs = {"compile": True, "compile_mode": "reduce-overhead"}
+        d = str(device)
+        contenders = {
+            "vitcli bf16": vitcli(device=d, precision="bf16", compile=False),
+            "vitcli bf16 compiled": vitcli(device=d, precision="bf16", compile=True, compile_mode="default"),
+            "vitcli bf16 compiled, CUDA graphs": vitcli(device=d, precision="bf16", **graphs),
+            "vitcli fp16 compiled, CUDA graphs": vitcli(device=d, precision="fp16", **graphs),
+            "vitcli fp32": vitcli(device=d, precision="fp32", compile=False),
+            "vitcli fp32 compiled, CUDA graphs": vitcli(device=d, precision="fp32", **graphs),
+        }
+        timm = {"timm fp32 eager": ("fp32", True, False), "timm bf16 eager": ("bf16", True, False),
+                TIMM_BEST["cuda"]: ("bf16", True, True)}
+    for name, (precision, fused, compiled) in timm.items():
+        contenders[name] = TimmWorkload(config, precision, fused_attention=fused, compile=compiled, device=device)
+    if conv:  # the same shape as vitcli's: timm's fp32 eager and its best with the config's own stem
+        for name in ("timm fp32 eager", TIMM_BEST["cpu-fp32" if fp32 else device.type]):
+            precision, fused, compiled = timm[name]
+            contenders[name + CONV_STEM] = TimmWorkload(config, precision, fused_attention=fused, compile=compiled,
+                                                        device=device, stem=config.model.stem)
+    return contenders
+
+
+CONV_STEM = ", conv stem"  # timm contenders with the config's convolutional stem (timm's HybridEmbed)
+
+
+def stem_of(name: str, config_stem: str) -> str:
+    """The stem a contender's model has: timm's own ViT and vitcli's linear-stem row have the linear patch
+    embedding; vitcli's other rows and timm's CONV_STEM ones the config's."""
+    if name.endswith(CONV_STEM) or (name.startswith("vitcli") and "linear stem" not in name):
+        return config_stem
+    return "linear"
 
 
 LINEAR_STEM_SETS = ("model.stem=linear", "model.stem_channels=null")
 LINEAR_EPOCH = "vitcli, linear stem (timm's model)"
+TIMM_CONV_EPOCH = "timm + DataLoader, conv stem (the recipe's model)"
 
 
 def linear_stem(config):
     return dataclasses.replace(config, model=dataclasses.replace(config.model, stem="linear", stem_channels=None))
 
 
-def timm_epoch(root: str, seed: int = 0, device: str = "cpu") -> dict[str, float]:
+def timm_epoch(root: str, seed: int = 0, device: str = "cpu", stem: str = "linear") -> dict[str, float]:
     """benchmarks/timm_epoch.py, what a timm user writes, run as a command of its own and timed from outside as
     `vit train` is: `seconds` from its start to its exit (Python, importing torch, torchvision and timm included);
     `in_process_seconds` its own clock, from building the datasets to the end of the test pass (what this benchmark
     reported as timm's time until 2026-11-29, while vitcli's included its start and imports)."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "timm_epoch.py"), "--root", root,
-                           "--seed", str(seed), "--device", device], cwd=REPO, capture_output=True, text=True)
+                           "--seed", str(seed), "--device", device, "--stem", stem], cwd=REPO, capture_output=True,
+                          text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"benchmarks/timm_epoch.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -330,9 +351,10 @@ def main() -> None:
             keep = ["timm fp32 eager", *TIMM_BEST.values(), *args.only.split(",")]
             contenders = {k: v for k, v in contenders.items() if any(s in k for s in keep)}
         figures = measure(contenders, args.rounds, args.steps, profile=args.profile and device.type == "cuda")
-        for name, f in figures.items():  # each contender's own FLOPs: timm's and the linear-stem row lack the stem,
-            own = name.startswith("vitcli") and "linear stem" not in name  # and timm's last block is full
-            flops = forward_flops(config if own else linear_stem(config), class_token_only=name.startswith("vitcli"))
+        for name, f in figures.items():  # each contender's own FLOPs (its stem; timm's last block is full)
+            f["stem"] = stem_of(name, config.model.stem)
+            flops = forward_flops(config if f["stem"] == config.model.stem else linear_stem(config),
+                                  class_token_only=name.startswith("vitcli"))
             f["train_gflops_per_second"] = 3 * flops * f["train_images_per_second"] / 1e9
         results["measured"][path] = {"date": time.strftime("%Y-%m-%d"), "stem": config.model.stem,
                                 "stem_channels": config.model.stem_channels, "compile": config.train.compile,
@@ -349,7 +371,8 @@ def main() -> None:
             runs = {"vitcli": lambda **kw: vitcli_epoch(args.fmnist_root, Path(tmp), extra=sets, **kw),
                     LINEAR_EPOCH: lambda **kw: vitcli_epoch(args.fmnist_root, Path(tmp),
                                                             extra=LINEAR_STEM_SETS + sets, **kw),
-                    "timm + DataLoader": lambda **kw: timm_epoch(tv_root, device=args.device, **kw)}
+                    "timm + DataLoader": lambda **kw: timm_epoch(tv_root, device=args.device, **kw),
+                    TIMM_CONV_EPOCH: lambda **kw: timm_epoch(tv_root, device=args.device, stem="conv", **kw)}
             warm_up = {name: runs[name](warm_up=True)["seconds"] for name in runs if name.startswith("vitcli")}
             print("warm-up runs (seconds)", warm_up, flush=True)
             rounds = {name: [] for name in runs}
@@ -382,11 +405,19 @@ def markdown(results: dict) -> str:
              + (" glibc malloc tuned as `vit` does, for every contender." if m.get("malloc_tuned_for_all") else "")]
     if results["step"]:
         best_name = "timm fp32 compiled" if fp32 else "timm best"
-        lines += ["", f"| config | contender | train img/s | x timm fp32 | x {best_name} | train GFLOP/s (% of {dtype} peak) "
-                  "| eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Each row against timm's contenders with the same stem (its own shape): timm's ViT with its linear "
+                  "patch embedding, or with the config's convolutional stem (timm's HybridEmbed over the same "
+                  "Conv-BatchNorm-ReLU layers, `, conv stem`).",
+                  "", f"| config | contender | stem | train img/s | x timm fp32 | x {best_name} | train GFLOP/s (% of "
+                  f"{dtype} peak) | eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|---|"]
+    linear_rows = []
     for path, figures in results["step"].items():
-        base = figures["timm fp32 eager"]
-        best = figures[TIMM_BEST["cpu-fp32" if fp32 else m.get("device", "cpu")]]
+        best_key = TIMM_BEST["cpu-fp32" if fp32 else m.get("device", "cpu")]
+
+        def baselines(stem: str) -> tuple[dict, dict]:
+            tail = "" if stem == "linear" or "timm fp32 eager" + CONV_STEM not in figures else CONV_STEM
+            return figures["timm fp32 eager" + tail], figures[best_key + tail]
+
         when = results.get("measured", {}).get(path)
         compiled = when and when.get("compile") and m.get("device", "cpu") == "cpu"  # on a GPU: per contender
         label = f"{path} ({when['date']}{', compiled' if compiled else ''})" if when else path
@@ -394,13 +425,24 @@ def markdown(results: dict) -> str:
         if row_peak != peak:
             label += f" (peak of its run: {row_peak:.0f} GFLOP/s)"
         for name, f in figures.items():
+            stem = f.get("stem") or stem_of(name, (when or {}).get("stem") or "linear")  # rows of earlier runs
+            base, best = baselines(stem)
             lines.append(
-                f"| {label} | {name} | {f['train_images_per_second']:.0f} | "
+                f"| {label} | {name} | {stem} | {f['train_images_per_second']:.0f} | "
                 f"{f['train_images_per_second'] / base['train_images_per_second']:.2f} | "
                 f"{f['train_images_per_second'] / best['train_images_per_second']:.2f} | "
                 f"{f['train_gflops_per_second']:.0f} ({percent(f['train_gflops_per_second'], row_peak)}) | "
                 f"{f['infer_images_per_second']:.0f} | "
                 f"{f['infer_images_per_second'] / base['infer_images_per_second']:.2f} |")
+            if stem != "linear" and name.startswith("vitcli") and "timm fp32 eager" + CONV_STEM in figures:
+                base, best = baselines("linear")
+                linear_rows.append(
+                    f"{path} {name}: {f['train_images_per_second'] / base['train_images_per_second']:.2f}x timm fp32 "
+                    f"eager, {f['train_images_per_second'] / best['train_images_per_second']:.2f}x {best_name}, "
+                    f"eval {f['infer_images_per_second'] / base['infer_images_per_second']:.2f}x")
+    if linear_rows:
+        lines += ["", "The rows with a convolutional stem against timm's ViT with its linear patch embedding (a model "
+                  "with fewer FLOPs: the stricter comparison): " + "; ".join(linear_rows) + "."]
     profiled = [(path, name, f) for path, figures in results["step"].items() for name, f in figures.items()
                 if "kernel_launches_per_step" in f]
     if profiled:
@@ -426,18 +468,24 @@ def markdown(results: dict) -> str:
                          "torch.compile's on-disk cache holds its graphs (as after a first run); that took "
                          + ", ".join(f"{f['warm_up_seconds']:.0f} s ({name})" for name, f in e.items()
                                      if "warm_up_seconds" in f) + ".")
-        timm = e["timm + DataLoader"]["seconds"]
-        lines.append(f"\nvitcli end to end: {timm / e['vitcli']['seconds']:.2f}x the speed of timm + DataLoader"
-                     + (f"; with timm's model (linear stem) {timm / e[LINEAR_EPOCH]['seconds']:.2f}x"
-                        if LINEAR_EPOCH in e else "") + " (above 1: faster).")
-        inner = [r["in_process_seconds"] for r in e["timm + DataLoader"].get("rounds", []) if "in_process_seconds" in r]
-        if inner:  # each side is timed from its command's start to its exit; timm's own clock leaves both out
-            own = statistics.median(inner)
-            lines.append(f"Every side is timed as a command, from its start to its exit. timm's script by its own "
-                         f"clock (datasets to the end of the test pass, without Python's start and the imports): "
-                         f"median {own:.0f} s; against that, vitcli {own / e['vitcli']['seconds']:.2f}x"
-                         + (f", with timm's model {own / e[LINEAR_EPOCH]['seconds']:.2f}x" if LINEAR_EPOCH in e
-                            else "") + ".")
+        def ratios(key: str) -> str:  # vitcli's sides against timm's, each with the same model where both ran
+            def timm_side(name: str) -> float:
+                return statistics.median(r[key] for r in e[name]["rounds"]) if key != "seconds" else e[name][key]
+
+            timm = timm_side("timm + DataLoader")
+            same = ([f"the recipe (conv stem) {timm_side(TIMM_CONV_EPOCH) / e['vitcli']['seconds']:.2f}x"]
+                    if TIMM_CONV_EPOCH in e else [])
+            if LINEAR_EPOCH in e:
+                same.append(f"the linear stem {timm / e[LINEAR_EPOCH]['seconds']:.2f}x")
+            text = ("against timm + DataLoader training the same model: " + ", ".join(same) + "; "
+                    if same else "")
+            return text + f"the recipe against timm's linear-stem ViT {timm / e['vitcli']['seconds']:.2f}x"
+
+        lines.append(f"\nvitcli end to end, {ratios('seconds')} (above 1: faster).")
+        if all("in_process_seconds" in r for name in e if name.startswith("timm") for r in e[name].get("rounds", [])):
+            lines.append("Every side is timed as a command, from its start to its exit. By timm's script's own clock "
+                         "(datasets to the end of the test pass, without Python's start and the imports): "
+                         f"{ratios('in_process_seconds')}.")
     return "\n".join(lines) + "\n"
 
 
