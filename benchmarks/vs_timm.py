@@ -63,7 +63,6 @@ class TimmWorkload:
 
         timm.layers.set_fused_attn(fused_attention)
         channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
-        self.stem = stem
         self.model = timm_vit(config, stem).to(device)
         self.forward = torch.compile(self.model) if compile else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -207,7 +206,7 @@ def contenders_for(config, device: torch.device, fp32: bool = False) -> dict:
     for name, (precision, fused, compiled) in timm.items():
         contenders[name] = TimmWorkload(config, precision, fused_attention=fused, compile=compiled, device=device)
     if conv:  # the same shape as vitcli's: timm's fp32 eager and its best with the config's own stem
-        for name in ("timm fp32 eager", TIMM_BEST["cpu-fp32" if fp32 else device.type]):
+        for name in ("timm fp32 eager", list(timm)[-1]):  # (timm's best is each branch's last)
             precision, fused, compiled = timm[name]
             contenders[name + CONV_STEM] = TimmWorkload(config, precision, fused_attention=fused, compile=compiled,
                                                         device=device, stem=config.model.stem)
@@ -296,8 +295,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--epoch-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a --set for both `vit train` epochs (repeatable), e.g. train.compile_mode=reduce-overhead")
-    parser.add_argument("--only", default="", help="only the contenders whose names hold one of these "
-                        "comma-separated texts (timm fp32 eager and timm's best are always measured)")
+    parser.add_argument("--only", default="", help="only the contenders whose names hold one of these comma-"
+                        "separated texts (timm fp32 eager and timm's best, with each stem, are always measured)")
     parser.add_argument("--profile", action="store_true",
                         help="GPU: also each train step unsynced, and its kernel launches and device time (profiler)")
     parser.add_argument("--fp32", action="store_true",
@@ -405,18 +404,22 @@ def markdown(results: dict) -> str:
              + (" glibc malloc tuned as `vit` does, for every contender." if m.get("malloc_tuned_for_all") else "")]
     if results["step"]:
         best_name = "timm fp32 compiled" if fp32 else "timm best"
-        lines += ["", "Each row against timm's contenders with the same stem (its own shape): timm's ViT with its linear "
-                  "patch embedding, or with the config's convolutional stem (timm's HybridEmbed over the same "
-                  "Conv-BatchNorm-ReLU layers, `, conv stem`).",
+        lines += ["", "Each row against timm's contenders with its stem: timm's ViT with its linear patch embedding, "
+                  "or with the config's convolutional stem (timm's HybridEmbed over the same Conv-BatchNorm-ReLU "
+                  "layers, `, conv stem`), where the run measured one.",
                   "", f"| config | contender | stem | train img/s | x timm fp32 | x {best_name} | train GFLOP/s (% of "
                   f"{dtype} peak) | eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|---|"]
     linear_rows = []
     for path, figures in results["step"].items():
         best_key = TIMM_BEST["cpu-fp32" if fp32 else m.get("device", "cpu")]
+        conv_timm = "timm fp32 eager" + CONV_STEM in figures  # runs before 2026-12 measured timm's linear ViT only
 
-        def baselines(stem: str) -> tuple[dict, dict]:
-            tail = "" if stem == "linear" or "timm fp32 eager" + CONV_STEM not in figures else CONV_STEM
-            return figures["timm fp32 eager" + tail], figures[best_key + tail]
+        def ratios(f: dict, stem: str) -> tuple[str, str, str]:
+            tail = CONV_STEM if stem != "linear" and conv_timm else ""
+            base, best = figures["timm fp32 eager" + tail], figures[best_key + tail]
+            return (f"{f['train_images_per_second'] / base['train_images_per_second']:.2f}",
+                    f"{f['train_images_per_second'] / best['train_images_per_second']:.2f}",
+                    f"{f['infer_images_per_second'] / base['infer_images_per_second']:.2f}")
 
         when = results.get("measured", {}).get(path)
         compiled = when and when.get("compile") and m.get("device", "cpu") == "cpu"  # on a GPU: per contender
@@ -426,23 +429,19 @@ def markdown(results: dict) -> str:
             label += f" (peak of its run: {row_peak:.0f} GFLOP/s)"
         for name, f in figures.items():
             stem = f.get("stem") or stem_of(name, (when or {}).get("stem") or "linear")  # rows of earlier runs
-            base, best = baselines(stem)
+            train, train_best, infer = ratios(f, stem)
+            against = " (ratios against timm's linear stem)" if stem != "linear" and not conv_timm else ""
             lines.append(
-                f"| {label} | {name} | {stem} | {f['train_images_per_second']:.0f} | "
-                f"{f['train_images_per_second'] / base['train_images_per_second']:.2f} | "
-                f"{f['train_images_per_second'] / best['train_images_per_second']:.2f} | "
+                f"| {label} | {name}{against} | {stem} | {f['train_images_per_second']:.0f} | {train} | {train_best} | "
                 f"{f['train_gflops_per_second']:.0f} ({percent(f['train_gflops_per_second'], row_peak)}) | "
-                f"{f['infer_images_per_second']:.0f} | "
-                f"{f['infer_images_per_second'] / base['infer_images_per_second']:.2f} |")
-            if stem != "linear" and name.startswith("vitcli") and "timm fp32 eager" + CONV_STEM in figures:
-                base, best = baselines("linear")
-                linear_rows.append(
-                    f"{path} {name}: {f['train_images_per_second'] / base['train_images_per_second']:.2f}x timm fp32 "
-                    f"eager, {f['train_images_per_second'] / best['train_images_per_second']:.2f}x {best_name}, "
-                    f"eval {f['infer_images_per_second'] / base['infer_images_per_second']:.2f}x")
+                f"{f['infer_images_per_second']:.0f} | {infer} |")
+            if stem != "linear" and name.startswith("vitcli") and conv_timm:
+                train, train_best, infer = ratios(f, "linear")
+                linear_rows.append(f"{path} {name}: {train}x timm fp32 eager, {train_best}x {best_name}, "
+                                   f"eval {infer}x")
     if linear_rows:
-        lines += ["", "The rows with a convolutional stem against timm's ViT with its linear patch embedding (a model "
-                  "with fewer FLOPs: the stricter comparison): " + "; ".join(linear_rows) + "."]
+        lines += ["", "The rows with a convolutional stem against timm's ViT with its linear patch embedding (the "
+                  "stricter comparison: timm's model then does fewer FLOPs per image): " + "; ".join(linear_rows) + "."]
     profiled = [(path, name, f) for path, figures in results["step"].items() for name, f in figures.items()
                 if "kernel_launches_per_step" in f]
     if profiled:
@@ -468,24 +467,28 @@ def markdown(results: dict) -> str:
                          "torch.compile's on-disk cache holds its graphs (as after a first run); that took "
                          + ", ".join(f"{f['warm_up_seconds']:.0f} s ({name})" for name, f in e.items()
                                      if "warm_up_seconds" in f) + ".")
-        def ratios(key: str) -> str:  # vitcli's sides against timm's, each with the same model where both ran
-            def timm_side(name: str) -> float:
-                return statistics.median(r[key] for r in e[name]["rounds"]) if key != "seconds" else e[name][key]
 
-            timm = timm_side("timm + DataLoader")
-            same = ([f"the recipe (conv stem) {timm_side(TIMM_CONV_EPOCH) / e['vitcli']['seconds']:.2f}x"]
-                    if TIMM_CONV_EPOCH in e else [])
+        def ratios(timm: dict[str, float]) -> str:  # vitcli's commands against timm's seconds
+            same = []
+            if TIMM_CONV_EPOCH in timm:
+                same.append(f"the recipe (conv stem) {timm[TIMM_CONV_EPOCH] / e['vitcli']['seconds']:.2f}x")
             if LINEAR_EPOCH in e:
-                same.append(f"the linear stem {timm / e[LINEAR_EPOCH]['seconds']:.2f}x")
-            text = ("against timm + DataLoader training the same model: " + ", ".join(same) + "; "
-                    if same else "")
-            return text + f"the recipe against timm's linear-stem ViT {timm / e['vitcli']['seconds']:.2f}x"
+                same.append(f"the linear stem {timm['timm + DataLoader'] / e[LINEAR_EPOCH]['seconds']:.2f}x")
+            return ((f"each training the same model, {' and '.join(same)}; " if same else "")
+                    + f"the recipe against timm's linear-stem ViT (fewer FLOPs) "
+                    f"{timm['timm + DataLoader'] / e['vitcli']['seconds']:.2f}x")
 
-        lines.append(f"\nvitcli end to end, {ratios('seconds')} (above 1: faster).")
-        if all("in_process_seconds" in r for name in e if name.startswith("timm") for r in e[name].get("rounds", [])):
+        timm_sides = [name for name in e if name.startswith("timm")]
+        lines.append(f"\nvitcli end to end against timm + DataLoader (above 1: faster), "
+                     f"{ratios({n: e[n]['seconds'] for n in timm_sides})}.")
+        inner = {n: [r["in_process_seconds"] for r in e[n].get("rounds", []) if "in_process_seconds" in r]
+                 for n in timm_sides}
+        if all(inner.values()):  # each side is timed from its command's start to its exit; timm's own clock
+            own = {n: statistics.median(v) for n, v in inner.items()}  # leaves Python's start and the imports out
             lines.append("Every side is timed as a command, from its start to its exit. By timm's script's own clock "
-                         "(datasets to the end of the test pass, without Python's start and the imports): "
-                         f"{ratios('in_process_seconds')}.")
+                         "(datasets to the end of the test pass, without Python's start and the imports), medians "
+                         + ", ".join(f"{own[n]:.0f} s ({n})" for n in timm_sides)
+                         + f"; against those, vitcli's commands {ratios(own)}.")
     return "\n".join(lines) + "\n"
 
 

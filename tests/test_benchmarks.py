@@ -22,32 +22,35 @@ def timm_epoch_module():
     return module
 
 
-@pytest.mark.parametrize("stem", ["conv", "linear"])
-def test_the_benchmarks_timm_model_computes_the_recipes_model(stem):
+@pytest.mark.parametrize("shape", ["conv", "conv, default widths", "linear"])
+def test_the_benchmarks_timm_model_computes_the_recipes_model(shape):
     """benchmarks/timm_epoch.py's timm_vit (timm's VisionTransformer; with stem="conv" timm's HybridEmbed over
-    Conv-BatchNorm-ReLU layers) given vitcli's weights gives vitcli's outputs: the same layers in the same order,
-    the same convolutions, the same function, not only the same parameter count."""
+    Conv-BatchNorm-ReLU layers) given vitcli's weights gives vitcli's outputs, in evaluation and in training (batch
+    statistics) with the same gradients: the same layers in the same order, the same convolutions, the same
+    function, not only the same parameter count."""
     timm_vit = timm_epoch_module().timm_vit
     config = load_config(REPO / "configs" / "fashion_mnist.yaml")
-    if stem == "linear":
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, stem="linear",
-                                                                       stem_channels=None))
+    stem = shape.split(",")[0]
+    if shape != "conv":  # the recipe's stem widths, no widths (ConvStem's defaults), timm's linear patch embedding
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, stem=stem, stem_channels=None))
     torch.manual_seed(0)
     peer = timm_vit(config, stem).eval()
     with torch.no_grad():  # random weights and BatchNorm statistics, so that every tensor matters
         for tensor in [*peer.parameters(), *peer.buffers()]:
             if tensor.is_floating_point():
                 tensor.copy_(torch.rand_like(tensor) + 0.5 if tensor.ndim == 1 else torch.randn_like(tensor) * 0.2)
-    state = peer.state_dict()
-    layers = len(peer.patch_embed.backbone) if stem == "conv" else 0
-    stem_keys = {}
-    for key in list(state):  # the hybrid stem's names in vitcli's: backbone.i -> stem.layers.i, proj -> the last
-        found = re.match(r"patch_embed\.(backbone\.(\d+)|proj)\.(.+)$", key) if stem == "conv" else None
-        if found:
-            index = found.group(2) if found.group(2) is not None else layers
-            stem_keys[f"patch_embedding.stem.layers.{index}.{found.group(3)}"] = state.pop(key)
+
+    def in_vitclis_names(state: dict) -> dict:  # the hybrid stem's backbone.i -> stem.layers.i, proj -> the last
+        state, stem_keys = dict(state), {}
+        for key in list(state):
+            found = re.match(r"patch_embed\.(backbone\.(\d+)|proj)\.(.+)$", key) if stem == "conv" else None
+            if found:
+                index = found.group(2) if found.group(2) is not None else len(peer.patch_embed.backbone)
+                stem_keys[f"patch_embedding.stem.layers.{index}.{found.group(3)}"] = state.pop(key)
+        return {**from_peer(state, "timm"), **stem_keys}
+
     ours = build_model(config, 10).eval()
-    ours.load_state_dict({**from_peer(state, "timm"), **stem_keys}, strict=True)  # every tensor, each shape
+    ours.load_state_dict(in_vitclis_names(peer.state_dict()), strict=True)  # every tensor, each shape
 
     def convolutions(module):
         return [(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding)
@@ -55,9 +58,24 @@ def test_the_benchmarks_timm_model_computes_the_recipes_model(stem):
 
     if stem == "conv":
         assert convolutions(ours.patch_embedding) == convolutions(peer.patch_embed)
-        assert len(convolutions(peer.patch_embed)) == len(config.model.stem_channels) + 1
+        assert len(convolutions(peer.patch_embed)) == len(config.model.stem_channels or [32, 64]) + 1  # (defaults)
     images = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         expected, got = peer(images), ours(images)
     assert got.shape == (4, 10)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    peer.train(), ours.train()  # as the benchmark times them: BatchNorm on the batch's statistics
+    expected, got = peer(images), ours(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    after = in_vitclis_names(peer.state_dict())  # BatchNorm's running statistics moved alike (momentum, counts)
+    for key, value in ours.state_dict().items():
+        if "running" in key or "num_batches" in key:
+            torch.testing.assert_close(value, after[key], rtol=1e-4, atol=1e-5)
+    (expected * torch.arange(10)).sum().backward()
+    (got * torch.arange(10)).sum().backward()
+    # the class token's gradient comes back through every block; the first layer's through the whole model
+    first = ours.patch_embedding.stem.layers[0] if stem == "conv" else ours.patch_embedding.to_patch_embedding
+    pairs = [(ours.patch_embedding.class_token.grad, peer.cls_token.grad),
+             (first.weight.grad.flatten(), next(peer.patch_embed.parameters()).grad.flatten())]
+    for got, expected in pairs:  # fp32 sums in other orders: within 0.1% of the gradient's largest entry
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))

@@ -102,6 +102,10 @@ def test_smoke_train_eval_predict(smoke_run, tmp_path):
     probs = [p["probability"] for p in entry["predictions"]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
     assert {"label", "index", "probability"} <= set(entry["predictions"][0])
+    assert "--top-k" not in result.stderr
+    every = run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", "--top-k", "12", check=True)
+    assert len(json.loads(every.stdout)[0]["predictions"]) == 10  # (was silent)
+    assert "note: --top-k 12 is more than the checkpoint's 10 classes: showing all 10" in every.stderr
 
 
 def test_eval_every_skips_evaluations_but_not_the_last(tmp_path):

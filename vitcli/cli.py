@@ -446,6 +446,9 @@ def predict(
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
         hflip = _tta_choice(tta, config)
+        if top_k > len(classes):
+            err(f"note: --top-k {top_k} is more than the checkpoint's {len(classes)} classes: showing all "
+                f"{len(classes)}")
         results, failures = [], 0
         paths = expand_inputs(images)
         if attention is not None:
