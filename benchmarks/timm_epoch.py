@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from timm.data.random_erasing import RandomErasing
-from timm.layers import HybridEmbed
+try:
+    from timm.layers import HybridEmbed
+except ImportError:  # timm releases before it moved to timm.layers
+    from timm.models.vision_transformer_hybrid import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torchvision import transforms
 

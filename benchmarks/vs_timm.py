@@ -313,11 +313,9 @@ def main() -> None:
     # whole process, so timm's contenders and its epoch (and its DataLoader workers, where they fork) run with it too
     malloc_tuned = tune_malloc()
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "device": device.type, "malloc_tuned_for_all": malloc_tuned,
-               "bf16_matmul_peak_gflops": None if args.fp32 else bf16_matmul_peak(device)}
+               "torch": torch.__version__, "device": device.type, "malloc_tuned_for_all": malloc_tuned}
     if args.fp32:
         machine["precision"] = "fp32"
-        machine["fp32_matmul_peak_gflops"] = bf16_matmul_peak(device, dtype=torch.float32)
     try:  # "AMD EPYC" alone names two CPUs of 2x different speed here: keep the family and model numbers too
         info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
                     if ":" in line)
@@ -337,7 +335,12 @@ def main() -> None:
         results["step"] = {k: v for k, v in old.get("step", {}).items() if k not in args.configs}
         results["measured"] = {k: v for k, v in old.get("measured", {}).items() if k not in args.configs}
         results["epoch"] = None if args.epoch else old.get("epoch")
-    peak = machine["fp32_matmul_peak_gflops" if args.fp32 else "bf16_matmul_peak_gflops"]
+    peak_key = "fp32_matmul_peak_gflops" if args.fp32 else "bf16_matmul_peak_gflops"
+    if args.configs or not (old and same_kind):
+        dtype = torch.float32 if args.fp32 else torch.bfloat16
+        machine[peak_key] = peak = bf16_matmul_peak(device, dtype=dtype)
+    else:  # no train step measured: the peak of the run whose rows are kept
+        machine[peak_key] = peak = old["machine"][peak_key]
     # every contender's train and eval graphs of the same model code in one process: more than torch's 8 per function
     # (past them it runs eagerly, silently)
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -412,7 +415,7 @@ def markdown(results: dict) -> str:
     linear_rows = []
     for path, figures in results["step"].items():
         best_key = TIMM_BEST["cpu-fp32" if fp32 else m.get("device", "cpu")]
-        conv_timm = "timm fp32 eager" + CONV_STEM in figures  # runs before 2026-12 measured timm's linear ViT only
+        conv_timm = "timm fp32 eager" + CONV_STEM in figures  # runs before 73784dd measured timm's linear ViT only
 
         def ratios(f: dict, stem: str) -> tuple[str, str, str]:
             tail = CONV_STEM if stem != "linear" and conv_timm else ""

@@ -25,9 +25,9 @@ def timm_epoch_module():
 @pytest.mark.parametrize("shape", ["conv", "conv, default widths", "linear"])
 def test_the_benchmarks_timm_model_computes_the_recipes_model(shape):
     """benchmarks/timm_epoch.py's timm_vit (timm's VisionTransformer; with stem="conv" timm's HybridEmbed over
-    Conv-BatchNorm-ReLU layers) given vitcli's weights gives vitcli's outputs, in evaluation and in training (batch
-    statistics) with the same gradients: the same layers in the same order, the same convolutions, the same
-    function, not only the same parameter count."""
+    Conv-BatchNorm-ReLU layers) and vitcli's model holding its weights give the same outputs, in evaluation and in
+    training (batch statistics) with the same gradients: the same layers in the same order, the same convolutions,
+    the same function, not only the same parameter count."""
     timm_vit = timm_epoch_module().timm_vit
     config = load_config(REPO / "configs" / "fashion_mnist.yaml")
     stem = shape.split(",")[0]
