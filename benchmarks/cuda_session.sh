@@ -6,7 +6,9 @@
 #    graphs (train.compile_mode: reduce-overhead), against timm on the GPU; each train step also unsynced and
 #    profiled (kernel launches, CUDA graph replays, device busy time per step).
 # 2. one end-to-end epoch of real Fashion-MNIST: `vit train` (the recipe, and timm's linear-stem model) against
-#    timm + DataLoader on the GPU, with the compile mode that step 1 measured faster for fashion_mnist.yaml.
+#    timm + DataLoader on the GPU (with each of the two models, since 2026-11-30's same-stem contenders), with the
+#    compile mode that step 1 measured faster for fashion_mnist.yaml. Step 1 also measures timm with the recipe's
+#    conv stem now (two more contenders, one compiled): widen BENCH_S and DEADLINE_S if the device time allows.
 # Budget: BENCH_S seconds for 1, then 2 until DEADLINE_S seconds after the start.
 set -u
 OUT=${OUT:?set OUT to a folder for the results}

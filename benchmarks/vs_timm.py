@@ -363,7 +363,8 @@ def main() -> None:
                                 "matmul_peak_gflops": peak}  # rows kept from an earlier run keep their own
         results["step"][path] = figures
         print(path, json.dumps(figures, indent=1), flush=True)
-        (out / "vs_timm.json").write_text(json.dumps(results, indent=1))  # each config's figures as they come
+        (out / "vs_timm.json").write_text(json.dumps(results, indent=1))  # each config's figures as they come,
+        (out / "vs_timm.md").write_text(markdown(results))  # so that a run stopped later (a time limit) keeps them
     if args.epoch:
         import tempfile
 
