@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vitcli.config import DATASET_DEFAULTS, load_config  # noqa: E402
+from vitcli.model import ConvStem  # noqa: E402
 from vitcli.runtime import tune_malloc  # noqa: E402
 
 
@@ -51,13 +52,13 @@ def timm_vit(config, stem: str = "linear"):
                  num_heads=m.heads, mlp_ratio=m.mlp_ratio, class_token=True, global_pool="token")
     if stem == "linear":
         return VisionTransformer(patch_size=m.patch_size, **shape)
-    steps = m.patch_size.bit_length() - 1  # as vitcli.model.ConvStem: log2(patch) stride-2 layers, then stride 1
-    widths = list(m.stem_channels or [max(m.dim // 2 ** (steps - i), 8) for i in range(steps)])
-    layers, width_in = [], channels
-    for i, width in enumerate(widths):
-        layers += [torch.nn.Conv2d(width_in, width, 3, stride=2 if i < steps else 1, padding=1, bias=False),
-                   torch.nn.BatchNorm2d(width), torch.nn.ReLU(inplace=True)]
-        width_in = width
+    # vitcli's ConvStem's 3x3 convolutions (widths, strides) rebuilt from torch.nn; its last, 1x1 one is HybridEmbed's
+    convs = [c for c in ConvStem(m.patch_size, channels, m.dim, m.stem_channels).modules()
+             if isinstance(c, torch.nn.Conv2d)][:-1]
+    layers = []
+    for c in convs:
+        layers += [torch.nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, stride=c.stride, padding=c.padding,
+                                   bias=False), torch.nn.BatchNorm2d(c.out_channels), torch.nn.ReLU(inplace=True)]
     backbone = torch.nn.Sequential(*layers)
     return VisionTransformer(patch_size=1, embed_layer=partial(HybridEmbed, backbone=backbone), **shape)
 

@@ -414,11 +414,11 @@ def markdown(results: dict) -> str:
                   "", f"| config | contender | stem | train img/s | x timm fp32 | x {best_name} | train GFLOP/s (% of "
                   f"{dtype} peak) | eval img/s | eval x timm fp32 |", "|---|---|---|---|---|---|---|---|---|"]
     linear_rows = []
+    best_key = TIMM_BEST["cpu-fp32" if fp32 else m.get("device", "cpu")]
     for path, figures in results["step"].items():
-        best_key = TIMM_BEST["cpu-fp32" if fp32 else m.get("device", "cpu")]
         conv_timm = "timm fp32 eager" + CONV_STEM in figures  # runs before 73784dd measured timm's linear ViT only
 
-        def ratios(f: dict, stem: str) -> tuple[str, str, str]:
+        def row_ratios(f: dict, stem: str) -> tuple[str, str, str]:  # train, x best, eval: against that stem's
             tail = CONV_STEM if stem != "linear" and conv_timm else ""
             base, best = figures["timm fp32 eager" + tail], figures[best_key + tail]
             return (f"{f['train_images_per_second'] / base['train_images_per_second']:.2f}",
@@ -433,14 +433,14 @@ def markdown(results: dict) -> str:
             label += f" (peak of its run: {row_peak:.0f} GFLOP/s)"
         for name, f in figures.items():
             stem = f.get("stem") or stem_of(name, (when or {}).get("stem") or "linear")  # rows of earlier runs
-            train, train_best, infer = ratios(f, stem)
+            train, train_best, infer = row_ratios(f, stem)
             against = " (ratios against timm's linear stem)" if stem != "linear" and not conv_timm else ""
             lines.append(
                 f"| {label} | {name}{against} | {stem} | {f['train_images_per_second']:.0f} | {train} | {train_best} | "
                 f"{f['train_gflops_per_second']:.0f} ({percent(f['train_gflops_per_second'], row_peak)}) | "
                 f"{f['infer_images_per_second']:.0f} | {infer} |")
             if stem != "linear" and name.startswith("vitcli") and conv_timm:
-                train, train_best, infer = ratios(f, "linear")
+                train, train_best, infer = row_ratios(f, "linear")
                 linear_rows.append(f"{path} {name}: {train}x timm fp32 eager, {train_best}x {best_name}, "
                                    f"eval {infer}x")
     if linear_rows:
@@ -472,7 +472,7 @@ def markdown(results: dict) -> str:
                          + ", ".join(f"{f['warm_up_seconds']:.0f} s ({name})" for name, f in e.items()
                                      if "warm_up_seconds" in f) + ".")
 
-        def ratios(timm: dict[str, float]) -> str:  # vitcli's commands against timm's seconds
+        def epoch_ratios(timm: dict[str, float]) -> str:  # vitcli's commands against timm's seconds
             same = []
             if TIMM_CONV_EPOCH in timm:
                 same.append(f"the recipe (conv stem) {timm[TIMM_CONV_EPOCH] / e['vitcli']['seconds']:.2f}x")
@@ -484,7 +484,7 @@ def markdown(results: dict) -> str:
 
         timm_sides = [name for name in e if name.startswith("timm")]
         lines.append(f"\nvitcli end to end against timm + DataLoader (above 1: faster), "
-                     f"{ratios({n: e[n]['seconds'] for n in timm_sides})}.")
+                     f"{epoch_ratios({n: e[n]['seconds'] for n in timm_sides})}.")
         inner = {n: [r["in_process_seconds"] for r in e[n].get("rounds", []) if "in_process_seconds" in r]
                  for n in timm_sides}
         if all(inner.values()):  # each side is timed from its command's start to its exit; timm's own clock
@@ -492,7 +492,7 @@ def markdown(results: dict) -> str:
             lines.append("Every side is timed as a command, from its start to its exit. By timm's script's own clock "
                          "(datasets to the end of the test pass, without Python's start and the imports), medians "
                          + ", ".join(f"{own[n]:.0f} s ({n})" for n in timm_sides)
-                         + f"; against those, vitcli's commands {ratios(own)}.")
+                         + f"; against those, vitcli's commands {epoch_ratios(own)}.")
     return "\n".join(lines) + "\n"
 
 

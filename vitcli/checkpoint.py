@@ -40,8 +40,10 @@ def check_writable(folder: Path, what: str, fix: str, keep: bool = False) -> Non
         raise VitError(f"cannot write {what}: {problem}; {fix}")
 
 
-def atomic_save(obj: Any, path: Path, fix: str = "free disk space or check that the run directory can be written"
-                ) -> None:
+RUN_DIR_FIX = "free disk space or check that the run directory can be written"  # for the files of a run
+
+
+def atomic_save(obj: Any, path: Path, fix: str = RUN_DIR_FIX) -> None:
     """torch.save through atomic_write."""
     atomic_write(path, lambda f: torch.save(obj, f), "checkpoint", fix)
 

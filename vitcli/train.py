@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from vitcli.checkpoint import (atomic_save, atomic_write, check_writable, load_checkpoint, load_weights,
-                               make_checkpoint, rng_state, set_rng_state)
+from vitcli.checkpoint import (RUN_DIR_FIX, atomic_save, atomic_write, check_writable, load_checkpoint,
+                               load_weights, make_checkpoint, rng_state, set_rng_state)
 from vitcli.config import Config, build_config, compile_mode_note, read_yaml
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, not_a_file, out_of_memory,
@@ -447,7 +447,7 @@ class MetricsWriter:
         if len(kept) == len(lines) and not torn:
             return
         atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()), "metrics log",
-                     "free disk space or check that the run directory can be written")
+                     RUN_DIR_FIX)
         if redone or torn:
             what = f"the rows of epoch {', '.join(map(str, redone))}" if redone else ""
             what += (" and " if what else "") + ("a torn last line" if torn else "")
