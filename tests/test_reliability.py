@@ -811,26 +811,27 @@ def test_largest_batch_that_fits_halves_down_to_one():
 
 
 def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_line(tmp_path):
-    """A real allocation failure: the process may map 10 GB (RLIMIT_AS). Training at batch 1 fits; evaluating 64
-    images of 4097 tokens (a 64x64 image in 1x1 patches) needs a 4 GiB attention matrix (and its softmax), 32 fit.
+    """A real allocation failure: the process may map 14 GB (RLIMIT_AS). Training at batch 1 fits; evaluating 64
+    images of 4097 tokens (a 64x64 image in 1x1 patches) in fp32 needs an 8 GiB attention matrix and its softmax,
+    32 fit. (fp32 on every machine: in bf16, where `precision: auto` picks it, the sizes would halve.)
     The evaluation, in vit train and in vit eval, goes on at half the batch (as timm's validate.py does; vit train
     stopped with a resume command before); a training step that runs out is one line naming its batch size."""
     import resource
 
-    def ten_gigabytes():
-        resource.setrlimit(resource.RLIMIT_AS, (10 * 10**9, 10 * 10**9))
+    def fourteen_gigabytes():
+        resource.setrlimit(resource.RLIMIT_AS, (14 * 10**9, 14 * 10**9))
 
     def vit(*args):
-        return subprocess.run([VIT, *map(str, args)], capture_output=True, text=True, preexec_fn=ten_gigabytes,
+        return subprocess.run([VIT, *map(str, args)], capture_output=True, text=True, preexec_fn=fourteen_gigabytes,
                               timeout=600)
 
     run_dir = tmp_path / "run"
-    big = ["--set", "data.image_size=64", "--set", "model.patch_size=1", "--set", "data.max_train_samples=16",
+    big = ["--set", "data.image_size=64", "--set", "model.patch_size=1", "--set", "data.max_train_samples=4",
            "--set", "data.max_val_samples=64", "--set", "train.eval_batch_size=64",
            "--set", "train.epochs=2", "--set", "train.eval_every=2",
            # the explicit path materialises the matrix on any machine (fused attention on a GPU or without bf16
            # would not); the CPU is where RLIMIT_AS applies
-           "--set", "model.attention=explicit", "--set", "train.device=cpu"]
+           "--set", "model.attention=explicit", "--set", "train.device=cpu", "--set", "train.precision=fp32"]
     result = vit("train", "--config", REPO / "configs" / "smoke.yaml", *big, "--set", "train.batch_size=1",
                  "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -840,7 +841,7 @@ def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in rows] == [1, 2, None] and "val_top1" in rows[1]
     assert rows[-1]["final"] and 0 <= rows[-1]["test_top1"] <= 1
-    assert torch.load(run_dir / "last.pt", weights_only=True)["global_step"] == 32
+    assert torch.load(run_dir / "last.pt", weights_only=True)["global_step"] == 8
 
     result = vit("eval", "--ckpt", run_dir / "last.pt", "--batch-size", "64", "--device", "cpu", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
