@@ -811,18 +811,21 @@ def test_largest_batch_that_fits_halves_down_to_one():
 
 
 def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_line(tmp_path):
-    """A real allocation failure: the process may map 14 GB (RLIMIT_AS). Training at batch 1 fits; evaluating 64
-    images of 4097 tokens (a 64x64 image in 1x1 patches) in fp32 needs an 8 GiB attention matrix and its softmax,
-    32 fit. (fp32 on every machine: in bf16, where `precision: auto` picks it, the sizes would halve.)
+    """A real allocation failure: the process may map 12 GB (RLIMIT_AS). Training at batch 1 fits; evaluating 64
+    images of 4097 tokens (a 64x64 image in 1x1 patches) in fp32 holds three (64, 4097, 4097) per-head matrices at
+    once, 12.9 GB (the eager loop keeps the first head's softmax while the second's scores and softmax are made; the
+    last block computes the class token's row alone), more than the limit whatever the process mapped before; at 32,
+    6.4 GB fit beside the ~3.6 GB a CUDA build of torch maps at start (a CPU build maps less). fp32 on every machine:
+    in bf16, which `precision: auto` picks on some, the sizes would halve.
     The evaluation, in vit train and in vit eval, goes on at half the batch (as timm's validate.py does; vit train
     stopped with a resume command before); a training step that runs out is one line naming its batch size."""
     import resource
 
-    def fourteen_gigabytes():
-        resource.setrlimit(resource.RLIMIT_AS, (14 * 10**9, 14 * 10**9))
+    def twelve_gigabytes():
+        resource.setrlimit(resource.RLIMIT_AS, (12 * 10**9, 12 * 10**9))
 
     def vit(*args):
-        return subprocess.run([VIT, *map(str, args)], capture_output=True, text=True, preexec_fn=fourteen_gigabytes,
+        return subprocess.run([VIT, *map(str, args)], capture_output=True, text=True, preexec_fn=twelve_gigabytes,
                               timeout=600)
 
     run_dir = tmp_path / "run"
