@@ -340,6 +340,8 @@ def eval_(
         dev = checkpoint_device(device, config)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
+        if dev.type == "cpu":
+            model.channels_last_stem()
         try:
             classes, n, batches = eval_batches(config, split, dev, batch_size or config.train.eval_batch_size)
         except DatasetNotFound as e:  # the checkpoint's data.root is from where it was trained
@@ -445,6 +447,8 @@ def predict(
         dev = checkpoint_device(device, config)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
+        if dev.type == "cpu":
+            model.channels_last_stem()
         hflip = _tta_choice(tta, config)
         if top_k > len(classes):
             err(f"note: --top-k {top_k} is more than the checkpoint's {len(classes)} classes: showing all "
