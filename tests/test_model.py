@@ -53,8 +53,8 @@ def test_conv_stem_widths_and_extra_stride_one_convolutions():
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_a_channels_last_stem_predicts_as_before(channels):
-    """vit eval and vit predict put a conv stem's weights in channels-last layout on CPUs: the same logits, the
-    convolutions' outputs (and so oneDNN's kernels) in that layout; a linear-stem model is left as it is."""
+    """vit eval and vit predict put a conv stem's weights in channels-last layout on CPUs in fp32: the same logits,
+    the convolutions' outputs (and so oneDNN's kernels) in that layout; a linear-stem model is left as it is."""
     torch.manual_seed(0)
     model = VisionTransformer(image_size=28, patch_size=4, in_channels=channels, num_classes=10, dim=32, depth=2,
                               heads=2, stem="conv", stem_channels=[8, 16, 16]).eval()
@@ -62,12 +62,17 @@ def test_a_channels_last_stem_predicts_as_before(channels):
         bn.running_mean.uniform_(-0.5, 0.5)  # statistics other than 0 and 1, as a trained model has
         bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(5, channels, 28, 28)
+    convs = [m for m in model.patch_embedding.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    def channels_last(w: torch.Tensor) -> bool:  # by the strides: a 1-channel or 1x1 weight is_contiguous() either way
+        return w.stride(1) == 1 and w.stride(3) == w.shape[1]
+
+    assert not any(channels_last(c.weight) for c in convs)
     with torch.inference_mode():
         before = model(x)
-        assert model.channels_last_stem() is model
-        convs = [m for m in model.patch_embedding.stem.modules() if isinstance(m, torch.nn.Conv2d)]
-        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous()
-                   for c in convs[1:-1])  # a 1-channel or 1x1 weight is in both layouts at once
+    assert model.channels_last_stem() is model  # as vit eval calls it: outside inference mode
+    assert all(channels_last(c.weight) for c in convs)  # every convolution, the first and the 1x1 included
+    with torch.inference_mode():
         assert model.patch_embedding.stem.layers[:-1](x).is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
     linear = VisionTransformer(image_size=28, patch_size=4, in_channels=channels, num_classes=10, dim=32, depth=1,

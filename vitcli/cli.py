@@ -340,7 +340,7 @@ def eval_(
         dev = checkpoint_device(device, config)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
-        if dev.type == "cpu":
+        if dev.type == "cpu" and precision == "fp32":
             model.channels_last_stem()
         try:
             classes, n, batches = eval_batches(config, split, dev, batch_size or config.train.eval_batch_size)
@@ -447,7 +447,7 @@ def predict(
         dev = checkpoint_device(device, config)
         precision = resolve_precision(config.train.precision, dev)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
-        if dev.type == "cpu":
+        if dev.type == "cpu" and precision == "fp32":
             model.channels_last_stem()
         hflip = _tta_choice(tta, config)
         if top_k > len(classes):

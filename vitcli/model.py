@@ -353,11 +353,14 @@ class VisionTransformer(nn.Module):
 
     def channels_last_stem(self) -> "VisionTransformer":
         """For inference on a CPU: a conv stem's weights in channels-last memory format, so that oneDNN runs its
-        convolutions in that layout (the logits agree to ~3e-7). `vit eval` and `vit predict` do it on CPUs: on a
-        2-core Zen 3 VM in fp32, `fashion_mnist.yaml`'s model evaluates 1.17x as fast (batch 512, eager) and `vit
-        eval` of its checkpoint takes 22.2 s against 24.5 s; in bf16 the stem alone ran 1.79x as fast (benchmarks/
-        NOTES.md item 30). Not for training (9% slower in bf16), not under torch.compile (no gain measured), not for
-        exports (safetensors stores contiguous tensors only)."""
+        convolutions in that layout (the logits agree to ~3e-7 in fp32). `vit eval` and `vit predict` do it on
+        CPUs in fp32: on a 2-core Zen 3 VM `fashion_mnist.yaml`'s model evaluates 1.17x as fast (batch 512, eager)
+        and the whole `vit eval` of its checkpoint takes 22.3 s against 24.5 s (benchmarks/NOTES.md item 30). Not in
+        bf16, although the stem alone ran 1.79x as fast in inference there: its rounding would differ from the
+        run's own (NCHW) evaluation by far more than 3e-7, whose figures `vit eval` is to reproduce (tests/test_cli.py
+        checks top-1 exactly), and it was not measured end to end. Not for
+        training (9% slower in bf16), not under torch.compile (no gain measured), not for exports (safetensors
+        stores contiguous tensors only)."""
         if self.patch_embedding.stem is not None:
             self.patch_embedding.stem.to(memory_format=torch.channels_last)
         return self
