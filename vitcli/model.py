@@ -358,9 +358,8 @@ class VisionTransformer(nn.Module):
         and the whole `vit eval` of its checkpoint takes 22.3 s against 24.5 s (benchmarks/NOTES.md item 30). Not in
         bf16, although the stem alone ran 1.79x as fast in inference there: its rounding would differ from the
         run's own (NCHW) evaluation by far more than 3e-7, whose figures `vit eval` is to reproduce (tests/test_cli.py
-        checks top-1 exactly), and it was not measured end to end. Not for
-        training (9% slower in bf16), not under torch.compile (no gain measured), not for exports (safetensors
-        stores contiguous tensors only)."""
+        checks top-1 exactly), and it was not measured end to end. Not for training (9% slower in bf16), not under
+        torch.compile (no gain measured), not for exports (safetensors stores contiguous tensors only)."""
         if self.patch_embedding.stem is not None:
             self.patch_embedding.stem.to(memory_format=torch.channels_last)
         return self
