@@ -155,6 +155,17 @@ def _tta_choice(tta: Optional[bool], config) -> bool:
     return tta
 
 
+def _inference_model(checkpoint: dict, path: Path, no_ema: bool, dev, precision: str):
+    """The checkpoint's model on `dev` for vit eval and vit predict: in fp32 on a CPU with its conv stem in
+    channels-last layout (VisionTransformer.channels_last_stem says why there only)."""
+    from vitcli.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
+    if dev.type == "cpu" and precision == "fp32":
+        model.channels_last_stem()
+    return model
+
+
 def _resolve_ckpt(ckpt: Optional[Path]) -> Path:
     return ckpt if ckpt is not None else find_latest_checkpoint()
 
@@ -305,7 +316,7 @@ def eval_(
     def body():
         import dataclasses
 
-        from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
+        from vitcli.checkpoint import load_checkpoint
         from vitcli.data import Preprocess, eval_batches, split_name
         from vitcli.errors import DatasetNotFound, VitError, out_of_memory
         from vitcli.evaluate import evaluate, largest_batch_that_fits
@@ -339,9 +350,7 @@ def eval_(
             check_writable(report, f"the report to --report {report}", "choose another --report folder")
         dev = checkpoint_device(device, config)
         precision = resolve_precision(config.train.precision, dev)
-        model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
-        if dev.type == "cpu" and precision == "fp32":
-            model.channels_last_stem()
+        model = _inference_model(checkpoint, path, no_ema, dev, precision)
         try:
             classes, n, batches = eval_batches(config, split, dev, batch_size or config.train.eval_batch_size)
         except DatasetNotFound as e:  # the checkpoint's data.root is from where it was trained
@@ -429,7 +438,7 @@ def predict(
     """Top-k classes for each image, optionally with its attention map."""
 
     def body():
-        from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
+        from vitcli.checkpoint import load_checkpoint
         from vitcli.errors import VitError
         from vitcli.predict import expand_inputs, image_to_tensor, open_image
         from vitcli.predict import predict as run_predict
@@ -446,9 +455,7 @@ def predict(
         config, classes = checkpoint["config"], checkpoint["classes"]
         dev = checkpoint_device(device, config)
         precision = resolve_precision(config.train.precision, dev)
-        model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema).to(dev)
-        if dev.type == "cpu" and precision == "fp32":
-            model.channels_last_stem()
+        model = _inference_model(checkpoint, path, no_ema, dev, precision)
         hflip = _tta_choice(tta, config)
         if top_k > len(classes):
             err(f"note: --top-k {top_k} is more than the checkpoint's {len(classes)} classes: showing all "
