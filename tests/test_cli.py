@@ -292,6 +292,24 @@ def test_run_directory_is_never_overwritten(smoke_run, tmp_path):
     assert result.returncode == 2 and "no last.pt to resume" in result.stderr and "--resume" not in result.stderr
 
 
+def test_default_run_directories_started_in_one_second_differ(tmp_path, monkeypatch):
+    """Runs of one recipe started in the same second (a seed sweep started with &) each get a folder of their own:
+    the default name is made on the spot, with -2, -3 after the first."""
+    from vitcli.config import load_config
+    from vitcli.train import default_run_dir
+
+    config = load_config(REPO / "configs" / "smoke.yaml")
+    for attempt in range(5):
+        (tmp_path / str(attempt)).mkdir()
+        monkeypatch.chdir(tmp_path / str(attempt))
+        folders = [default_run_dir(config) for _ in range(3)]
+        if len({f.name.split("-")[1] for f in folders}) == 1:
+            break  # else a new second began between them: again
+    assert len(set(folders)) == 3 and all(f.is_dir() and not any(f.iterdir()) for f in folders), folders
+    assert [f.name for f in folders[1:]] == [f"{folders[0].name}-2", f"{folders[0].name}-3"]
+    assert str(folders[0].parent) == os.path.join("runs", "smoke")
+
+
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist_learns(tmp_path):
     """One short epoch on a real subset must reach what only a model that learned can (chance is 10%).

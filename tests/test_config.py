@@ -53,6 +53,10 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"model": {"heads": 0}}, "model.dim/depth/heads must be positive"),
     ({"data": {"image_size": 0}}, "data.image_size must be positive, got 0"),  # not the dataset's default
     ({"data": {"dataset": "cifar10", "mean": [], "std": []}}, "needs one value per channel"),
+    # on the 0-255 scale: every image normalised to about -2, silently (the scale is pixel values / 255)
+    ({"data": {"mean": [125.3, 123.0, 113.9]}}, r"data.mean is on the 0-1 scale .*, got \[125.3, 123.0, 113.9\]: "
+                                                r"divide by 255$"),
+    ({"data": {"std": [63.0, 62.1, 66.7]}}, "data.std is on the 0-1 scale"),
     # data.std left at the dataset's default: the message names the key that was given (it said "the same length")
     ({"data": {"dataset": "fashion_mnist", "mean": [0.5, 0.5, 0.5]}},
      "data.mean needs one value per channel: fashion_mnist images have 1, got 3"),
@@ -135,3 +139,14 @@ def test_shipped_configs_are_valid_and_documented(name):
     assert text.startswith("#"), "each config starts with a comment: the command and its accuracy"
     assert f"vit train --config configs/{name}" in text and "Measured:" in text
     load_config(path)
+
+
+def test_a_key_given_twice_in_the_yaml_file_is_refused(tmp_path):
+    """The last of the two silently won."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("data:\n  dataset: synthetic\n  image_size: 32\n  dataset: cifar10\n")
+    with pytest.raises(VitError, match=r"twice.yaml: 'dataset' is given twice \(lines 2 and 4\); keep one$"):
+        load_config(path)
+    path.write_text("model:\n  dim: 64\ntrain:\n  epochs: 2\nmodel:\n  depth: 2\n")
+    with pytest.raises(VitError, match=r"'model' is given twice \(lines 1 and 5\)"):
+        load_config(path)

@@ -277,6 +277,9 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
         wait_for(run_dir / "last.pt", proc, timeout=300)
         one_line_error(run_vit("train", "--resume", run_dir / "last.pt"), f"run directory {run_dir} is in use "
                        "by another vit process", "wait for it to end or stop it")
+        # a new run given the live run's folder is told the same, not to delete it (its files were checked first)
+        one_line_error(run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", run_dir),
+                       f"run directory {run_dir} is in use by another vit process")
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -474,6 +477,11 @@ def test_config_errors(tmp_path):
     one_line_error(run_vit("train", "--config", binary), "best.pt is not a YAML text file")
     one_line_error(run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--set", "model.heads=5",
                            "--print-config"), "--set model.heads=5: model.heads", "not divisible by heads 5")
+    # sizes past any memory: said before a block is built (it built blocks for minutes, or overflowed in a traceback)
+    one_line_error(run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--set", "model.depth=100000000000"),
+                   "the config's model has at least 8.19e+14 parameters", "GiB to train", "lower model.depth")
+    one_line_error(run_vit("bench", "--config", REPO / "configs" / "smoke.yaml", "--set", "data.image_size=1000000000"),
+                   "the config's model has at least", "parameters")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -556,6 +564,38 @@ def test_bad_checkpoints(tmp_path, real_ckpt):
     ckpt["model"]["head.weight"] = torch.zeros(7, 32)
     torch.save(ckpt, tmp_path / "shape.pt")
     one_line_error(run_vit("eval", "--ckpt", tmp_path / "shape.pt"), "head.weight", "(7, 32)", "(10, 32)")
+    # damage inside the zip, which torch.load does not notice: a byte of the pickle was taken for a file that may
+    # run code, one of a tensor loaded silently; the parts' CRC-32s tell
+    one_line_error(run_vit("eval", "--ckpt", flip_byte(real_ckpt, tmp_path / "pickle.pt", "data.pkl")),
+                   "pickle.pt is damaged: its part", "data.pkl fails its checksum", "use another checkpoint")
+    from vitcli.checkpoint import load_checkpoint
+    from vitcli.errors import VitError
+
+    with pytest.raises(VitError, match=r"tensor\.pt is damaged: its part .*/data/0 fails its checksum"):
+        load_checkpoint(flip_byte(real_ckpt, tmp_path / "tensor.pt", "/data/0"))
+    ckpt = torch.load(real_ckpt, weights_only=True)
+    # saved whole: the checksums hold, the values do not
+    (ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])["head.bias"][3] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    image = write_png(tmp_path / "x.png")
+    one_line_error(run_vit("predict", image, "--ckpt", tmp_path / "nan.pt", "--json"), "nan.pt: tensor 'head.bias' "
+                   "holds NaN or infinite values")
+
+
+def flip_byte(source: Path, target: Path, part: str) -> Path:
+    """A copy of the torch.save zip file `source` with one byte in the middle of its part ending in `part`
+    inverted."""
+    import zipfile
+
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(part))
+    name_length, extra_length = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_length + extra_length
+    data[start + info.compress_size // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return target
 
 
 class _Exploit:

@@ -10,8 +10,8 @@ import torch
 from vitcli.config import DATASET_DEFAULTS, Config
 from vitcli.data import Preprocess
 from vitcli.model import ConvStem, build_model
-from vitcli.runtime import (autocast, evaluation_compile_mode, resolve_attention, resolve_compile_mode,
-                            resolve_device, resolve_precision)
+from vitcli.runtime import (autocast, check_model_fits, evaluation_compile_mode, resolve_attention,
+                            resolve_compile_mode, resolve_device, resolve_precision)
 from vitcli.train import EMA, Forward, TrainStep, make_optimizer
 
 
@@ -45,6 +45,7 @@ class Workload:
     def __init__(self, config: Config):
         self.config = config
         self.device = device = resolve_device(config.train.device)
+        check_model_fits(config, device)
         self.precision = precision = resolve_precision(config.train.precision, device)
         self.attention = resolve_attention(config.model.attention, device, precision)
         torch.manual_seed(config.train.seed)

@@ -174,6 +174,28 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
+def damaged_part(path: Path) -> Optional[str]:
+    """The first part of a zip file written by torch.save whose CRC-32 does not match its bytes (a torn copy, a
+    disk fault, an edit), else None. torch.load does not check them: a flipped byte in a tensor loaded silently,
+    one in the pickle was taken for a file that may run code. A file that is no zip at all: None (torch.load says
+    what it is)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except Exception:  # BadZipFile, zlib.error, a header too damaged to read: torch.load's error follows
+        return None
+
+
+def check_parts(path: Path, fix: str) -> None:
+    """One VitError for a torch.save zip file that fails its checksums (damaged_part)."""
+    part = damaged_part(path)
+    if part is not None:
+        raise VitError(f"{path} is damaged: its part {part} fails its checksum (a torn copy or a disk fault); "
+                       f"{fix}")
+
+
 def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str = "best.pt") -> dict[str, Any]:
     """Loads with weights_only=True: tensors and plain data only, so a crafted file cannot run code. `example`: the
     file to suggest when `path` is a run directory."""
@@ -188,6 +210,7 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str 
     if is_torchscript(path):  # torch.load would warn in two lines, then fail
         raise VitError(f"{path} is an exported TorchScript model (vit export), not a checkpoint; pass the best.pt "
                        f"or last.pt it was exported from")
+    check_parts(path, "use another checkpoint, e.g. the run's best.pt or last.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -225,7 +248,17 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], pa
         if value.shape != own[key].shape:
             raise VitError(f"{path}: tensor '{key}' has shape {tuple(value.shape)}, the model expects "
                            f"{tuple(own[key].shape)}")
+    check_finite(state_dict, path)
     model.load_state_dict(state_dict)
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Weights with NaN or infinite values give NaN logits: eval reported a loss of nan and predict printed NaN
+    (not JSON) as if all were well. Training never saves such weights (a non-finite loss stops it)."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise VitError(f"{path}: tensor '{key}' holds NaN or infinite values (a damaged or edited file, or "
+                           f"weights from a run that diverged); use another checkpoint")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, use_ema: bool = True):

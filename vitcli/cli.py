@@ -84,7 +84,8 @@ def run_command(body: Callable[[], int | None]) -> None:
             message = message.strip().splitlines()[-1].split("VitError: ", 1)[-1]
         err(f"error: {message}")
         raise typer.Exit(2)
-    except RuntimeError as e:  # running out of memory is a size the user chose; anything else is our bug
+    except (RuntimeError, MemoryError, TypeError) as e:  # running out of memory is a size the user chose; anything
+        # else is our bug
         what = out_of_memory(e)
         if what is None:
             raise
@@ -621,7 +622,9 @@ def convert(
         from vitcli.errors import VitError
         from vitcli.interop import from_peer, load_weights_file, weights_flavor
         from vitcli.model import build_model
-        from vitcli.runtime import settle
+        import torch
+
+        from vitcli.runtime import check_model_fits, settle
 
         settle()
         if from_ not in ("timm", "torchvision"):
@@ -653,6 +656,7 @@ def convert(
                            f"give one comma-separated name per class, e.g. --classes cat,dog")
         if len(names) != num_classes:
             raise VitError(f"--classes has {len(names)} names, the head has {num_classes} outputs")
+        check_model_fits(cfg, torch.device("cpu"), training=False)
         model = build_model(cfg, num_classes)
         load_weights(model, {k: v.float() for k, v in state.items()}, weights)
         atomic_save(make_checkpoint(config=cfg, classes=names, model=model, ema=None, optimizer=None, scaler=None,

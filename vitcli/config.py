@@ -226,15 +226,36 @@ def _set_to_dict(item: str) -> dict[str, Any]:
     return {parts[0]: {parts[1]: value}}
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (the last one silently won)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise _DuplicateKey(f"'{key}' is given twice (lines {seen[key]} and {line}); keep one")
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         from vitcli.errors import not_a_file
 
         raise VitError(not_a_file(path, "config file", "*.yaml")
                        + ("" if path.is_dir() else " (see configs/ for examples)"))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise VitError(f"{path}: {e}") from None
     except UnicodeDecodeError:
         raise VitError(f"{path} is not a YAML text file (it is not UTF-8 text; a checkpoint or a picture?); "
                        f"pass a recipe such as configs/cifar10.yaml") from None
@@ -359,6 +380,12 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
         (d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha", "must be >= 0"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (all(s > 0 for s in config.std), "data.std", "must be positive"),
+        # the scale of pixel values / 255, as torchvision's Normalize after ToTensor; 0-255 values (123.7) normalised
+        # every image to about -2 without a word
+        (all(0 <= m <= 1 for m in config.mean), "data.mean",
+         f"is on the 0-1 scale of pixel values / 255 (CIFAR-10's red: 0.4914), got {config.mean}: divide by 255"),
+        (all(s <= 1 for s in config.std), "data.std",
+         f"is on the 0-1 scale of pixel values / 255 (CIFAR-10's red: 0.2470), got {config.std}: divide by 255"),
         (d.max_train_samples is None or d.max_train_samples > 0, "data.max_train_samples", "must be positive"),
         (d.max_val_samples is None or d.max_val_samples > 0, "data.max_val_samples", "must be positive"),
     ]

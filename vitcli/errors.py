@@ -89,12 +89,18 @@ def is_rank_zero() -> bool:
 
 
 def out_of_memory(error: BaseException) -> str | None:
-    """For an allocation failure (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError), a short
-    "tried to allocate ..." phrase; None for any other error. Needs no torch import."""
+    """For an allocation failure (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError, MemoryError, a
+    tensor size past 2**63), a short "tried to allocate ..." phrase; None for any other error. Needs no torch
+    import."""
     import re
 
     gpu = any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__)
     text = str(error)
+    if isinstance(error, MemoryError):  # the C++ allocator's std::bad_alloc, for sizes past what can be mapped
+        return "more than the machine can map"
+    if ("Storage size calculation overflowed" in text and isinstance(error, RuntimeError)
+            or "Overflow when unpacking long" in text and isinstance(error, TypeError)):
+        return "a tensor too large to address"
     if not gpu and not (isinstance(error, RuntimeError) and "can't allocate memory" in text):
         return None
     found = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", text)

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vitcli.checkpoint import atomic_write, written_by_torch_save
+from vitcli.checkpoint import atomic_write, check_parts, is_torchscript, written_by_torch_save
 from vitcli.errors import VitError, not_a_file, short
 
 
@@ -36,6 +36,10 @@ def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     if not written_by_torch_save(path):
         raise VitError(f"{path} is not a weights file (not written by torch.save, nor .safetensors); pass the "
                        f".pt, .pth or .safetensors file of a timm or torchvision model")
+    if is_torchscript(path):  # torch.load would warn in two lines, then fail
+        raise VitError(f"{path} is an exported TorchScript model, not a state dict; pass the .pt, .pth or "
+                       f".safetensors weights file it was made from")
+    check_parts(path, "use another copy of the weights file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -84,6 +84,34 @@ def resolve_device(name: str, given_as: Optional[str] = None) -> torch.device:
     return torch.device(name)
 
 
+def check_model_fits(config, device: torch.device, training: bool = True) -> None:
+    """Before the model is built: one VitError where its weights alone (with their gradients and AdamW's two
+    moments when training, all fp32) would not fit in the device's memory. An absurd size (model.depth=1e11)
+    otherwise built blocks for minutes until the machine ran out, or overflowed in a traceback."""
+    from vitcli.config import DATASET_DEFAULTS
+
+    m = config.model
+    tokens = (config.image_size // m.patch_size) ** 2 + 1
+    channels = DATASET_DEFAULTS[config.data.dataset]["channels"]
+    # the blocks' linear layers (query/key/value, output, MLP) and the embeddings: a lower bound of the count
+    params = m.depth * (4 + 2 * m.mlp_ratio) * m.dim**2 + tokens * m.dim + m.patch_size**2 * channels * m.dim
+    need = params * 4 * (4 if training else 1)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return
+    else:
+        return
+    if need > memory:
+        raise VitError(f"the config's model has at least {params:.3g} parameters, {need / 2**30:.3g} GiB "
+                       f"{'to train (fp32 weights, gradients and AdamW moments)' if training else 'of fp32 weights'}"
+                       f", more than the {memory / 2**30:.0f} GiB of {device}; lower model.depth, model.dim, "
+                       f"model.mlp_ratio or data.image_size, or raise model.patch_size")
+
+
 def cpu_has_bf16() -> bool:
     """AVX-512 BF16 or AMX: the CPUs where bf16 matmuls beat fp32."""
     try:

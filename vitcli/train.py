@@ -31,8 +31,9 @@ from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero,
                            short, vit_program)
 from vitcli.evaluate import evaluate, largest_batch_that_fits
 from vitcli.model import build_model, no_weight_decay, prepare_compile
-from vitcli.runtime import (CUDA_GRAPH_MODES, all_reduce_sum, autocast, evaluation_compile_mode, init_distributed,
-                            resolve_attention, resolve_compile_mode, resolve_device, resolve_precision, settle)
+from vitcli.runtime import (CUDA_GRAPH_MODES, all_reduce_sum, autocast, check_model_fits, evaluation_compile_mode,
+                            init_distributed, resolve_attention, resolve_compile_mode, resolve_device,
+                            resolve_precision, settle)
 
 # Keys that may differ on --resume: most change where or how fast the run computes, not what; train.epochs extends
 # it (the cosine schedule is stretched over the new total, as the README says); the optimisation settings let a run
@@ -349,7 +350,24 @@ def rank0_first(dist_info, work: Callable[[], Any], others_too: bool = True) -> 
 
 
 def default_run_dir(config: Config) -> Path:
-    return Path("runs") / config.name / datetime.now().strftime("%Y%m%d-%H%M%S")
+    """runs/NAME/YYYYmmdd-HHMMSS, made here (empty) so that it is this run's alone: a second run of the recipe
+    started in the same second (a seed sweep started with &) gets ...-HHMMSS-2, not an error (as timm's get_outdir
+    adds -1, -2). Where the folder cannot be made, the plain name is returned for prepare_run_dir to report."""
+    base = Path("runs") / config.name / datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return base
+    for n in range(1, 1000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()  # atomic: of two processes only one makes it
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError:
+            return candidate
+    return base
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -511,7 +529,7 @@ def memory_errors(advice: Callable[[], str]):
     """Running out of memory (a batch or model too large for the device) becomes one VitError line with advice."""
     try:
         yield
-    except RuntimeError as e:
+    except (RuntimeError, MemoryError, TypeError) as e:
         what = out_of_memory(e)
         if what is None:
             raise
@@ -626,6 +644,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     # ---- where and how to run
     dist_info, device_name = init_distributed(config.train.device)
     device = resolve_device(device_name)
+    check_model_fits(config, device)
     precision = resolve_precision(config.train.precision, device)
     attention = resolve_attention(config.model.attention, device, precision)
     main = dist_info.is_main
@@ -704,7 +723,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     eval_forward = Forward(eval_model, config.train.compile, "evaluating", evaluation_compile_mode(compile_mode))
 
     # ---- the run directory
-    run_dir = Path(run_dir) if run_dir else default_run_dir(config)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(config) if main else None
     if dist_info.enabled:  # rank 0's: the default name holds a timestamp, which ranks could read in different seconds
         import torch.distributed as dist
 
@@ -713,9 +732,13 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         run_dir = Path(shared[0])
 
     def set_up_run_dir():
+        existed = run_dir.is_dir()
+        if existed:  # a run still going in it is said as such, before what the folder holds is judged
+            lock_run_dir(run_dir)
         if ckpt is None:
             prepare_run_dir(run_dir)
-        lock_run_dir(run_dir)
+        if not existed:
+            lock_run_dir(run_dir)
         for stale in run_dir.glob(".*.pt.tmp*"):  # left by a save that was killed half-way
             stale.unlink(missing_ok=True)
         if ckpt is None:  # a resumed run's changes (more epochs, a new lr) go in with its first last.pt (save)
