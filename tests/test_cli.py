@@ -292,6 +292,26 @@ def test_run_directory_is_never_overwritten(smoke_run, tmp_path):
     assert result.returncode == 2 and "no last.pt to resume" in result.stderr and "--resume" not in result.stderr
 
 
+def test_a_tilde_in_a_path_option_is_the_home_folder(smoke_run, tmp_path):
+    """The shell leaves '~' as it is after '=' (--out=~/m.onnx): vit expands it, as for data.root (it made a
+    folder named '~' in the current one, an invitation to rm -rf ~)."""
+    from conftest import write_png
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    home.mkdir()
+    shutil.copy(smoke_run / "best.pt", home / "best.pt")
+    write_png(home / "x.png")
+    env = {"HOME": str(home)}
+    run_vit("export", "--ckpt=~/best.pt", "--format", "safetensors", "--out=~/m.safetensors", cwd=work, env=env,
+            check=True)
+    result = run_vit("predict", "~/x.png", "--ckpt=~/best.pt", "--attention=~/maps/", "--json", cwd=work, env=env,
+                     check=True)
+    assert json.loads(result.stdout)[0]["attention"] == str(home / "maps" / "x.attention.png")
+    assert (home / "m.safetensors").is_file() and (home / "maps" / "x.attention.png").is_file()
+    assert list(work.iterdir()) == []
+
+
 def test_default_run_directories_started_in_one_second_differ(tmp_path, monkeypatch):
     """Runs of one recipe started in the same second (a seed sweep started with &) each get a folder of their own:
     the default name is made on the spot, with -2, -3 after the first."""

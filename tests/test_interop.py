@@ -8,6 +8,7 @@ import torch
 
 from conftest import run_vit
 from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
+from vitcli.errors import VitError
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 SHAPE = dict(size=32, patch=8, dim=48, depth=2, heads=4, mlp=96, classes=5)
@@ -117,8 +118,17 @@ def test_converted_weights_predict_like_the_peer(tmp_path, peer, suffix):
     run_vit("export", "--ckpt", ckpt, "--format", "safetensors", "--out", exported, check=True)
     own = run_vit("convert", exported, "--from", peer, "--config", vit_config(tmp_path), "--out", tmp_path / "own.pt",
                   check=True)
-    assert "holds vitcli's own weight names" in own.stderr
+    assert "holds vitcli's own weight names" in own.stderr and "parameters from vitcli)" in own.stderr
     assert (vit_probs(tmp_path / "own.pt", paths) - expected).abs().max() < 1e-5
+    if suffix == ".safetensors":  # the heads it was exported with are in its metadata: another count is refused
+        heads = SHAPE["heads"] * 2
+        for command in (["convert", exported, "--from", peer, "--out", tmp_path / "h.pt"],
+                        ["train", "--set", f"model.init_from={exported}", "--run-dir", tmp_path / "h"]):
+            refused = run_vit(*command, "--config", vit_config(tmp_path), "--set", f"model.heads={heads}")
+            assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+            assert (f"own.safetensors was exported from a model with model.heads={SHAPE['heads']}, the config has "
+                    f"{heads}" in refused.stderr), refused.stderr
+        assert not (tmp_path / "h.pt").exists() and not (tmp_path / "h").exists()
     # class names: one each, none empty or repeated (both were written into the checkpoint)
     for names in ("a,b,c,d,", "a,b,b,c,d"):
         bad = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out",
@@ -246,6 +256,10 @@ def test_torchscript_and_safetensors_exports(converted, tmp_path):
         torch.testing.assert_close(scripted(x), expected, atol=1e-5, rtol=1e-5)
     st = tmp_path / "model.safetensors"
     run_vit("export", "--ckpt", converted, "--format", "safetensors", "--out", st, check=True)
+    # given back as a checkpoint: named as an export (it was "not a file written by torch.save")
+    with pytest.raises(VitError, match=r"model.safetensors is an exported safetensors model \(vit export\), not a "
+                                       r"checkpoint; .* \(or start a run from it: --set model.init_from="):
+        load_checkpoint(st)
     # written as asked, with a note where the name says another format
     odd = run_vit("export", "--ckpt", converted, "--format", "safetensors", "--out", tmp_path / "m.onnx", check=True)
     assert "is a safetensors file, although its name ends in .onnx" in odd.stderr, odd.stderr
@@ -286,7 +300,6 @@ def test_onnx_export_over_protobufs_limit_is_one_line_before_exporting(smoke_run
     export, in protobuf's EncodeError traceback. The size is checked first. (The limit is lowered here so the smoke
     model exceeds it: a real 2 GB model would put 2 GB on CI's disk and minutes on its clock.)"""
     from vitcli import interop
-    from vitcli.errors import VitError
 
     ckpt = load_checkpoint(smoke_run / "best.pt")
     model = model_from_checkpoint(ckpt, smoke_run / "best.pt")

@@ -752,6 +752,22 @@ def test_a_corrupt_image_in_an_image_folder_is_one_line(imagefolder_dir, tmp_pat
     assert "Original Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
 
 
+def test_a_write_stopped_half_way_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    """Ctrl-C (or any error) in the middle of an atomic write: the file as it was, nothing hidden beside it (a
+    KeyboardInterrupt during an export left a .NAME.tmpPID of the model's size behind)."""
+    from vitcli.checkpoint import atomic_write
+
+    target = write(tmp_path / "m.safetensors", "old")
+
+    def interrupted(f):
+        f.write(b"half of the new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupted)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"] and target.read_text() == "old"
+
+
 @pytest.mark.parametrize("limit", [100_000, 102_400])
 def test_a_full_disk_is_one_line(tmp_path, limit):
     """The process may write files of ~100 kB at most (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk):

@@ -60,6 +60,12 @@ def test_predict_attention_maps(smoke_run, tmp_path):
         assert json.loads(result.stdout)[0]["attention"] == str(out)
         picture = assert_picture(out, 300)
         assert picture.size[0] >= 300
+    # a long strip is drawn 2048 px on its longer side, at most (the picture is a square of that side: a 1 x 70000
+    # strip ran out of memory in matplotlib)
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 5000), dtype=np.uint8)).save(strip)
+    run_vit("predict", strip, "--ckpt", smoke_run / "best.pt", "--attention", tmp_path / "strip-map.png", check=True)
+    assert Image.open(tmp_path / "strip-map.png").size == (2048, 2048 + 28)
     # the two modes draw different maps over the same image
     rollout, last = (np.asarray(Image.open(tmp_path / f"{m}.png").convert("RGB"), dtype=float) for m in ("rollout", "last"))
     assert rollout.shape == last.shape and np.abs(rollout - last).mean() > 1.0

@@ -68,8 +68,10 @@ def atomic_write(path: Path, write: Callable[[Any], None], what: str = "file",
             os.fsync(fd)
         finally:
             os.close(fd)
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:  # Ctrl-C in the middle too: no temporary file is left behind
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         # torch.save's zip writer turns a failed write (a full disk) into a RuntimeError ("unexpected pos ...")
         error = e if isinstance(e, OSError) else getattr(f, "error", None)
         if error is None:
@@ -204,6 +206,12 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str 
         raise VitError(not_a_file(path, "checkpoint", example, "*.pt"))
     if path.stat().st_size == 0:
         raise VitError(f"checkpoint {path} is empty (0 bytes); use another checkpoint, e.g. the run's best.pt")
+    exported = {".onnx": "ONNX", ".safetensors": "safetensors"}.get(path.suffix.lower())
+    if exported and not written_by_torch_save(path):
+        raise VitError(f"{path} is an exported {exported} model (vit export), not a checkpoint; pass the best.pt or "
+                       f"last.pt it was exported from"
+                       + (f" (or start a run from it: --set model.init_from={path})" if exported == "safetensors"
+                          else ""))
     if not written_by_torch_save(path):
         raise VitError(f"{path} is not a checkpoint (not a file written by torch.save); pass a best.pt or last.pt "
                        f"written by 'vit train'")

@@ -34,6 +34,13 @@ def err(message: str) -> None:
     typer.echo(f"vit: {message}", err=True)
 
 
+def user_path(value):
+    """A path option with '~' expanded, as the shell does not after '=' (--out=~/m.onnx made a folder named ~)."""
+    if value is None:
+        return None
+    return os.path.expanduser(value) if isinstance(value, str) else Path(value).expanduser()
+
+
 def path_option(value: Optional[str], option: str) -> Optional[Path]:
     """An option's path; an empty one ('' would be the current folder) is refused in one line."""
     from vitcli.errors import VitError
@@ -168,7 +175,7 @@ def _inference_model(checkpoint: dict, path: Path, no_ema: bool, dev, precision:
 
 
 def _resolve_ckpt(ckpt: Optional[Path]) -> Path:
-    return ckpt if ckpt is not None else find_latest_checkpoint()
+    return user_path(ckpt) if ckpt is not None else find_latest_checkpoint()
 
 
 @app.callback()
@@ -192,12 +199,14 @@ def train(
 ) -> None:
     """Train a ViT from a YAML recipe; TensorBoard logs and checkpoints go to the run directory."""
 
+    resume = user_path(resume)
+
     def body():
         from vitcli.config import load_config
         from vitcli.errors import VitError
 
         check_device_option(device)
-        run_path = path_option(run_dir, "--run-dir")
+        run_path = path_option(user_path(run_dir), "--run-dir")
         overrides = list(set_ or []) + ([f"train.device={device}"] if device else [])
         if resume is None and config is None:
             raise VitError("give --config PATH (e.g. configs/smoke.yaml) or --resume CKPT")
@@ -313,6 +322,8 @@ def eval_(
     json_: JsonOpt = False,
 ) -> None:
     """Loss, top-1, top-5 and per-class accuracy of a checkpoint on the test split."""
+
+    report_dir = user_path(report_dir)
 
     def body():
         import dataclasses
@@ -438,6 +449,8 @@ def predict(
 ) -> None:
     """Top-k classes for each image, optionally with its attention map."""
 
+    images, attention = [user_path(image) for image in images], user_path(attention)
+
     def body():
         from vitcli.checkpoint import load_checkpoint
         from vitcli.errors import VitError
@@ -539,6 +552,9 @@ def attention_outputs(where: str, paths: list[Path]) -> dict[Path, Path]:
     return names
 
 
+ATTENTION_MAX_SIDE = 2048  # pixels: the longer side of the image in a `predict --attention` picture
+
+
 def write_attention(model, config, tensor, device, mode: str, out: Path, original, best: dict) -> Path:
     """The image at its own size (at least 256 px) with the attention heat map and `best`, the prediction printed
     for it (so the picture agrees with the printed answer, --tta and precision included)."""
@@ -557,11 +573,15 @@ def write_attention(model, config, tensor, device, mode: str, out: Path, origina
     left, top, right, bottom = view_box(config, *original.size)
     if (left, top, right, bottom) != (0, 0, *original.size):
         original = original.crop((round(left), round(top), round(right), round(bottom)))
+    # drawn at the image's own size up to ATTENTION_MAX_SIDE: an 8000 px photo took 9 GB and 40 s, a 1 x 70000 strip
+    # (the picture is a square of its longest side) ran out of memory in matplotlib
+    original.thumbnail((ATTENTION_MAX_SIDE, ATTENTION_MAX_SIDE))
     image = np.asarray(original)
     heat = F.interpolate(heat[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     title = f"{best['label']} ({100 * best['probability']:.1f}%) - attention {mode}"
     try:
-        save_figure(overlay_figure(image, heat.cpu().numpy(), title), out, mark=ATTENTION_MARK)
+        save_figure(overlay_figure(image, heat.cpu().numpy(), title), out, ATTENTION_MARK,
+                    "free disk space or choose another --attention path")
     except (OSError, ValueError) as e:  # ValueError: a picture format matplotlib does not write
         raise VitError(f"cannot write {out}: {write_problem(out, e)[0]}; choose another --attention path") from None
     return out
@@ -616,11 +636,13 @@ def convert(
 ) -> None:
     """Turn a timm / torchvision ViT state dict into a vitcli checkpoint that eval and predict use."""
 
+    weights, out = user_path(weights), user_path(out)
+
     def body():
         from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint
         from vitcli.config import load_config
         from vitcli.errors import VitError
-        from vitcli.interop import from_peer, load_weights_file, weights_flavor
+        from vitcli.interop import check_exported_heads, from_peer, load_weights_file, weights_flavor
         from vitcli.model import build_model
         import torch
 
@@ -642,6 +664,7 @@ def convert(
             raise VitError(f"{weights} is a vitcli checkpoint already: nothing to convert; use it as --ckpt, or "
                            f"start a run from it with --set model.init_from={weights}")
         if flavor == "vitcli":  # vitcli's names (vit export --format safetensors): taken as they are
+            check_exported_heads(weights, cfg.model.heads)
             err(f"note: {weights} holds vitcli's own weight names ('{key}'): read as they are (--from {from_} "
                 f"not applied)")
         elif flavor is not None and flavor != from_:
@@ -663,7 +686,8 @@ def convert(
                                     epoch=0, step=0, global_step=0, best_top1=-1.0, epoch_stats={},
                                     metrics={"converted_from": f"{from_}:{weights}"}), out,
                     fix="free disk space or choose another --out")
-        err(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e6:.2f}M parameters from {from_})")
+        err(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e6:.2f}M parameters from "
+            f"{'vitcli' if flavor == 'vitcli' else from_})")
         return 0
 
     run_command(body)
@@ -695,6 +719,8 @@ def export(
 ) -> None:
     """Export a checkpoint: ONNX / TorchScript (normalized N x C x H x W in, logits out, dynamic batch) or
     safetensors (weights + config as metadata). The export is checked against PyTorch."""
+
+    out = user_path(out)
 
     def body():
         from vitcli.checkpoint import load_checkpoint, model_from_checkpoint

@@ -58,6 +58,33 @@ def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     return {k.removeprefix("module."): v for k, v in state.items()}, checkpoint
 
 
+def exported_config(path: str | Path) -> Optional[dict]:
+    """The config (as a dict) that `vit export --format safetensors` put in a file's metadata; None for any other
+    file."""
+    import json
+
+    if Path(path).suffix != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        config = json.loads(metadata["config"]) if metadata.get("format") == "vitcli" else None
+        return config if isinstance(config, dict) else None
+    except Exception:  # not readable, no metadata: load_weights_file says what is wrong with it
+        return None
+
+
+def check_exported_heads(path: str | Path, heads: int) -> None:
+    """model.heads is the one architecture choice the tensors' shapes do not show: weights exported from a model
+    of other heads would load and split their attention into other heads, silently."""
+    saved = (exported_config(path) or {}).get("model", {}).get("heads")
+    if isinstance(saved, int) and saved != heads:
+        raise VitError(f"{path} was exported from a model with model.heads={saved}, the config has {heads}: its "
+                       f"attention weights would be split into other heads; set model.heads={saved}")
+
+
 def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():

@@ -538,7 +538,7 @@ def memory_errors(advice: Callable[[], str]):
 
 def check_init_from(config: Config) -> None:
     """model.init_from names a file (checked once before `--nproc` starts its processes, and by each of them)."""
-    source = config.model.init_from
+    source = config.model.init_from and os.path.expanduser(config.model.init_from)
     if source and not Path(source).is_file():
         what = "checkpoint" if config.model.init_format == "vitcli" else "weights file"
         raise VitError(f"model.init_from: {not_a_file(source, what, '*.pt', '*.pth', '*.safetensors', '*.bin')}")
@@ -546,11 +546,19 @@ def check_init_from(config: Config) -> None:
 
 def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
     """model.init_from: start from a vitcli checkpoint or a timm / torchvision state dict."""
-    from vitcli.interop import from_peer, load_pretrained, read_state_dict
+    from vitcli.interop import check_exported_heads, from_peer, load_pretrained, read_state_dict, weights_flavor
 
     check_init_from(config)
-    source, fmt = config.model.init_from, config.model.init_format
-    if fmt == "vitcli":
+    source, fmt = os.path.expanduser(config.model.init_from), config.model.init_format
+    if source.endswith(".safetensors"):  # timm's, torchvision's or vitcli's own (vit export --format safetensors)
+        check_exported_heads(source, config.model.heads)
+        state = read_state_dict(source)
+        flavor, key = weights_flavor(state)
+        if fmt == "vitcli" and flavor in ("timm", "torchvision"):
+            raise VitError(f"model.init_from {source} holds {flavor} weights ('{key}'); set "
+                           f"model.init_format={flavor}")
+        state = from_peer(state, "vitcli" if "vitcli" in (fmt, flavor) else fmt)
+    elif fmt == "vitcli":
         ckpt = load_checkpoint(source, not_vitcli_advice="; for timm or torchvision weights set "
                                                          "model.init_format=timm (or torchvision)")
         state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]

@@ -75,13 +75,20 @@ ATTENTION_MARK = "vitcli attention map"  # in the metadata of the pictures `vit 
 MARK_KEYS = {".png": "Software", ".pdf": "Creator", ".svg": "Creator"}  # formats whose metadata is plain text
 
 
-def save_figure(fig, path: Path, mark: Optional[str] = None) -> None:
-    """`mark`: a text put in the picture's metadata (PNG, PDF, SVG), by which `carries_mark` knows it later."""
+def save_figure(fig, path: Path, mark: Optional[str] = None,
+                fix: str = "free disk space or choose another path") -> None:
+    """`mark`: a text put in the picture's metadata (PNG, PDF, SVG), by which `carries_mark` knows it later; a
+    failed write is one VitError that ends with `fix`."""
+    from vitcli.checkpoint import atomic_write
+
     plt = _plt()
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = MARK_KEYS.get(path.suffix.lower())
-    fig.savefig(path, metadata={key: mark} if mark and key else None)
-    plt.close(fig)
+    fmt = path.suffix[1:].lower() or None  # a file object gives matplotlib no name to take the format from
+    try:  # atomically: Ctrl-C half-way left a torn picture
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, metadata={key: mark} if mark and key else None),
+                     "picture", fix)
+    finally:
+        plt.close(fig)
 
 
 def carries_mark(path: Path, mark: str) -> bool:
@@ -241,12 +248,13 @@ def eval_report(classes: list[str], result: dict, mistakes: Mistakes, out_dir: P
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion = np.array(result["confusion"])
     written = [out_dir / name for name in REPORT_FILES]
-    save_figure(confusion_figure(confusion, classes), written[0], mark=REPORT_MARK)
-    save_figure(per_class_figure(result["per_class"]), written[1], mark=REPORT_MARK)
+    fix = "free disk space or choose another --report folder"
+    save_figure(confusion_figure(confusion, classes), written[0], REPORT_MARK, fix)
+    save_figure(per_class_figure(result["per_class"]), written[1], REPORT_MARK, fix)
     worst = mistakes.worst
     pictures = to_display(torch.stack([mistakes.kept[w[1]] for w in worst])) if worst else []
     captions = [f"true {classes[t]}\npredicted {classes[p]} ({100 * c:.0f}%)" for c, _, t, p in worst]
-    save_figure(mistakes_figure(pictures, captions), written[2], mark=REPORT_MARK)
+    save_figure(mistakes_figure(pictures, captions), written[2], REPORT_MARK, fix)
     report = {"written_by": "vit eval", **result}
     report["classes"] = classes
     report["most_confident_mistakes"] = [{"index": i, "true": classes[t], "predicted": classes[p],
