@@ -235,11 +235,15 @@ def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):
 
 def test_imagefolder(imagefolder_dir, tmp_path):
     run_dir = tmp_path / "run"
-    run_vit("train", "--config", REPO / "configs" / "imagefolder.yaml", "--run-dir", run_dir,
-            "--set", f"data.root={imagefolder_dir}", "--set", "data.image_size=32", "--set", "model.patch_size=8",
-            "--set", "data.num_workers=1", *TINY[:-6], "--set", "train.epochs=2", "--set", "train.batch_size=16",
-            check=True)
-    report = json.loads(run_vit("eval", "--ckpt", run_dir / "best.pt", "--json", check=True).stdout)
+    # data.root relative to where the run starts: the evaluation command it prints works from anywhere
+    trained = run_vit("train", "--config", REPO / "configs" / "imagefolder.yaml", "--run-dir", run_dir,
+                      "--set", f"data.root={imagefolder_dir.name}", "--set", "data.image_size=32",
+                      "--set", "model.patch_size=8", "--set", "data.num_workers=1", *TINY[:-6], "--set",
+                      "train.epochs=2", "--set", "train.batch_size=16", cwd=imagefolder_dir.parent, check=True)
+    printed = next(line for line in trained.stderr.splitlines() if line.startswith("vit: evaluate it with: "))
+    assert f" --data-root {imagefolder_dir}" in printed, printed
+    report = json.loads(run_vit("eval", *shlex.split(printed.split(" eval ", 1)[1]), "--json", cwd=REPO,
+                                check=True).stdout)
     assert report["num_samples"] == 24 and set(report["per_class"]) == {"circle", "square", "stripe"}
     out = json.loads(run_vit("predict", imagefolder_dir / "val" / "circle", "--ckpt", run_dir / "best.pt",
                              "--json", check=True).stdout)
@@ -290,6 +294,9 @@ def test_run_directory_is_never_overwritten(smoke_run, tmp_path):
     (failed / "config.yaml").write_text("name: smoke\n")
     result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", failed)
     assert result.returncode == 2 and "no last.pt to resume" in result.stderr and "--resume" not in result.stderr
+    # a file given as the run directory: said so (it was "Not a directory")
+    result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", failed / "config.yaml")
+    assert result.returncode == 2 and "config.yaml is a file, not a folder; choose another --run-dir" in result.stderr
 
 
 def test_a_tilde_in_a_path_option_is_the_home_folder(smoke_run, tmp_path):

@@ -217,3 +217,14 @@ def test_predict_sees_an_image_folder_image_as_eval_does(imagefolder_dir):
         left, top, right, bottom = view_box(config, *original.size)  # the crop, in the original's pixels
         assert 0 <= left < right <= original.size[0] and 0 <= top < bottom <= original.size[1], path
         assert right - left == pytest.approx(bottom - top, rel=0.05), path
+
+
+def test_an_image_folder_of_one_class_is_refused(tmp_path):
+    """One class trained to "top-1 1.0000", which says nothing about the model."""
+    from vitcli.data import imagefolder_classes
+
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(VitError, match=r"train holds one class folder \(cat\); a classifier needs two or more"):
+        imagefolder_classes(tmp_path, "train")
+    (tmp_path / "train" / "dog").mkdir()
+    assert imagefolder_classes(tmp_path, "train") == ["cat", "dog"]

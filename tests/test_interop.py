@@ -139,6 +139,15 @@ def test_converted_weights_predict_like_the_peer(tmp_path, peer, suffix):
     nowhere = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path),
                       "--out", "/proc/vitcli-convert/model.pt")  # a folder nobody (not even root) can create
     assert nowhere.returncode != 0 and "Traceback" not in nowhere.stderr and "vitcli-convert" in nowhere.stderr
+    if suffix == ".pth" and peer == "timm":  # a file where --out's folder should be, and a broken link as --out:
+        # refused before the work (the first named the temporary file), the link kept
+        (tmp_path / "link.pt").symlink_to(tmp_path / "gone.pt")
+        for out, message in ((paths[0] / "m.pt", f"{paths[0]} is a file, not a folder; choose another --out"),
+                             (tmp_path / "link.pt", "link.pt exists; choose another --out")):
+            refused = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out", out)
+            assert refused.returncode == 2 and message in refused.stderr and ".tmp" not in refused.stderr, \
+                refused.stderr
+        assert (tmp_path / "link.pt").is_symlink() and not (tmp_path / "gone.pt").exists()
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):

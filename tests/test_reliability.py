@@ -631,9 +631,9 @@ def test_bad_images_are_reported_and_the_rest_predicted(tmp_path, real_ckpt):
     bomb = tmp_path / "bomb.png"
     Image.new("L", (9500, 9500)).save(bomb)  # 90 Mpx: over PIL's decompression-bomb limit, 90 KB on disk
     missing = tmp_path / "missing.png"
-    result = run_vit("predict", not_image, good, bomb, missing, "--ckpt", real_ckpt, "--json")
+    result = run_vit("predict", not_image, good, bomb, missing, os.devnull, "--ckpt", real_ckpt, "--json")
     one_line_error(result, "fake.png: not an image", "bomb.png: image too large", "image not found",
-                   lines_expected=3)  # one per bad image
+                   f"{os.devnull} is not a regular file", lines_expected=4)  # one per bad image
     out = json.loads(result.stdout)
     assert [entry["path"] for entry in out] == [str(good)]
     assert result.returncode == 1

@@ -655,8 +655,11 @@ def convert(
         if names_a_folder(out):
             raise VitError(f"--out {out}: a folder; give the checkpoint file to write, such as "
                            f"{Path(out) / (weights.stem + '.pt')}")
-        if Path(out).exists():
+        if os.path.lexists(out):  # a broken link too: writing would replace the link
             raise VitError(f"{out} exists; choose another --out (nothing is overwritten)")
+        from vitcli.checkpoint import check_writable
+
+        check_writable(Path(out).parent, f"checkpoint {out}", "choose another --out")  # before the work
         cfg = load_config(config, list(set_ or []))
         raw, checkpoint = load_weights_file(weights)
         flavor, key = weights_flavor(raw)
@@ -740,7 +743,7 @@ def export(
             target = Path(out) / default.name
         else:
             target = Path(out)
-        if target.exists():
+        if os.path.lexists(target):  # a broken link too: writing would replace the link
             raise VitError(f"{target} exists; choose another --out (nothing is overwritten)")
         from vitcli.checkpoint import check_writable
 

@@ -214,6 +214,9 @@ def imagefolder_classes(root: Path, split: str) -> list[str]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise VitError(f"no class folders in {folder}: put each class's images in {folder}/<class>/")
+    if len(classes) == 1 and split == "train":  # it trained to "top-1 1.0000", which means nothing
+        raise VitError(f"{folder} holds one class folder ({classes[0]}); a classifier needs two or more: put each "
+                       f"class's images in {folder}/<class>/")
     return classes
 
 

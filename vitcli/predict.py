@@ -19,6 +19,8 @@ def open_image(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
+        if path.exists():  # a FIFO, a device (/dev/null): there, but nothing to decode
+            raise VitError(f"{path} is not a regular file; give an image file")
         raise VitError(f"image not found: {path}")
     try:
         with warnings.catch_warnings():
@@ -31,6 +33,8 @@ def open_image(path: str | Path):
                        f"downscale it first") from None
     except UnidentifiedImageError:
         raise VitError(f"{path}: not an image PIL can read (PNG, JPEG, BMP, GIF, WebP, TIFF, ...)") from None
+    except PermissionError:
+        raise VitError(f"cannot read {path}: permission denied; check the file's permissions") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise VitError(f"{path}: cannot decode image ({e})") from None
 

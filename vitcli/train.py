@@ -371,6 +371,8 @@ def default_run_dir(config: Config) -> Path:
 
 
 def prepare_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VitError(f"run directory {run_dir} is a file, not a folder; choose another --run-dir")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not (run_dir / "last.pt").exists():  # e.g. a run that failed before its first checkpoint
             raise VitError(f"run directory {run_dir} already holds files but no last.pt to resume (a run that "
@@ -1058,6 +1060,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     # reducer (it holds the group) before it destroys the group
     if main:
         print(f"vit: done{synthetic}. best val top-1 {best_top1:.4f}: {run_dir / 'best.pt'}", file=sys.stderr)
-        print(f"vit: evaluate it with: {vit_program()} eval --ckpt {shlex.quote(str(run_dir / 'best.pt'))}",
+        # a data.root relative to where the run started: the command works from any folder with it made absolute
+        root = ("" if config.data.dataset == "synthetic" or Path(config.data.root).expanduser().is_absolute() else
+                f" --data-root {shlex.quote(str(Path(config.data.root).resolve()))}")
+        print(f"vit: evaluate it with: {vit_program()} eval --ckpt {shlex.quote(str(run_dir / 'best.pt'))}{root}",
               file=sys.stderr)
     return {"run_dir": str(run_dir), "best_top1": best_top1, **last_metrics}
