@@ -639,13 +639,13 @@ def convert(
     weights, out = user_path(weights), user_path(out)
 
     def body():
-        from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint
+        import torch
+
+        from vitcli.checkpoint import atomic_save, check_writable, load_weights, make_checkpoint
         from vitcli.config import load_config
         from vitcli.errors import VitError
         from vitcli.interop import check_exported_heads, from_peer, load_weights_file, weights_flavor
         from vitcli.model import build_model
-        import torch
-
         from vitcli.runtime import check_model_fits, settle
 
         settle()
@@ -657,8 +657,6 @@ def convert(
                            f"{Path(out) / (weights.stem + '.pt')}")
         if os.path.lexists(out):  # a broken link too: writing would replace the link
             raise VitError(f"{out} exists; choose another --out (nothing is overwritten)")
-        from vitcli.checkpoint import check_writable
-
         check_writable(Path(out).parent, f"checkpoint {out}", "choose another --out")  # before the work
         cfg = load_config(config, list(set_ or []))
         raw, checkpoint = load_weights_file(weights)
