@@ -309,7 +309,9 @@ def test_a_tilde_in_a_path_option_is_the_home_folder(smoke_run, tmp_path):
     home.mkdir()
     shutil.copy(smoke_run / "best.pt", home / "best.pt")
     write_png(home / "x.png")
-    env = {"HOME": str(home)}
+    import matplotlib
+
+    env = {"HOME": str(home), "MPLCONFIGDIR": matplotlib.get_cachedir()}  # its font cache, not a new one in HOME
     run_vit("export", "--ckpt=~/best.pt", "--format", "safetensors", "--out=~/m.safetensors", cwd=work, env=env,
             check=True)
     result = run_vit("predict", "~/x.png", "--ckpt=~/best.pt", "--attention=~/maps/", "--json", cwd=work, env=env,

@@ -57,6 +57,7 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"data": {"mean": [125.3, 123.0, 113.9]}}, r"data.mean is on the 0-1 scale .*, got \[125.3, 123.0, 113.9\]: "
                                                 r"divide by 255$"),
     ({"data": {"std": [63.0, 62.1, 66.7]}}, "data.std is on the 0-1 scale"),
+    ({"data": {"mean": [-0.1, 0.5, 0.5]}}, r"data.mean must be >= 0 \(a pixel's mean on the 0-1 scale\)"),
     # data.std left at the dataset's default: the message names the key that was given (it said "the same length")
     ({"data": {"dataset": "fashion_mnist", "mean": [0.5, 0.5, 0.5]}},
      "data.mean needs one value per channel: fashion_mnist images have 1, got 3"),
@@ -150,3 +151,20 @@ def test_a_key_given_twice_in_the_yaml_file_is_refused(tmp_path):
     path.write_text("model:\n  dim: 64\ntrain:\n  epochs: 2\nmodel:\n  depth: 2\n")
     with pytest.raises(VitError, match=r"'model' is given twice \(lines 1 and 5\)"):
         load_config(path)
+    path.write_text("base: &b\n  epochs: 3\ntrain:\n  <<: *b\n  lr: 0.01\n")  # a YAML merge key is no repeat
+    with pytest.raises(VitError, match="unknown section 'base'"):  # read as yaml.safe_load reads it
+        load_config(path)
+    path.write_text("data:\n  mean: &m [0.5, 0.5, 0.5]\n  std: *m\ntrain:\n  <<: {epochs: 3}\n")
+    config = load_config(path)
+    assert config.train.epochs == 3 and config.data.std == [0.5, 0.5, 0.5]
+
+
+def test_a_saved_config_is_read_as_it_was_trained():
+    """A checkpoint's config from before the 0-1 check on data.mean / std still opens (its model was trained
+    with those values); a new config with them is refused."""
+    from vitcli.config import config_from_dict
+
+    raw = {"data": {"mean": [125.3, 123.0, 113.9], "std": [63.0, 62.1, 66.7]}}
+    assert config_from_dict(raw).data.mean == [125.3, 123.0, 113.9]
+    with pytest.raises(VitError, match="data.mean is on the 0-1 scale"):
+        build_config(raw)

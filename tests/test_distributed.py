@@ -145,7 +145,8 @@ def test_process_launch_errors_are_one_line(tmp_path):
             (["--nproc", "3"], "does not divide over 3 processes"),
             (["--nproc", "0"], "--nproc 0: the number of processes must be 1 or more"),
             (["--nproc", "2", "--set", f"model.init_from={tmp_path / 'nope.pt'}"],  # was one line per process
-             "model.init_from: checkpoint not found")):
+             "model.init_from: checkpoint not found"),
+            (["--nproc", "2", "--set", "model.depth=100000000000"], "the config's model has at least")):
         result = run_vit("train", *smoke, *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert needle in result.stderr and result.stderr.count("vit: error:") == 1, result.stderr[-3000:]

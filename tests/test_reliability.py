@@ -573,6 +573,13 @@ def test_bad_checkpoints(tmp_path, real_ckpt):
 
     with pytest.raises(VitError, match=r"tensor\.pt is damaged: its part .*/data/0 fails its checksum"):
         load_checkpoint(flip_byte(real_ckpt, tmp_path / "tensor.pt", "/data/0"))
+    if hasattr(torch.serialization, "set_crc32_options"):  # saved without checksums (CRC 0): read as torch reads it
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(torch.load(real_ckpt, weights_only=True), tmp_path / "no-crc.pt")
+        finally:
+            torch.serialization.set_crc32_options(True)
+        assert load_checkpoint(tmp_path / "no-crc.pt")["classes"] == load_checkpoint(real_ckpt)["classes"]
     ckpt = torch.load(real_ckpt, weights_only=True)
     # saved whole: the checksums hold, the values do not
     (ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])["head.bias"][3] = float("nan")
@@ -833,6 +840,13 @@ def test_out_of_memory_messages_are_recognised_and_sized():
     assert out_of_memory(gpu) == "tried to allocate 2.00 GiB"
     assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert out_of_memory(ValueError("can't allocate memory")) is None
+    # sizes past any memory: C++'s std::bad_alloc, and a size that overflows torch's arithmetic
+    assert out_of_memory(MemoryError("std::bad_alloc")) == "more than the machine can map"
+    assert out_of_memory(RuntimeError("Storage size calculation overflowed with sizes=[...]")) == \
+        "a tensor too large to address"
+    assert out_of_memory(TypeError("empty(): argument 'size' failed to unpack the object at pos 2 with error "
+                                   "\"Overflow when unpacking long long\"")) == "a tensor too large to address"
+    assert out_of_memory(TypeError("unsupported operand type(s) for +: 'int' and 'str'")) is None
 
 
 def test_largest_batch_that_fits_halves_down_to_one():

@@ -184,10 +184,22 @@ def damaged_part(path: Path) -> Optional[str]:
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except Exception:  # BadZipFile, zlib.error, a header too damaged to read: torch.load's error follows
+        archive = zipfile.ZipFile(path)
+    except Exception:  # BadZipFile, a header too damaged to read: torch.load's error follows
         return None
+    with archive:
+        for info in archive.infolist():
+            if info.CRC == 0 and info.file_size > 0:  # saved without checksums (torch.serialization.
+                continue                              # set_crc32_options(False)), which torch.load reads
+            try:
+                with archive.open(info) as part:
+                    while part.read(1 << 24):  # the CRC is checked at the part's end
+                        pass
+            except zipfile.BadZipFile:
+                return info.filename
+            except Exception:  # zlib.error and the like: torch.load says what is wrong
+                return None
+    return None
 
 
 def check_parts(path: Path, fix: str) -> None:
@@ -201,13 +213,15 @@ def check_parts(path: Path, fix: str) -> None:
 def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str = "best.pt") -> dict[str, Any]:
     """Loads with weights_only=True: tensors and plain data only, so a crafted file cannot run code. `example`: the
     file to suggest when `path` is a run directory."""
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise VitError(not_a_file(path, "checkpoint", example, "*.pt"))
     if path.stat().st_size == 0:
         raise VitError(f"checkpoint {path} is empty (0 bytes); use another checkpoint, e.g. the run's best.pt")
     exported = {".onnx": "ONNX", ".safetensors": "safetensors"}.get(path.suffix.lower())
-    if exported and not written_by_torch_save(path):
+    if exported and not zipfile.is_zipfile(path):  # (a safetensors header can begin with torch's pickle byte)
         raise VitError(f"{path} is an exported {exported} model (vit export), not a checkpoint; pass the best.pt or "
                        f"last.pt it was exported from"
                        + (f" (or start a run from it: --set model.init_from={path})" if exported == "safetensors"

@@ -38,7 +38,8 @@ def user_path(value):
     """A path option with '~' expanded, as the shell does not after '=' (--out=~/m.onnx made a folder named ~)."""
     if value is None:
         return None
-    return os.path.expanduser(value) if isinstance(value, str) else Path(value).expanduser()
+    # os.path's: Path.expanduser raises on ~typo (no such user); this leaves it, for "not found" to say
+    return os.path.expanduser(value) if isinstance(value, str) else Path(os.path.expanduser(value))
 
 
 def path_option(value: Optional[str], option: str) -> Optional[Path]:
@@ -235,6 +236,9 @@ def train(
                 raise VitError(f"train.batch_size {run_cfg.train.batch_size} does not divide over {nproc} "
                                f"processes; use a multiple of {nproc}")
             check_ddp_devices(run_cfg.train.device, nproc)  # here, once, not as each process's traceback
+            from vitcli.runtime import check_model_fits, resolve_device
+
+            check_model_fits(run_cfg, resolve_device(run_cfg.train.device))  # once, not as one line per process
             if cfg is not None:  # a resumed run does not read model.init_from
                 from vitcli.train import check_init_from
 
@@ -393,7 +397,7 @@ def eval_(
         try:
             start = min(batch_size or config.train.eval_batch_size, max(n, 1))  # the size eval_batches runs
             result, used = largest_batch_that_fits(run, start, smaller)
-        except RuntimeError as e:
+        except (RuntimeError, MemoryError) as e:
             what = out_of_memory(e)
             if what is None:
                 raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -236,6 +237,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, merged by SafeLoader's own mapping
+                continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if isinstance(key, typing.Hashable) and key in seen:
@@ -246,7 +249,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))  # Path.expanduser would raise on ~typo
     if not path.is_file():
         from vitcli.errors import not_a_file
 
@@ -268,8 +271,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[str] = (),
-                 source: str = "config") -> Config:
-    """Defaults <- `raw` (a parsed YAML mapping) <- `--set` overrides; validated."""
+                 source: str = "config", saved: bool = False) -> Config:
+    """Defaults <- `raw` (a parsed YAML mapping) <- `--set` overrides; validated. `saved`: `raw` is the config of
+    a run or checkpoint, whose model was trained with it: the checks that came later than some runs (data.mean /
+    std on the 0-1 scale) do not refuse it."""
     values: dict[str, Any] = {s: {} for s in SECTIONS}
     _merge(raw or {}, values, source)
     for item in overrides:
@@ -292,7 +297,7 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
         sections[section] = cls(**kwargs)
     config = Config(name=name, **sections)
     validate(config, source, {f"{section}.{key}": where for section in SECTIONS
-                              for key, (_, where) in values[section].items()})
+                              for key, (_, where) in values[section].items()}, saved)
     return config
 
 
@@ -323,7 +328,8 @@ def device_name_ok(name: str) -> bool:
     return name in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", name) is not None
 
 
-def validate(config: Config, source: str = "config", origins: Optional[dict[str, str]] = None) -> None:
+def validate(config: Config, source: str = "config", origins: Optional[dict[str, str]] = None,
+             saved: bool = False) -> None:
     """Raises one VitError naming the first invalid key and where its value came from: the `--set` that gave it,
     else `source`. `origins`: section.key -> where its value came from."""
     d, m, t = config.data, config.model, config.train
@@ -382,9 +388,11 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
         (all(s > 0 for s in config.std), "data.std", "must be positive"),
         # the scale of pixel values / 255, as torchvision's Normalize after ToTensor; 0-255 values (123.7) normalised
         # every image to about -2 without a word
-        (all(0 <= m <= 1 for m in config.mean), "data.mean",
+        (saved or all(m >= 0 for m in config.mean), "data.mean",
+         f"must be >= 0 (a pixel's mean on the 0-1 scale), got {config.mean}"),
+        (saved or all(m <= 1 for m in config.mean), "data.mean",
          f"is on the 0-1 scale of pixel values / 255 (CIFAR-10's red: 0.4914), got {config.mean}: divide by 255"),
-        (all(s <= 1 for s in config.std), "data.std",
+        (saved or all(s <= 1 for s in config.std), "data.std",
          f"is on the 0-1 scale of pixel values / 255 (CIFAR-10's red: 0.2470), got {config.std}: divide by 255"),
         (d.max_train_samples is None or d.max_train_samples > 0, "data.max_train_samples", "must be positive"),
         (d.max_val_samples is None or d.max_val_samples > 0, "data.max_val_samples", "must be positive"),
@@ -403,4 +411,4 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> Config:
-    return build_config(raw, (), source=source)
+    return build_config(raw, (), source=source, saved=True)

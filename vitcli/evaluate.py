@@ -87,7 +87,7 @@ def largest_batch_that_fits(run: Callable[[int], dict[str, Any]], batch_size: in
     while True:
         try:
             return run(batch_size), batch_size
-        except RuntimeError as e:
+        except (RuntimeError, MemoryError) as e:
             what = out_of_memory(e)
             if what is None or batch_size == 1:
                 raise

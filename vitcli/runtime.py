@@ -108,7 +108,7 @@ def check_model_fits(config, device: torch.device, training: bool = True) -> Non
     if need > memory:
         raise VitError(f"the config's model has at least {params:.3g} parameters, {need / 2**30:.3g} GiB "
                        f"{'to train (fp32 weights, gradients and AdamW moments)' if training else 'of fp32 weights'}"
-                       f", more than the {memory / 2**30:.0f} GiB of {device}; lower model.depth, model.dim, "
+                       f", more than the {memory / 2**30:.3g} GiB of {device}; lower model.depth, model.dim, "
                        f"model.mlp_ratio or data.image_size, or raise model.patch_size")
 
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from vitcli.checkpoint import (RUN_DIR_FIX, atomic_save, atomic_write, check_writable, load_checkpoint,
-                               load_weights, make_checkpoint, rng_state, set_rng_state)
+from vitcli.checkpoint import (RUN_DIR_FIX, atomic_save, atomic_write, check_finite, check_writable,
+                               load_checkpoint, load_weights, make_checkpoint, rng_state, set_rng_state)
 from vitcli.config import Config, build_config, compile_mode_note, read_yaml
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, not_a_file, out_of_memory,
@@ -317,7 +317,8 @@ def lock_run_dir(run_dir: Path) -> None:
     except BlockingIOError:
         os.close(fd)
         raise VitError(f"run directory {run_dir} is in use by another vit process (the run, or a resume of it, is "
-                       f"still going); wait for it to end or stop it (Ctrl-C saves last.pt), then resume") from None
+                       f"still going); wait for it to end or stop it (Ctrl-C saves last.pt), then resume; a new run "
+                       f"goes in another --run-dir") from None
     except OSError:
         os.close(fd)
         return
@@ -571,6 +572,7 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
                            f"model.heads={heads}")
     else:
         state = from_peer(read_state_dict(source), fmt)
+    check_finite(state, f"model.init_from {source}")
     load_pretrained(model, {k: v.float() for k, v in state.items()}, source,
                     log=lambda m: print(f"vit: init_from: {m}", file=sys.stderr) if verbose else None)
 
@@ -612,7 +614,7 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
                f"directory, or {new_run}")
     try:  # the run the folder holds: config.yaml is the config of its last.pt
         raw = read_yaml(path.parent / "config.yaml")
-        folder_config = build_config(raw, source=str(path.parent / "config.yaml")) if raw else None
+        folder_config = build_config(raw, source=str(path.parent / "config.yaml"), saved=True) if raw else None
     except (VitError, OSError):
         folder_config = None  # unreadable or empty (edited by hand?): the checks below still hold
     changes = run_changes(ckpt["config"], folder_config) if folder_config is not None else []
@@ -637,7 +639,7 @@ def resume_config(resume: Path, overrides: Sequence[str] = ()) -> tuple[dict[str
     keep it the same run (any other change is one clear error)."""
     ckpt = load_checkpoint(resume, example="last.pt")
     check_resumable(ckpt, Path(resume))
-    config = build_config(ckpt["config"].to_dict(), overrides, source=f"{resume} + --set")
+    config = build_config(ckpt["config"].to_dict(), overrides, source=f"{resume} + --set", saved=True)
     check_resume_overrides(ckpt["config"], config, resume)
     return ckpt, config
 
@@ -666,7 +668,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         train = TrainBatches(config, device, dist_info.rank, dist_info.world_size)
         val = eval_batches(config, "test", device, config.train.eval_batch_size, dist_info.rank, dist_info.world_size)
         if val[0] != train.classes:  # image folders: each split numbers its own class folders
-            where = Path(config.data.root).expanduser()
+            where = Path(os.path.expanduser(config.data.root))
             missing, extra = sorted(set(train.classes) - set(val[0])), sorted(set(val[0]) - set(train.classes))
             raise VitError(f"{where}: the val split's class folders differ from train's (in train only: "
                            f"{missing or 'none'}; in val only: {extra or 'none'}); give val/ the same class folders "
@@ -968,8 +970,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                     val = largest_batch_that_fits(run_evaluation, eval_size, smaller_evaluation_batch)[0]
             except WorkersStopped:  # in the evaluation's: the epoch's training is kept, not evaluated
                 stop_without_workers(train_data.steps_per_epoch)
-            except RuntimeError as e:  # out of memory: as after a stop, the epoch's training is kept (one process:
-                if out_of_memory(e) is None or dist_info.enabled:  # under torchrun the ranks cannot agree on it)
+            except (RuntimeError, MemoryError) as e:  # out of memory: as after a stop, the epoch's training is
+                # kept (one process: under torchrun the ranks cannot agree on it)
+                if out_of_memory(e) is None or dist_info.enabled:
                     raise
                 short_of_memory = e.with_traceback(None)  # without the evaluation's frames and their tensors
             if short_of_memory is not None:  # the resumed run evaluates the epoch first
@@ -1061,8 +1064,9 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     if main:
         print(f"vit: done{synthetic}. best val top-1 {best_top1:.4f}: {run_dir / 'best.pt'}", file=sys.stderr)
         # a data.root relative to where the run started: the command works from any folder with it made absolute
-        root = ("" if config.data.dataset == "synthetic" or Path(config.data.root).expanduser().is_absolute() else
-                f" --data-root {shlex.quote(str(Path(config.data.root).resolve()))}")
+        data_root = Path(os.path.expanduser(config.data.root))
+        root = ("" if config.data.dataset == "synthetic" or data_root.is_absolute() else
+                f" --data-root {shlex.quote(str(data_root.resolve()))}")
         print(f"vit: evaluate it with: {vit_program()} eval --ckpt {shlex.quote(str(run_dir / 'best.pt'))}{root}",
               file=sys.stderr)
     return {"run_dir": str(run_dir), "best_top1": best_top1, **last_metrics}
