@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_vit
-from vitcli.config import build_config, compile_mode_note, load_config
+from vitcli.config import build_config, load_config, unread_keys_note
 from vitcli.errors import VitError
 
 
@@ -85,11 +85,16 @@ def test_invalid_configs_name_the_key(raw, message):
         build_config(raw, source="my.yaml")
 
 
-def test_a_compile_mode_without_compile_gets_a_note():
-    assert "has no effect without train.compile: true" in compile_mode_note(
+def test_keys_nothing_reads_get_a_note():
+    assert "has no effect without train.compile: true" in unread_keys_note(
         build_config({"train": {"compile_mode": "reduce-overhead"}}))
-    assert compile_mode_note(build_config({"train": {"compile_mode": "reduce-overhead", "compile": True}})) is None
-    assert compile_mode_note(build_config({})) is None  # auto: nothing was asked for
+    assert unread_keys_note(build_config({"train": {"compile_mode": "reduce-overhead", "compile": True}})) is None
+    assert unread_keys_note(build_config({})) is None  # auto: nothing was asked for
+    # the conv stem's widths with the linear stem (it was silently ignored)
+    note = unread_keys_note(build_config({"model": {"stem": "linear", "stem_channels": [16, 32]}}))
+    assert note == ("vit: note: model.stem_channels [16, 32] has no effect with model.stem: linear (they are the "
+                    "conv stem's widths)")
+    assert unread_keys_note(build_config({"model": {"stem": "conv", "stem_channels": [16, 32]}})) is None
 
 
 def test_set_errors():

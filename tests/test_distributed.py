@@ -20,10 +20,13 @@ def metrics(run_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    single, double = tmp / "single", tmp / "double"
+    single, work = tmp / "single", tmp / "work"
     run_vit("train", *EQUAL, "--run-dir", single, check=True)
-    result = run_vit("train", *EQUAL, "--run-dir", double, "--nproc", "2", check=True)
-    return single, double, result
+    work.mkdir()
+    result = run_vit("train", *EQUAL, "--nproc", "2", cwd=work, check=True)
+    made = sorted((work / "runs").glob("*/*"))  # the default runs/NAME/TIMESTAMP: rank 0 makes it, every rank
+    assert len(made) == 1 and made[0].parent.name == "smoke", made  # writes into it (not one folder per rank)
+    return single, made[0], result
 
 
 def test_two_ranks_follow_one_rank(runs):

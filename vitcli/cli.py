@@ -603,7 +603,7 @@ def bench(
 
     def body():
         from vitcli.bench import bench as run_bench
-        from vitcli.config import compile_mode_note, load_config
+        from vitcli.config import unread_keys_note, load_config
         from vitcli.errors import VitError
         from vitcli.runtime import settle, tune_malloc
 
@@ -612,7 +612,7 @@ def bench(
             raise VitError(f"--steps must be positive, got {steps}")
         check_device_option(device)
         cfg = load_config(config, list(set_ or []) + ([f"train.device={device}"] if device else []))
-        note = compile_mode_note(cfg)
+        note = unread_keys_note(cfg)
         if note:
             typer.echo(note, err=True)
         tune_malloc()  # as `vit train` does, so that the figures are the training's

@@ -301,13 +301,18 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
     return config
 
 
-def compile_mode_note(config: Config) -> Optional[str]:
-    """The note for a train.compile_mode that nothing reads (train.compile off), else None."""
-    t = config.train
-    if t.compile or t.compile_mode == "auto":
-        return None
-    return (f"vit: note: train.compile_mode {t.compile_mode} has no effect without train.compile: true; running "
-            f"eagerly (--set train.compile=true compiles)")
+def unread_keys_note(config: Config) -> Optional[str]:
+    """The notes (one line each) for keys set to something nothing reads: a train.compile_mode without
+    train.compile, model.stem_channels with the linear stem; None when there are none."""
+    t, m = config.train, config.model
+    notes = []
+    if not t.compile and t.compile_mode != "auto":
+        notes.append(f"vit: note: train.compile_mode {t.compile_mode} has no effect without train.compile: true; "
+                     f"running eagerly (--set train.compile=true compiles)")
+    if m.stem == "linear" and m.stem_channels:
+        notes.append(f"vit: note: model.stem_channels {m.stem_channels} has no effect with model.stem: linear (they "
+                     f"are the conv stem's widths)")
+    return "\n".join(notes) or None
 
 
 # the keys a check reads besides the one it names (an error names the --set that gave any of them)

@@ -25,7 +25,7 @@ import yaml
 
 from vitcli.checkpoint import (RUN_DIR_FIX, atomic_save, atomic_write, check_finite, check_writable,
                                load_checkpoint, load_weights, make_checkpoint, rng_state, set_rng_state)
-from vitcli.config import Config, build_config, compile_mode_note, read_yaml
+from vitcli.config import Config, build_config, unread_keys_note, read_yaml
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, not_a_file, out_of_memory,
                            short, vit_program)
@@ -722,7 +722,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     compile_mode = resolve_compile_mode(config.train.compile_mode, device, dist_info.world_size)
-    note = compile_mode_note(config)
+    note = unread_keys_note(config)
     if main and note:
         print(note, file=sys.stderr)
     if main and config.train.compile and config.train.compile_mode not in ("auto", compile_mode):
