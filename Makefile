@@ -21,7 +21,7 @@ train: $(VENV)/.installed
 	$(VENV)/bin/vit train --config $(CONFIG)
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 tensorboard: $(VENV)/.installed
 	$(VENV)/bin/tensorboard --logdir runs

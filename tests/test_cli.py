@@ -235,13 +235,14 @@ def test_fashion_mnist_idx_files(fmnist_idx, tmp_path):
 
 def test_imagefolder(imagefolder_dir, tmp_path):
     run_dir = tmp_path / "run"
-    # data.root relative to where the run starts: the evaluation command it prints works from anywhere
-    trained = run_vit("train", "--config", REPO / "configs" / "imagefolder.yaml", "--run-dir", run_dir,
+    # --run-dir and data.root relative to where the run starts: the evaluation command it prints works from anywhere
+    assert run_dir.parent == imagefolder_dir.parent
+    trained = run_vit("train", "--config", REPO / "configs" / "imagefolder.yaml", "--run-dir", run_dir.name,
                       "--set", f"data.root={imagefolder_dir.name}", "--set", "data.image_size=32",
                       "--set", "model.patch_size=8", "--set", "data.num_workers=1", *TINY[:-6], "--set",
                       "train.epochs=2", "--set", "train.batch_size=16", cwd=imagefolder_dir.parent, check=True)
     printed = next(line for line in trained.stderr.splitlines() if line.startswith("vit: evaluate it with: "))
-    assert f" --data-root {imagefolder_dir}" in printed, printed
+    assert f"eval --ckpt {run_dir / 'best.pt'} --data-root {imagefolder_dir}" in printed, printed
     report = json.loads(run_vit("eval", *shlex.split(printed.split(" eval ", 1)[1]), "--json", cwd=REPO,
                                 check=True).stdout)
     assert report["num_samples"] == 24 and set(report["per_class"]) == {"circle", "square", "stripe"}

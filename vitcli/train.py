@@ -1067,6 +1067,6 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         data_root = Path(os.path.expanduser(config.data.root))
         root = ("" if config.data.dataset == "synthetic" or data_root.is_absolute() else
                 f" --data-root {shlex.quote(str(data_root.resolve()))}")
-        print(f"vit: evaluate it with: {vit_program()} eval --ckpt {shlex.quote(str(run_dir / 'best.pt'))}{root}",
-              file=sys.stderr)
+        best = shlex.quote(os.path.abspath(run_dir / "best.pt"))  # as --data-root: from any folder
+        print(f"vit: evaluate it with: {vit_program()} eval --ckpt {best}{root}", file=sys.stderr)
     return {"run_dir": str(run_dir), "best_top1": best_top1, **last_metrics}
