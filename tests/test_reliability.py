@@ -497,8 +497,9 @@ def test_dataset_missing_offline(tmp_path):
 
 
 def test_imagefolder_without_images(tmp_path):
-    (tmp_path / "imgs" / "train" / "cat").mkdir(parents=True)
-    (tmp_path / "imgs" / "val" / "cat").mkdir(parents=True)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / "imgs" / split / name).mkdir(parents=True)
     result = run_vit("train", "--config", REPO / "configs" / "imagefolder.yaml", "--set",
                      f"data.root={tmp_path / 'imgs'}", "--run-dir", tmp_path / "run")
     one_line_error(result, f"no images found in {tmp_path / 'imgs'}")
