@@ -603,7 +603,7 @@ def bench(
 
     def body():
         from vitcli.bench import bench as run_bench
-        from vitcli.config import unread_keys_note, load_config
+        from vitcli.config import load_config, unread_keys_note
         from vitcli.errors import VitError
         from vitcli.runtime import settle, tune_malloc
 

@@ -25,7 +25,7 @@ import yaml
 
 from vitcli.checkpoint import (RUN_DIR_FIX, atomic_save, atomic_write, check_finite, check_writable,
                                load_checkpoint, load_weights, make_checkpoint, rng_state, set_rng_state)
-from vitcli.config import Config, build_config, unread_keys_note, read_yaml
+from vitcli.config import Config, build_config, read_yaml, unread_keys_note
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, not_a_file, out_of_memory,
                            short, vit_program)
