@@ -98,56 +98,66 @@ def test_converted_weights_predict_like_the_peer(tmp_path, peer, suffix):
     expected = reference_probs(model, paths).double()
     got = vit_probs(ckpt, paths)
     assert (got - expected).abs().max() < 1e-5
-    # and it refuses to overwrite
-    again = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out", ckpt)
-    assert again.returncode == 2 and "exists" in again.stderr
-    # a folder is not a checkpoint's name (a trailing / was dropped: a file named like the folder was written)
-    folder = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out",
-                     f"{tmp_path / 'new'}/")
-    assert folder.returncode == 2 and "a folder; give the checkpoint file" in folder.stderr, folder.stderr
-    assert not (tmp_path / "new").exists()
-    # the other peer's weights, or a vitcli checkpoint: said so (it listed missing and unexpected keys)
+    # the other peer's weights: said so by their keys (it listed missing and unexpected keys)
     other = "torchvision" if peer == "timm" else "timm"
     wrong = run_vit("convert", weights, "--from", other, "--config", vit_config(tmp_path), "--out", tmp_path / "w.pt")
     assert wrong.returncode == 2 and f"holds {peer} weights" in wrong.stderr and f"use --from {peer}" in wrong.stderr
-    again = run_vit("convert", ckpt, "--from", peer, "--config", vit_config(tmp_path), "--out", tmp_path / "w.pt")
-    assert again.returncode == 2 and "is a vitcli checkpoint already" in again.stderr, again.stderr
     assert not (tmp_path / "w.pt").exists()
-    # vitcli's own names outside a checkpoint (vit export --format safetensors) are read as they are
+    if suffix == ".safetensors":
+        converted_own_names(tmp_path, ckpt, peer, paths, expected)
+    if (peer, suffix) == ("timm", ".pth"):  # the refusals, which do not depend on the peer: once
+        refusals(tmp_path, weights, ckpt, peer, paths)
+
+
+def converted_own_names(tmp_path, ckpt, peer, paths, expected):
+    """vitcli's own names outside a checkpoint (vit export --format safetensors) are read as they are; the heads
+    they were exported with are in their metadata, and another count is refused."""
     exported = tmp_path / "own.safetensors"
     run_vit("export", "--ckpt", ckpt, "--format", "safetensors", "--out", exported, check=True)
     own = run_vit("convert", exported, "--from", peer, "--config", vit_config(tmp_path), "--out", tmp_path / "own.pt",
                   check=True)
     assert "holds vitcli's own weight names" in own.stderr and "parameters from vitcli)" in own.stderr
     assert (vit_probs(tmp_path / "own.pt", paths) - expected).abs().max() < 1e-5
-    if suffix == ".safetensors":  # the heads it was exported with are in its metadata: another count is refused
-        heads = SHAPE["heads"] * 2
-        for command in (["convert", exported, "--from", peer, "--out", tmp_path / "h.pt"],
-                        ["train", "--set", f"model.init_from={exported}", "--run-dir", tmp_path / "h"]):
-            refused = run_vit(*command, "--config", vit_config(tmp_path), "--set", f"model.heads={heads}")
-            assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
-            assert (f"own.safetensors was exported from a model with model.heads={SHAPE['heads']}, the config has "
-                    f"{heads}" in refused.stderr), refused.stderr
-        assert not (tmp_path / "h.pt").exists() and not (tmp_path / "h").exists()
+    heads = SHAPE["heads"] * 2
+    for command in (["convert", exported, "--from", peer, "--out", tmp_path / "h.pt"],
+                    ["train", "--set", f"model.init_from={exported}", "--run-dir", tmp_path / "h"]):
+        refused = run_vit(*command, "--config", vit_config(tmp_path), "--set", f"model.heads={heads}")
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert (f"own.safetensors was exported from a model with model.heads={SHAPE['heads']}, the config has "
+                f"{heads}" in refused.stderr), refused.stderr
+    assert not (tmp_path / "h.pt").exists() and not (tmp_path / "h").exists()
+
+
+def refusals(tmp_path, weights, ckpt, peer, paths):
+    """What vit convert refuses, each in one line, writing nothing."""
+    def convert(*args):
+        return run_vit("convert", *args, "--from", peer, "--config", vit_config(tmp_path))
+
+    again = convert(weights, "--out", ckpt)  # it does not overwrite
+    assert again.returncode == 2 and "exists" in again.stderr
+    # a folder is not a checkpoint's name (a trailing / was dropped: a file named like the folder was written)
+    folder = convert(weights, "--out", f"{tmp_path / 'new'}/")
+    assert folder.returncode == 2 and "a folder; give the checkpoint file" in folder.stderr, folder.stderr
+    assert not (tmp_path / "new").exists()
+    again = convert(ckpt, "--out", tmp_path / "w.pt")  # a vitcli checkpoint: nothing to convert
+    assert again.returncode == 2 and "is a vitcli checkpoint already" in again.stderr, again.stderr
+    assert not (tmp_path / "w.pt").exists()
     # class names: one each, none empty or repeated (both were written into the checkpoint)
     for names in ("a,b,c,d,", "a,b,b,c,d"):
-        bad = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out",
-                      tmp_path / "named.pt", "--classes", names)
+        bad = convert(weights, "--out", tmp_path / "named.pt", "--classes", names)
         assert bad.returncode == 2 and "each class needs a name of its own" in bad.stderr, bad.stderr
     assert not (tmp_path / "named.pt").exists()
-    # and an --out that cannot be written is one line naming it
-    nowhere = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path),
-                      "--out", "/proc/vitcli-convert/model.pt")  # a folder nobody (not even root) can create
+    # an --out that cannot be written is one line naming it
+    nowhere = convert(weights, "--out", "/proc/vitcli-convert/model.pt")  # a folder nobody (not even root) can make
     assert nowhere.returncode != 0 and "Traceback" not in nowhere.stderr and "vitcli-convert" in nowhere.stderr
-    if suffix == ".pth" and peer == "timm":  # a file where --out's folder should be, and a broken link as --out:
-        # refused before the work (the first named the temporary file), the link kept
-        (tmp_path / "link.pt").symlink_to(tmp_path / "gone.pt")
-        for out, message in ((paths[0] / "m.pt", f"{paths[0]} is a file, not a folder; choose another --out"),
-                             (tmp_path / "link.pt", "link.pt exists; choose another --out")):
-            refused = run_vit("convert", weights, "--from", peer, "--config", vit_config(tmp_path), "--out", out)
-            assert refused.returncode == 2 and message in refused.stderr and ".tmp" not in refused.stderr, \
-                refused.stderr
-        assert (tmp_path / "link.pt").is_symlink() and not (tmp_path / "gone.pt").exists()
+    # a file where --out's folder should be, and a broken link as --out: refused before the work (the first named
+    # the temporary file), the link kept
+    (tmp_path / "link.pt").symlink_to(tmp_path / "gone.pt")
+    for out, message in ((paths[0] / "m.pt", f"{paths[0]} is a file, not a folder; choose another --out"),
+                         (tmp_path / "link.pt", "link.pt exists; choose another --out")):
+        refused = convert(weights, "--out", out)
+        assert refused.returncode == 2 and message in refused.stderr and ".tmp" not in refused.stderr, refused.stderr
+    assert (tmp_path / "link.pt").is_symlink() and not (tmp_path / "gone.pt").exists()
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
