@@ -202,8 +202,12 @@ def damaged_part(path: Path) -> Optional[str]:
     return None
 
 
-def check_parts(path: Path, fix: str) -> None:
-    """One VitError for a torch.save zip file that fails its checksums (damaged_part)."""
+def check_torch_zip(path: Path, torchscript: str, fix: str) -> None:
+    """Before torch.load of a file torch.save wrote: a TorchScript archive (torch.load would warn in two lines, then
+    fail; `torchscript` says what it is not and what to pass) and a part that fails its checksum (damaged_part; `fix`
+    says what to do) are one VitError each."""
+    if is_torchscript(path):
+        raise VitError(f"{path} is an exported TorchScript model{torchscript}")
     part = damaged_part(path)
     if part is not None:
         raise VitError(f"{path} is damaged: its part {part} fails its checksum (a torn copy or a disk fault); "
@@ -229,10 +233,8 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str 
     if not written_by_torch_save(path):
         raise VitError(f"{path} is not a checkpoint (not a file written by torch.save); pass a best.pt or last.pt "
                        f"written by 'vit train'")
-    if is_torchscript(path):  # torch.load would warn in two lines, then fail
-        raise VitError(f"{path} is an exported TorchScript model (vit export), not a checkpoint; pass the best.pt "
-                       f"or last.pt it was exported from")
-    check_parts(path, "use another checkpoint, e.g. the run's best.pt or last.pt")
+    check_torch_zip(path, " (vit export), not a checkpoint; pass the best.pt or last.pt it was exported from",
+                    "use another checkpoint, e.g. the run's best.pt or last.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -42,6 +42,17 @@ def user_path(value):
     return os.path.expanduser(value) if isinstance(value, str) else Path(os.path.expanduser(value))
 
 
+def check_new_out(target: Path, what: str) -> None:
+    """Before the work: the file `--out` names is not there (a broken link neither: writing would replace the
+    link; nothing is overwritten) and its folder takes a file."""
+    from vitcli.checkpoint import check_writable
+    from vitcli.errors import VitError
+
+    if os.path.lexists(target):
+        raise VitError(f"{target} exists; choose another --out (nothing is overwritten)")
+    check_writable(target.parent, f"{what} {target}", "choose another --out")
+
+
 def path_option(value: Optional[str], option: str) -> Optional[Path]:
     """An option's path; an empty one ('' would be the current folder) is refused in one line."""
     from vitcli.errors import VitError
@@ -566,7 +577,7 @@ def write_attention(model, config, tensor, device, mode: str, out: Path, origina
     import torch.nn.functional as F
 
     from vitcli.data import Preprocess
-    from vitcli.errors import VitError, write_problem
+    from vitcli.errors import VitError
     from vitcli.predict import convert_image, view_box
     from vitcli.visualize import ATTENTION_MARK, attention_maps, overlay_figure, save_figure
 
@@ -586,8 +597,8 @@ def write_attention(model, config, tensor, device, mode: str, out: Path, origina
     try:
         save_figure(overlay_figure(image, heat.cpu().numpy(), title), out, ATTENTION_MARK,
                     "free disk space or choose another --attention path")
-    except (OSError, ValueError) as e:  # ValueError: a picture format matplotlib does not write
-        raise VitError(f"cannot write {out}: {write_problem(out, e)[0]}; choose another --attention path") from None
+    except ValueError as e:  # a picture format matplotlib does not write (a failed write is save_figure's VitError)
+        raise VitError(f"cannot write {out}: {e}; choose another --attention path") from None
     return out
 
 
@@ -645,7 +656,7 @@ def convert(
     def body():
         import torch
 
-        from vitcli.checkpoint import atomic_save, check_writable, load_weights, make_checkpoint
+        from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint
         from vitcli.config import load_config
         from vitcli.errors import VitError
         from vitcli.interop import check_exported_heads, from_peer, load_weights_file, weights_flavor
@@ -659,9 +670,7 @@ def convert(
         if names_a_folder(out):
             raise VitError(f"--out {out}: a folder; give the checkpoint file to write, such as "
                            f"{Path(out) / (weights.stem + '.pt')}")
-        if os.path.lexists(out):  # a broken link too: writing would replace the link
-            raise VitError(f"{out} exists; choose another --out (nothing is overwritten)")
-        check_writable(Path(out).parent, f"checkpoint {out}", "choose another --out")  # before the work
+        check_new_out(Path(out), "checkpoint")
         cfg = load_config(config, list(set_ or []))
         raw, checkpoint = load_weights_file(weights)
         flavor, key = weights_flavor(raw)
@@ -745,11 +754,7 @@ def export(
             target = Path(out) / default.name
         else:
             target = Path(out)
-        if os.path.lexists(target):  # a broken link too: writing would replace the link
-            raise VitError(f"{target} exists; choose another --out (nothing is overwritten)")
-        from vitcli.checkpoint import check_writable
-
-        check_writable(target.parent, f"the {format_} model {target}", "choose another --out")
+        check_new_out(target, f"the {format_} model")
         checkpoint = load_checkpoint(path)
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema)
         diff = run_export(model, checkpoint["config"], checkpoint["classes"], format_, target)

@@ -106,6 +106,11 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    @property
+    def data_root(self) -> Path:
+        """data.root with '~' expanded (os.path's: Path.expanduser raises on ~typo)."""
+        return Path(os.path.expanduser(self.data.root))
+
     # Values resolved from the dataset when the config leaves them open.
     @property
     def image_size(self) -> int:

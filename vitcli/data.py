@@ -11,7 +11,6 @@ augmentation from (seed, global step): a run resumed at any step sees exactly th
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import random
 import signal
@@ -189,7 +188,7 @@ def load_array_dataset(config: Config, split: str) -> ArrayDataset:
     """A whole split of an in-memory dataset on the CPU, cut to max_{train,val}_samples."""
     d = config.data
     split = split_name(split, d.dataset)
-    root = Path(os.path.expanduser(d.root))
+    root = config.data_root
     if d.dataset == "synthetic":
         data = load_synthetic(config, split)
     else:
@@ -239,7 +238,7 @@ def make_imagefolder(config: Config, split: str, train: bool):
     import torchvision
     from torchvision.transforms import v2
 
-    root = Path(os.path.expanduser(config.data.root))
+    root = config.data_root
     split = split_name(split, "imagefolder")
     imagefolder_classes(root, split)
     size = config.image_size

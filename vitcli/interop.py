@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vitcli.checkpoint import atomic_write, check_parts, is_torchscript, written_by_torch_save
+from vitcli.checkpoint import atomic_write, check_torch_zip, written_by_torch_save
 from vitcli.errors import VitError, not_a_file, short
 
 
@@ -36,10 +36,8 @@ def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     if not written_by_torch_save(path):
         raise VitError(f"{path} is not a weights file (not written by torch.save, nor .safetensors); pass the "
                        f".pt, .pth or .safetensors file of a timm or torchvision model")
-    if is_torchscript(path):  # torch.load would warn in two lines, then fail
-        raise VitError(f"{path} is an exported TorchScript model, not a state dict; pass the .pt, .pth or "
-                       f".safetensors weights file it was made from")
-    check_parts(path, "use another copy of the weights file")
+    check_torch_zip(path, ", not a state dict; pass the .pt, .pth or .safetensors weights file it was made from",
+                    "use another copy of the weights file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -76,13 +74,19 @@ def exported_config(path: str | Path) -> Optional[dict]:
         return None
 
 
-def check_exported_heads(path: str | Path, heads: int) -> None:
-    """model.heads is the one architecture choice the tensors' shapes do not show: weights exported from a model
-    of other heads would load and split their attention into other heads, silently."""
-    saved = (exported_config(path) or {}).get("model", {}).get("heads")
+def check_heads(saved: Optional[int], heads: int, whose: str) -> None:
+    """model.heads is the one architecture choice the tensors' shapes do not show: vitcli weights of a model of
+    other heads would load and split their attention into other heads, silently. `whose`: the weights, as in
+    "X was trained with"."""
     if isinstance(saved, int) and saved != heads:
-        raise VitError(f"{path} was exported from a model with model.heads={saved}, the config has {heads}: its "
-                       f"attention weights would be split into other heads; set model.heads={saved}")
+        raise VitError(f"{whose} model.heads={saved}, the config has {heads}: its attention weights would be split "
+                       f"into other heads; set model.heads={saved}")
+
+
+def check_exported_heads(path: str | Path, heads: int) -> None:
+    """check_heads for a file `vit export --format safetensors` wrote (its metadata holds the config)."""
+    saved = (exported_config(path) or {}).get("model", {}).get("heads")
+    check_heads(saved, heads, f"{path} was exported from a model with")
 
 
 def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:

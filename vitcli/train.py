@@ -539,20 +539,22 @@ def memory_errors(advice: Callable[[], str]):
         raise VitError(f"out of memory ({what}) {advice()}") from None
 
 
-def check_init_from(config: Config) -> None:
-    """model.init_from names a file (checked once before `--nproc` starts its processes, and by each of them)."""
+def check_init_from(config: Config) -> str:
+    """model.init_from names a file (checked once before `--nproc` starts its processes, and by each of them);
+    returns its path, '~' expanded."""
     source = config.model.init_from and os.path.expanduser(config.model.init_from)
     if source and not Path(source).is_file():
         what = "checkpoint" if config.model.init_format == "vitcli" else "weights file"
         raise VitError(f"model.init_from: {not_a_file(source, what, '*.pt', '*.pth', '*.safetensors', '*.bin')}")
+    return source
 
 
 def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
     """model.init_from: start from a vitcli checkpoint or a timm / torchvision state dict."""
-    from vitcli.interop import check_exported_heads, from_peer, load_pretrained, read_state_dict, weights_flavor
+    from vitcli.interop import (check_exported_heads, check_heads, from_peer, load_pretrained, read_state_dict,
+                                weights_flavor)
 
-    check_init_from(config)
-    source, fmt = os.path.expanduser(config.model.init_from), config.model.init_format
+    source, fmt = check_init_from(config), config.model.init_format
     if source.endswith(".safetensors"):  # timm's, torchvision's or vitcli's own (vit export --format safetensors)
         check_exported_heads(source, config.model.heads)
         state = read_state_dict(source)
@@ -565,11 +567,7 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
         ckpt = load_checkpoint(source, not_vitcli_advice="; for timm or torchvision weights set "
                                                          "model.init_format=timm (or torchvision)")
         state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-        heads = ckpt["config"].model.heads  # the one architecture choice the tensors' shapes do not show
-        if heads != config.model.heads:
-            raise VitError(f"model.init_from {source} was trained with model.heads={heads}, the config has "
-                           f"{config.model.heads}: its attention weights would be split into other heads; set "
-                           f"model.heads={heads}")
+        check_heads(ckpt["config"].model.heads, config.model.heads, f"model.init_from {source} was trained with")
     else:
         state = from_peer(read_state_dict(source), fmt)
     check_finite(state, f"model.init_from {source}")
@@ -668,7 +666,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         train = TrainBatches(config, device, dist_info.rank, dist_info.world_size)
         val = eval_batches(config, "test", device, config.train.eval_batch_size, dist_info.rank, dist_info.world_size)
         if val[0] != train.classes:  # image folders: each split numbers its own class folders
-            where = Path(os.path.expanduser(config.data.root))
+            where = config.data_root
             missing, extra = sorted(set(train.classes) - set(val[0])), sorted(set(val[0]) - set(train.classes))
             raise VitError(f"{where}: the val split's class folders differ from train's (in train only: "
                            f"{missing or 'none'}; in val only: {extra or 'none'}); give val/ the same class folders "
@@ -1064,9 +1062,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     if main:
         print(f"vit: done{synthetic}. best val top-1 {best_top1:.4f}: {run_dir / 'best.pt'}", file=sys.stderr)
         # a data.root relative to where the run started: the command works from any folder with it made absolute
-        data_root = Path(os.path.expanduser(config.data.root))
-        root = ("" if config.data.dataset == "synthetic" or data_root.is_absolute() else
-                f" --data-root {shlex.quote(str(data_root.resolve()))}")
+        root = ("" if config.data.dataset == "synthetic" or config.data_root.is_absolute() else
+                f" --data-root {shlex.quote(str(config.data_root.resolve()))}")
         best = shlex.quote(os.path.abspath(run_dir / "best.pt"))  # as --data-root: from any folder
         print(f"vit: evaluate it with: {vit_program()} eval --ckpt {best}{root}", file=sys.stderr)
     return {"run_dir": str(run_dir), "best_top1": best_top1, **last_metrics}
