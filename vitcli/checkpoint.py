@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -69,7 +70,8 @@ def atomic_write(path: Path, write: Callable[[Any], None], what: str = "file",
         finally:
             os.close(fd)
     except BaseException as e:  # Ctrl-C in the middle too: no temporary file is left behind
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (where a file stands for the folder, unlink fails as open did)
+            tmp.unlink(missing_ok=True)
         if not isinstance(e, (OSError, RuntimeError)):
             raise
         # torch.save's zip writer turns a failed write (a full disk) into a RuntimeError ("unexpected pos ...")
