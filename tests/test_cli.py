@@ -326,7 +326,7 @@ def test_default_run_directories_started_in_one_second_differ(tmp_path, monkeypa
     """Runs of one recipe started in the same second (a seed sweep started with &) each get a folder of their own:
     the default name is made on the spot, with -2, -3 after the first."""
     from vitcli.config import load_config
-    from vitcli.train import default_run_dir
+    from vitcli.rundir import default_run_dir
 
     config = load_config(REPO / "configs" / "smoke.yaml")
     for attempt in range(5):

@@ -99,7 +99,7 @@ def test_the_stop_handler_stays_only_on_the_way_out():
     import atexit
 
     from vitcli.errors import Interrupted
-    from vitcli.train import StopSignals, _ignore_stop_signals
+    from vitcli.runtime import StopSignals, _ignore_stop_signals
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -130,7 +130,7 @@ def test_a_worker_that_exits_during_the_stop_finds_a_handler():
     signal.signal, out of a test's reach; what closes it is a Python handler that does nothing, checked here."""
     import atexit
 
-    from vitcli.train import StopSignals, _ignore_stop_signals
+    from vitcli.runtime import StopSignals, _ignore_stop_signals
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
     try:

@@ -126,7 +126,7 @@ def run_command(body: Callable[[], int | None]) -> None:
         err(f"error: {where}{e.strerror or e}; check the path, its permissions and the free disk space")
         raise typer.Exit(2)
     except Interrupted as e:
-        from vitcli.train import resume_command_line  # torch is loaded already: a run was interrupted
+        from vitcli.rundir import resume_command_line  # torch is loaded already: a run was interrupted
 
         if is_rank_zero():
             err(f"interrupted; the run is saved in {e}. Continue it with: {resume_command_line(Path(str(e)))}")
@@ -231,7 +231,7 @@ def train(
         cfg = load_config(config, overrides) if config is not None else None
         if print_config:
             if cfg is None:  # what the resumed run would use: the saved config with the allowed --set changes
-                from vitcli.train import resume_config
+                from vitcli.rundir import resume_config
 
                 cfg = resume_config(resume, overrides)[1]
             typer.echo(cfg.to_yaml(), nl=False)
@@ -240,7 +240,7 @@ def train(
             raise VitError(f"--nproc {nproc}: the number of processes must be 1 or more")
         if nproc > 1:
             from vitcli.runtime import check_ddp_devices
-            from vitcli.train import resume_config
+            from vitcli.rundir import resume_config
 
             run_cfg = cfg if cfg is not None else resume_config(resume, overrides)[1]
             if run_cfg.train.batch_size % nproc:

@@ -1,20 +1,24 @@
-"""Where and how the model runs: device, precision, attention implementation, torch.distributed."""
+"""Where and how the model runs: device, precision, attention implementation, torch.distributed; how a run stops
+on a signal."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import gc
 import os
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from vitcli.config import device_name_ok
-from vitcli.errors import VitError
+from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -224,3 +228,110 @@ def all_reduce_sum(tensor: torch.Tensor, dist_info: Distributed) -> torch.Tensor
 
         dist.all_reduce(tensor)
     return tensor
+
+
+def _child_exited(signum, frame) -> None:
+    pass
+
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class StopSignals:
+    """First Ctrl-C / SIGTERM: finish the current step, save last.pt, stop. Second: exit at once (saves are
+    atomic, so nothing is torn)."""
+
+    def __init__(self):
+        self.requested = False
+        self.first = 0.0
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and time.monotonic() - self.first < 2.0:
+            return  # the same stop delivered twice (Slurm signals torchrun and the workers, torchrun forwards)
+        if self.requested:
+            if is_rank_zero():
+                print("\nvit: second interrupt, exiting now (saves are atomic: any checkpoint written is intact)",
+                      file=sys.stderr)
+            os._exit(130)
+        self.requested, self.first = True, time.monotonic()
+        # A stop sent to the whole process group (timeout, kill -TERM -PGID) kills DataLoader workers too; torch's
+        # SIGCHLD handler would then raise in the middle of the step or of the save. From here on a dead worker
+        # shows only when the next batch is fetched, which `until_stopped` turns into the stop. A handler that
+        # does nothing, not SIG_DFL: a SIGCHLD caught while this one is put in place then finds a Python handler
+        # (with SIG_DFL Python printed 'OSError: Signal 17 ignored due to race condition' and a traceback)
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, _child_exited)
+        if is_rank_zero():
+            print("\nvit: interrupt received, saving last.pt after this step (after the evaluation if it ends the "
+                  "epoch; press Ctrl-C again, 2 s or more later, to quit at once)", file=sys.stderr)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, Interrupted):
+            # The stop is done and the process is on its way out (message, exit 130): this handler stays, so a
+            # repeated signal is still ignored (within 2 s) or exits 130, never Python's KeyboardInterrupt or a -2
+            # exit. Interpreter teardown puts the default action back on handlers written in Python, not on an
+            # ignored signal, hence the atexit hook for its last moments (all threads are joined by then).
+            # Any other way out (the run finished, an error) gives the caller its own handlers back.
+            atexit.register(_ignore_stop_signals)
+            return
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class WorkersStopped(Exception):
+    """Fetching a batch failed after a stop was requested: the stop killed the DataLoader workers too."""
+
+
+def until_stopped(batches, stop: "StopSignals"):
+    """The batches, except that a failure to fetch one after a stop was requested ends them with WorkersStopped."""
+    iterator = iter(batches)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception:  # torch's RuntimeError for a dead worker, or EOFError / ConnectionError when the worker
+            if not stop.requested:  # died while handing a batch over
+                raise
+            raise WorkersStopped() from None
+        yield item
+
+
+def barrier(dist_info) -> None:
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def rank0_first(dist_info, work: Callable[[], Any], others_too: bool = True) -> Any:
+    """work() on rank 0, then (others_too) on the other ranks; where rank 0 fails with a user error, it reports it
+    in one line and the other ranks stop without a word (instead of each failing on its own, or waiting forever
+    for rank 0 at the next collective)."""
+    if not dist_info.enabled:
+        return work()
+    import torch.distributed as dist
+
+    result, failure = None, None
+    if dist_info.is_main:
+        try:
+            result = work()
+        except (VitError, OSError) as e:
+            failure = e
+    verdict = [failure is not None]
+    dist.broadcast_object_list(verdict, src=0)
+    if failure is not None:
+        raise failure
+    if verdict[0]:
+        raise OtherRankFailed()
+    if not dist_info.is_main and others_too:
+        result = work()
+    return result

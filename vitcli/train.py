@@ -2,76 +2,35 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
 import shlex
-import signal
 import sys
-import threading
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from vitcli.checkpoint import (RUN_DIR_FIX, atomic_save, atomic_write, check_finite, check_writable,
-                               load_checkpoint, load_weights, make_checkpoint, rng_state, set_rng_state)
-from vitcli.config import Config, build_config, read_yaml, unread_keys_note
+from vitcli.checkpoint import (atomic_save, check_finite, load_checkpoint, load_weights, make_checkpoint, rng_state,
+                               set_rng_state)
+from vitcli.config import Config, unread_keys_note
 from vitcli.data import Preprocess, TrainBatches, eval_batches
-from vitcli.errors import (Interrupted, OtherRankFailed, VitError, is_rank_zero, not_a_file, out_of_memory,
-                           short, vit_program)
+from vitcli.errors import Interrupted, OtherRankFailed, VitError, not_a_file, out_of_memory, short, vit_program
 from vitcli.evaluate import evaluate, largest_batch_that_fits
+from vitcli.metrics import MetricsWriter, closed_on_error, log_pictures
 from vitcli.model import build_model, no_weight_decay, prepare_compile
-from vitcli.runtime import (CUDA_GRAPH_MODES, all_reduce_sum, autocast, check_model_fits, evaluation_compile_mode,
-                            init_distributed, resolve_attention, resolve_compile_mode, resolve_device,
-                            resolve_precision, settle)
-
-# Keys that may differ on --resume: most change where or how fast the run computes, not what; train.epochs extends
-# it (the cosine schedule is stretched over the new total, as the README says); the optimisation settings let a run
-# whose loss diverged continue from its last checkpoint (`fit` notes from which step they apply).
-OPTIMISATION_CHANGES = ("lr", "min_lr", "grad_clip")
-RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("data", "num_workers"), ("data", "root"),
-                     ("train", "checkpoint_every"), ("data", "download"), ("train", "eval_batch_size"),
-                     ("train", "compile"), ("train", "compile_mode"),
-                     ("train", "eval_every")} | {("train", key) for key in OPTIMISATION_CHANGES}
-
-
-RESOLVED = ("image_size", "mean", "std", "crop_padding", "hflip")  # data keys that a Config resolves when null
-
-
-def resume_sets(saved: Config, config: Config, leave_out: Sequence[str] = ()) -> list[str]:
-    """`--set` arguments (shell-quoted) that make a resume of a checkpoint saved with `saved` continue with `config`:
-    the resumable keys where they differ, except the dotted keys in `leave_out`."""
-    old_d, new_d = saved.to_dict(), config.to_dict()
-    sets = []
-    for section, key in sorted(RESUMABLE_CHANGES):
-        value = new_d[section][key]
-        if value != old_d[section][key] and f"{section}.{key}" not in leave_out:
-            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
-            sets.append(f"--set {shlex.quote(f'{section}.{key}={text}')}")
-    return sets
-
-
-def resume_command_line(path: Path) -> str:
-    """`vit train --resume PATH`, with `--nproc N` when this process is one of N on this machine (`--nproc` or a
-    one-node torchrun): the command that continues the run as it runs now. Across nodes, relaunch as before."""
-    command = f"{vit_program()} train --resume {shlex.quote(str(path))}"
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
-            command += f" --nproc {world}"
-    except ValueError:
-        pass
-    return command
+from vitcli.rundir import (OPTIMISATION_CHANGES, default_run_dir, lock_run_dir, prepare_run_dir, resume_command_line,
+                           resume_config, resume_sets, write_config_yaml)
+from vitcli.runtime import (CUDA_GRAPH_MODES, StopSignals, WorkersStopped, all_reduce_sum, autocast, barrier,
+                            check_model_fits, evaluation_compile_mode, init_distributed, rank0_first,
+                            resolve_attention, resolve_compile_mode, resolve_device, resolve_precision, settle,
+                            until_stopped)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -217,316 +176,6 @@ def _not_the_cuda_runtime_note(record: logging.LogRecord) -> bool:
     return "No CUDA runtime is found" not in record.getMessage()
 
 
-def _child_exited(signum, frame) -> None:
-    pass
-
-
-def _ignore_stop_signals() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-class StopSignals:
-    """First Ctrl-C / SIGTERM: finish the current step, save last.pt, stop. Second: exit at once (saves are
-    atomic, so nothing is torn)."""
-
-    def __init__(self):
-        self.requested = False
-        self.first = 0.0
-        self.previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and time.monotonic() - self.first < 2.0:
-            return  # the same stop delivered twice (Slurm signals torchrun and the workers, torchrun forwards)
-        if self.requested:
-            if is_rank_zero():
-                print("\nvit: second interrupt, exiting now (saves are atomic: any checkpoint written is intact)",
-                      file=sys.stderr)
-            os._exit(130)
-        self.requested, self.first = True, time.monotonic()
-        # A stop sent to the whole process group (timeout, kill -TERM -PGID) kills DataLoader workers too; torch's
-        # SIGCHLD handler would then raise in the middle of the step or of the save. From here on a dead worker
-        # shows only when the next batch is fetched, which `until_stopped` turns into the stop. A handler that
-        # does nothing, not SIG_DFL: a SIGCHLD caught while this one is put in place then finds a Python handler
-        # (with SIG_DFL Python printed 'OSError: Signal 17 ignored due to race condition' and a traceback)
-        if hasattr(signal, "SIGCHLD"):
-            signal.signal(signal.SIGCHLD, _child_exited)
-        if is_rank_zero():
-            print("\nvit: interrupt received, saving last.pt after this step (after the evaluation if it ends the "
-                  "epoch; press Ctrl-C again, 2 s or more later, to quit at once)", file=sys.stderr)
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, Interrupted):
-            # The stop is done and the process is on its way out (message, exit 130): this handler stays, so a
-            # repeated signal is still ignored (within 2 s) or exits 130, never Python's KeyboardInterrupt or a -2
-            # exit. Interpreter teardown puts the default action back on handlers written in Python, not on an
-            # ignored signal, hence the atexit hook for its last moments (all threads are joined by then).
-            # Any other way out (the run finished, an error) gives the caller its own handlers back.
-            atexit.register(_ignore_stop_signals)
-            return
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class WorkersStopped(Exception):
-    """Fetching a batch failed after a stop was requested: the stop killed the DataLoader workers too."""
-
-
-def until_stopped(batches, stop: "StopSignals"):
-    """The batches, except that a failure to fetch one after a stop was requested ends them with WorkersStopped."""
-    iterator = iter(batches)
-    while True:
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
-        except Exception:  # torch's RuntimeError for a dead worker, or EOFError / ConnectionError when the worker
-            if not stop.requested:  # died while handing a batch over
-                raise
-            raise WorkersStopped() from None
-        yield item
-
-
-def barrier(dist_info) -> None:
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-_LOCKED_RUN_DIRS: list[int] = []  # open until the process ends, which releases their locks
-
-
-def lock_run_dir(run_dir: Path) -> None:
-    """An exclusive lock on the run directory for the rest of the process: a second `vit train` writing into it
-    (a resume started while the run still goes) is one error, not two processes writing over each other's
-    last.pt and metrics. flock on the folder itself, so no lock file is left behind, and the lock ends with the
-    process however it ends. Where the file system has no such locks (some network file systems), none is taken."""
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX
-        return
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise VitError(f"run directory {run_dir} is in use by another vit process (the run, or a resume of it, is "
-                       f"still going); wait for it to end or stop it (Ctrl-C saves last.pt), then resume; a new run "
-                       f"goes in another --run-dir") from None
-    except OSError:
-        os.close(fd)
-        return
-    _LOCKED_RUN_DIRS.append(fd)
-
-
-def rank0_first(dist_info, work: Callable[[], Any], others_too: bool = True) -> Any:
-    """work() on rank 0, then (others_too) on the other ranks; where rank 0 fails with a user error, it reports it
-    in one line and the other ranks stop without a word (instead of each failing on its own, or waiting forever
-    for rank 0 at the next collective)."""
-    if not dist_info.enabled:
-        return work()
-    import torch.distributed as dist
-
-    result, failure = None, None
-    if dist_info.is_main:
-        try:
-            result = work()
-        except (VitError, OSError) as e:
-            failure = e
-    verdict = [failure is not None]
-    dist.broadcast_object_list(verdict, src=0)
-    if failure is not None:
-        raise failure
-    if verdict[0]:
-        raise OtherRankFailed()
-    if not dist_info.is_main and others_too:
-        result = work()
-    return result
-
-
-def default_run_dir(config: Config) -> Path:
-    """runs/NAME/YYYYmmdd-HHMMSS, made here (empty) so that it is this run's alone: a second run of the recipe
-    started in the same second (a seed sweep started with &) gets ...-HHMMSS-2, not an error (as timm's get_outdir
-    adds -1, -2). Where the folder cannot be made, the plain name is returned for prepare_run_dir to report."""
-    base = Path("runs") / config.name / datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        base.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return base
-    for n in range(1, 1000):
-        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        try:
-            candidate.mkdir()  # atomic: of two processes only one makes it
-            return candidate
-        except FileExistsError:
-            continue
-        except OSError:
-            return candidate
-    return base
-
-
-def prepare_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise VitError(f"run directory {run_dir} is a file, not a folder; choose another --run-dir")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / "last.pt").exists():  # e.g. a run that failed before its first checkpoint
-            raise VitError(f"run directory {run_dir} already holds files but no last.pt to resume (a run that "
-                           f"stopped before its first checkpoint?); delete it or choose another --run-dir")
-        raise VitError(f"run directory {run_dir} already holds files; choose another --run-dir, or resume it "
-                       f"with: {resume_command_line(run_dir / 'last.pt')}")
-    check_writable(run_dir, f"to run directory {run_dir}", "choose a writable --run-dir", keep=True)
-
-
-def run_changes(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) for each difference that would make `new` another run than `saved`: all but
-    RESUMABLE_CHANGES; the name first."""
-    old_d, new_d = saved.to_dict(), new.to_dict()
-    changes = [("name", old_d["name"], new_d["name"])] if old_d["name"] != new_d["name"] else []
-    for section in ("data", "model", "train"):
-        for key, value in new_d[section].items():
-            if section == "data" and key in RESOLVED:
-                if getattr(saved, key) != getattr(new, key):  # left open (null): as resolved, data.hflip=true say
-                    changes.append((f"data.{key}", getattr(saved, key), getattr(new, key)))
-            elif value != old_d[section][key] and (section, key) not in RESUMABLE_CHANGES:
-                changes.append((f"{section}.{key}", old_d[section][key], value))
-    return changes
-
-
-def as_yaml(value: Any) -> str:
-    """A config value as the YAML a user writes: false, null, [0.5, 0.5]."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def check_resume_overrides(saved: Config, new: Config, path: Path) -> None:
-    changes = run_changes(saved, new)
-    if changes and changes[0][0] == "name":
-        raise VitError(f"--resume {path}: name differs from the checkpoint's")
-    if changes:
-        key, old, value = changes[0]
-        raise VitError(f"--resume {path}: changing {key} from {as_yaml(old)} to {as_yaml(value)} would silently "
-                       f"alter the run; only {', '.join(sorted(f'{s}.{k}' for s, k in RESUMABLE_CHANGES))} may "
-                       f"change on resume; start a new run instead")
-    if new.train.epochs < saved.train.epochs:
-        raise VitError(f"--resume {path}: train.epochs may grow on resume, not shrink "
-                       f"({saved.train.epochs} -> {new.train.epochs})")
-
-
-def _quiet_tensorboard_thread(args) -> None:
-    """threading.excepthook: TensorBoard's writer thread dies with its OSError (full disk, say) and prints a
-    traceback; the same error reaches MetricsWriter at its next write, which reports it in one line."""
-    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
-        return
-    threading.__excepthook__(args)
-
-
-class MetricsWriter:
-    """metrics.jsonl and TensorBoard, written by rank 0 only: every metric goes through here. TensorBoard is the
-    secondary record: if its file cannot be written, one warning and the run goes on (metrics.jsonl and the
-    checkpoints are written as before, and fail with one clear error of their own)."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resumed_at: Optional[tuple[int, int]] = None):
-        """`resumed_at`: (epochs finished, global step) of the checkpoint a resumed run continues from."""
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            if resumed_at is not None:
-                self.rewind(*resumed_at)
-            threading.excepthook = _quiet_tensorboard_thread
-            # purge_step: TensorBoard hides what the earlier session logged after the checkpoint (it is redone)
-            self.tb = SummaryWriter(str(run_dir), purge_step=resumed_at[1] + 1 if resumed_at else None)
-
-    def rewind(self, epochs_done: int, global_step: int) -> None:
-        """A resumed run continues the log of its checkpoint: rows written after that checkpoint (a run killed
-        between an epoch's row and its save; a torn last line) and the earlier session's final row (a run extended
-        with more epochs writes its own at its end) are taken out, so every epoch has one row and the file one
-        final row, at its end."""
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return
-        lines = text.split("\n")
-        lines, torn = lines[:-1], lines[-1]  # "" when the file ends with its newline, as every write leaves it
-        kept, redone = [], []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if not isinstance(row, dict) or not (row.get("final") or row.get("epoch", 0) > epochs_done):
-                kept.append(line)
-            elif not row.get("final"):
-                redone.append(row["epoch"])
-        if len(kept) == len(lines) and not torn:
-            return
-        atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()), "metrics log",
-                     RUN_DIR_FIX)
-        if redone or torn:
-            what = f"the rows of epoch {', '.join(map(str, redone))}" if redone else ""
-            what += (" and " if what else "") + ("a torn last line" if torn else "")
-            print(f"vit: {self.path}: took out {what} written after the checkpoint (global step {global_step}); "
-                  f"the resumed run writes them again", file=sys.stderr)
-
-    def tensorboard(self, write) -> None:
-        if not self.tb:
-            return
-        try:
-            write(self.tb)
-        except OSError as e:
-            print(f"vit: warning: TensorBoard logging stopped, cannot write to {self.path.parent}: "
-                  f"{e.strerror or e} (metrics.jsonl and checkpoints go on)", file=sys.stderr)
-            self.tb = None
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        def write(tb):
-            for key, value in values.items():
-                tb.add_scalar(key, value, step)
-
-        self.tensorboard(write)
-
-    def image(self, tag: str, array, step: int) -> None:
-        """An RGB uint8 (H, W, 3) array."""
-        self.tensorboard(lambda tb: tb.add_image(tag, array, step, dataformats="HWC"))
-
-    def images(self, tag: str, batch: torch.Tensor, step: int) -> None:
-        """A grid of float images in [0, 1], (B, C, H, W)."""
-        if self.tb:
-            from torchvision.utils import make_grid
-
-            grid = make_grid(batch.float().cpu(), nrow=8, padding=1)
-            self.tensorboard(lambda tb: tb.add_image(tag, grid, step))
-
-    def record(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-
-    def close(self) -> None:
-        self.tensorboard(lambda tb: tb.close())
-
-
-@contextlib.contextmanager
-def closed_on_error(writer: MetricsWriter):
-    """A stop or an error closes the TensorBoard writer, so that the events its thread still holds reach the file
-    (the exit does not: vit freezes its objects away from the last garbage collections, cli.run_command)."""
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
-            writer.close()
-        raise
-
-
 @contextlib.contextmanager
 def memory_errors(advice: Callable[[], str]):
     """Running out of memory (a batch or model too large for the device) becomes one VitError line with advice."""
@@ -574,72 +223,6 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
     load_pretrained(model, {k: v.float() for k, v in state.items()}, source,
                     log=lambda m: print(f"vit: init_from: {m}", file=sys.stderr) if verbose else None)
 
-
-def log_pictures(writer: MetricsWriter, model, config: Config, classes: list[str], val: dict[str, Any], watch,
-                 device: torch.device, step: int, attention: bool) -> None:
-    """The confusion matrix at each evaluation; attention overlays of the watched images every few epochs."""
-    if not writer.tb:
-        return
-    import numpy as np
-
-    from vitcli.visualize import attention_overlay_arrays, confusion_figure, figure_to_array
-
-    writer.image("val/confusion_matrix", figure_to_array(confusion_figure(np.array(val["confusion"]), classes)),
-                 step)
-    if attention and watch is not None:
-        overlays = attention_overlay_arrays(model, config, classes, watch[0], device, labels=watch[1])
-        writer.image("val/attention_rollout", np.concatenate(overlays, axis=1), step)
-
-
-def write_config_yaml(run_dir: Path, config: Config) -> None:
-    """config.yaml, atomically: a resume reads it to tell its run from another's (check_resumable)."""
-    text = config.to_yaml().encode()
-    atomic_write(run_dir / "config.yaml", lambda f: f.write(text), "config", "free disk space or check the run "
-                 "directory's permissions")
-
-
-def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
-    """A resumed run writes into the checkpoint's folder: refuse where that would lose or scatter anything."""
-    new_run = ("start a new run from its weights instead with --config ... --set "
-               f"model.init_from={shlex.quote(str(path))}")
-    if ckpt.get("optimizer") is None:
-        raise VitError(f"--resume {path}: it holds weights only (written by vit convert), no training state; "
-                       f"{new_run}")
-    if not (path.parent / "config.yaml").is_file():
-        raise VitError(f"--resume {path}: it is not in its run directory (no config.yaml beside it), where a "
-                       f"resumed run writes; resume it inside a copy of the whole run directory, or {new_run}")
-    another = (f"resuming it here would write over that run's files; resume it inside a copy of its own run "
-               f"directory, or {new_run}")
-    try:  # the run the folder holds: config.yaml is the config of its last.pt
-        raw = read_yaml(path.parent / "config.yaml")
-        folder_config = build_config(raw, source=str(path.parent / "config.yaml"), saved=True) if raw else None
-    except (VitError, OSError):
-        folder_config = None  # unreadable or empty (edited by hand?): the checks below still hold
-    changes = run_changes(ckpt["config"], folder_config) if folder_config is not None else []
-    if changes:
-        key, mine, theirs = changes[0]
-        raise VitError(f"--resume {path}: the config.yaml beside it is another run's ({key} {as_yaml(theirs)}, "
-                       f"the checkpoint's {as_yaml(mine)}); {another}")
-    last = path.parent / "last.pt"
-    if last.is_file() and not last.samefile(path):
-        beside = load_checkpoint(last)
-        if beside.get("run_id") and ckpt.get("run_id") and beside["run_id"] != ckpt["run_id"]:
-            raise VitError(f"--resume {path}: the last.pt beside it is another run's; {another}")
-        later = beside["global_step"]
-        if later > ckpt["global_step"]:
-            raise VitError(f"--resume {path}: the run went on to step {later} ({last}); resuming from step "
-                           f"{ckpt['global_step']} would overwrite that. Resume from {last}, or copy the run "
-                           f"directory first to branch off at this point")
-
-
-def resume_config(resume: Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Config]:
-    """The checkpoint and the config a resumed run continues with: the saved config plus the `--set` changes that
-    keep it the same run (any other change is one clear error)."""
-    ckpt = load_checkpoint(resume, example="last.pt")
-    check_resumable(ckpt, Path(resume))
-    config = build_config(ckpt["config"].to_dict(), overrides, source=f"{resume} + --set", saved=True)
-    check_resume_overrides(ckpt["config"], config, resume)
-    return ckpt, config
 
 
 def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] = None,
