@@ -167,50 +167,41 @@ def written_by_torch_save(path: Path) -> bool:
         return f.read(2).startswith((b"PK", b"\x80"))
 
 
-def is_torchscript(path: Path) -> bool:
-    """A TorchScript archive (vit export --format torchscript, torch.jit.save): a zip holding code/."""
+def damaged_part(archive) -> Optional[str]:
+    """The first part of a zip file written by torch.save (an open zipfile.ZipFile) whose CRC-32 does not match its
+    bytes (a torn copy, a disk fault, an edit), else None. torch.load does not check them: a flipped byte in a tensor
+    loaded silently, one in the pickle was taken for a file that may run code."""
     import zipfile
 
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any("/code/" in name for name in archive.namelist()[:4096])
-    except (OSError, zipfile.BadZipFile):
-        return False
+    for info in archive.infolist():
+        if info.CRC == 0 and info.file_size > 0:  # saved without checksums (torch.serialization.
+            continue                              # set_crc32_options(False)), which torch.load reads
+        try:
+            with archive.open(info) as part:
+                while part.read(1 << 24):  # the CRC is checked at the part's end
+                    pass
+        except zipfile.BadZipFile:
+            return info.filename
+        except Exception:  # zlib.error and the like: torch.load says what is wrong
+            return None
+    return None
 
 
-def damaged_part(path: Path) -> Optional[str]:
-    """The first part of a zip file written by torch.save whose CRC-32 does not match its bytes (a torn copy, a
-    disk fault, an edit), else None. torch.load does not check them: a flipped byte in a tensor loaded silently,
-    one in the pickle was taken for a file that may run code. A file that is no zip at all: None (torch.load says
-    what it is)."""
+def check_torch_zip(path: Path, torchscript: str, fix: str) -> None:
+    """Before torch.load of a file torch.save wrote, with the zip opened once: a TorchScript archive (vit export
+    --format torchscript, torch.jit.save: a zip holding code/; torch.load would warn in two lines, then fail;
+    `torchscript` says what it is not and what to pass) and a part that fails its checksum (damaged_part; `fix` says
+    what to do) are one VitError each. A file that is no zip at all passes: torch.load says what it is."""
     import zipfile
 
     try:
         archive = zipfile.ZipFile(path)
     except Exception:  # BadZipFile, a header too damaged to read: torch.load's error follows
-        return None
+        return
     with archive:
-        for info in archive.infolist():
-            if info.CRC == 0 and info.file_size > 0:  # saved without checksums (torch.serialization.
-                continue                              # set_crc32_options(False)), which torch.load reads
-            try:
-                with archive.open(info) as part:
-                    while part.read(1 << 24):  # the CRC is checked at the part's end
-                        pass
-            except zipfile.BadZipFile:
-                return info.filename
-            except Exception:  # zlib.error and the like: torch.load says what is wrong
-                return None
-    return None
-
-
-def check_torch_zip(path: Path, torchscript: str, fix: str) -> None:
-    """Before torch.load of a file torch.save wrote: a TorchScript archive (torch.load would warn in two lines, then
-    fail; `torchscript` says what it is not and what to pass) and a part that fails its checksum (damaged_part; `fix`
-    says what to do) are one VitError each."""
-    if is_torchscript(path):
-        raise VitError(f"{path} is an exported TorchScript model{torchscript}")
-    part = damaged_part(path)
+        if any("/code/" in name for name in archive.namelist()[:4096]):
+            raise VitError(f"{path} is an exported TorchScript model{torchscript}")
+        part = damaged_part(archive)
     if part is not None:
         raise VitError(f"{path} is damaged: its part {part} fails its checksum (a torn copy or a disk fault); "
                        f"{fix}")
