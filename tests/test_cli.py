@@ -246,9 +246,13 @@ def test_imagefolder(imagefolder_dir, tmp_path):
     report = json.loads(run_vit("eval", *shlex.split(printed.split(" eval ", 1)[1]), "--json", cwd=REPO,
                                 check=True).stdout)
     assert report["num_samples"] == 24 and set(report["per_class"]) == {"circle", "square", "stripe"}
-    out = json.loads(run_vit("predict", imagefolder_dir / "val" / "circle", "--ckpt", run_dir / "best.pt",
-                             "--json", check=True).stdout)
+    predicted = run_vit("predict", imagefolder_dir / "val" / "circle", "--ckpt", run_dir / "best.pt", "--json",
+                        check=True)
+    out = json.loads(predicted.stdout)
     assert len(out) == 8 and out[0]["predictions"][0]["label"] in ("circle", "square", "stripe")
+    # the default top-k (5) shows all of 3 classes without a note about a --top-k the user did not give
+    assert {p["label"] for p in out[0]["predictions"]} == {"circle", "square", "stripe"}
+    assert "--top-k" not in predicted.stderr, predicted.stderr
 
     # the evaluation's DataLoader does not draw from the training's random stream (drop_path is on in this recipe):
     # skipping the first epoch's evaluation trains the same weights

@@ -710,6 +710,8 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
         one_line_error(run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--device", "cuda",
                                "--run-dir", tmp_path / "no-gpu"), "--device cuda: no CUDA GPU is visible")
         assert not (tmp_path / "no-gpu").exists()
+        one_line_error(run_vit("bench", "--config", REPO / "configs" / "smoke.yaml", "--device", "cuda:1"),
+                       "--device cuda:1: no CUDA GPU is visible")
     one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--device", "cuda:abc"), "'cuda:abc'")
     report = write(tmp_path / "notes.txt", "mine")
     one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", report), "is a file")

@@ -254,19 +254,27 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str 
     return ckpt
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Loads a state dict, turning a shape mismatch into one line that names the tensor and both shapes."""
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,
+                 names: Optional[dict[str, str]] = None) -> None:
+    """Loads a state dict, turning a shape mismatch into one line that names the tensor and both shapes.
+    `names`: the file's own name of each renamed tensor (interop.file_names), where it is not vitcli's."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
-        raise VitError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        unexpected = [(names or {}).get(k, k) for k in unexpected[:3]]  # as the file names them
+        raise VitError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected})")
     for key, value in state_dict.items():
         if value.shape != own[key].shape:
-            raise VitError(f"{path}: tensor '{key}' has shape {tuple(value.shape)}, the model expects "
-                           f"{tuple(own[key].shape)}")
+            raise VitError(f"{path}: tensor {tensor_name(key, names)} has shape {tuple(value.shape)}, the model "
+                           f"expects {tuple(own[key].shape)}")
     check_finite(state_dict, path)
     model.load_state_dict(state_dict)
+
+
+def tensor_name(key: str, names: Optional[dict[str, str]]) -> str:
+    """'key', and its name in the file where that differs (interop.file_names)."""
+    return f"'{key}'" + (f" ('{names[key]}' in the file)" if names and key in names else "")
 
 
 def check_finite(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:

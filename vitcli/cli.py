@@ -449,13 +449,14 @@ def eval_(
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
     ckpt: CkptOpt = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="How many classes to show.")] = 5,
+    top_k: Annotated[Optional[int], typer.Option(
+        "--top-k", "-k", help="How many classes to show (default 5, or all of fewer).", show_default=False)] = None,
     device: DeviceOpt = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even if the checkpoint has "
                                          "EMA weights.")] = False,
     attention: Annotated[Optional[str], typer.Option(
-        "--attention", help="Write the image with its attention heat map to this PNG (a folder, DIR/, for several "
-        "images).")] = None,
+        "--attention", help="Write the image with its attention heat map to this picture (.png, .jpg, .pdf, .svg, "
+        "...; a folder, DIR/, for several images).")] = None,
     attention_mode: Annotated[str, typer.Option(
         "--attention-mode", help="rollout (all layers, Abnar & Zuidema 2020) or last (class token, last "
         "layer).")] = "rollout",
@@ -474,7 +475,7 @@ def predict(
         from vitcli.runtime import resolve_precision, settle
 
         settle()
-        if top_k <= 0:
+        if top_k is not None and top_k <= 0:
             raise VitError(f"--top-k must be positive, got {top_k}")
         if attention_mode not in ("rollout", "last"):
             raise VitError(f"--attention-mode must be rollout or last, got {attention_mode!r}")
@@ -486,9 +487,10 @@ def predict(
         precision = resolve_precision(config.train.precision, dev)
         model = _inference_model(checkpoint, path, no_ema, dev, precision)
         hflip = _tta_choice(tta, config)
-        if top_k > len(classes):
+        if top_k is not None and top_k > len(classes):  # the default, 5, shows all of fewer classes silently
             err(f"note: --top-k {top_k} is more than the checkpoint's {len(classes)} classes: showing all "
                 f"{len(classes)}")
+        k = top_k or 5
         results, failures = [], 0
         paths = expand_inputs(images)
         if attention is not None:
@@ -514,7 +516,7 @@ def predict(
                 err(f"error: {e}")
                 failures += 1
                 continue
-            predictions = run_predict(model, config, classes, tensor[None], dev, precision, top_k, hflip=hflip)[0]
+            predictions = run_predict(model, config, classes, tensor[None], dev, precision, k, hflip=hflip)[0]
             entry = {"path": str(image_path), "predictions": predictions}
             if attention is not None:
                 entry["attention"] = str(write_attention(model, config, tensor, dev, attention_mode,
@@ -616,12 +618,14 @@ def bench(
         from vitcli.bench import bench as run_bench
         from vitcli.config import load_config, unread_keys_note
         from vitcli.errors import VitError
-        from vitcli.runtime import settle, tune_malloc
+        from vitcli.runtime import resolve_device, settle, tune_malloc
 
         settle()
         if steps <= 0:
             raise VitError(f"--steps must be positive, got {steps}")
         check_device_option(device)
+        if device is not None:  # named as the option typed, as in train (bench would name train.device=...)
+            resolve_device(device, f"--device {device}")
         cfg = load_config(config, list(set_ or []) + ([f"train.device={device}"] if device else []))
         note = unread_keys_note(cfg)
         if note:
@@ -659,7 +663,7 @@ def convert(
         from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint
         from vitcli.config import load_config
         from vitcli.errors import VitError
-        from vitcli.interop import check_exported_heads, from_peer, load_weights_file, weights_flavor
+        from vitcli.interop import check_exported_heads, file_names, from_peer, load_weights_file, weights_flavor
         from vitcli.model import build_model
         from vitcli.runtime import check_model_fits, settle
 
@@ -683,7 +687,8 @@ def convert(
                 f"not applied)")
         elif flavor is not None and flavor != from_:
             raise VitError(f"{weights} holds {flavor} weights ('{key}'), not {from_}'s; use --from {flavor}")
-        state = from_peer(raw, "vitcli" if flavor == "vitcli" else from_)
+        peer = "vitcli" if flavor == "vitcli" else from_
+        state, file_keys = from_peer(raw, peer), file_names(raw, peer)
         if "head.weight" not in state:
             raise VitError(f"{weights}: no classification head (head.weight) in the state dict")
         num_classes = state["head.weight"].shape[0]
@@ -695,7 +700,7 @@ def convert(
             raise VitError(f"--classes has {len(names)} names, the head has {num_classes} outputs")
         check_model_fits(cfg, torch.device("cpu"), training=False)
         model = build_model(cfg, num_classes)
-        load_weights(model, {k: v.float() for k, v in state.items()}, weights)
+        load_weights(model, {k: v.float() for k, v in state.items()}, weights, file_keys)
         atomic_save(make_checkpoint(config=cfg, classes=names, model=model, ema=None, optimizer=None, scaler=None,
                                     epoch=0, step=0, global_step=0, best_top1=-1.0, epoch_stats={},
                                     metrics={"converted_from": f"{from_}:{weights}"}), out,

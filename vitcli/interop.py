@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vitcli.checkpoint import atomic_write, check_torch_zip, written_by_torch_save
+from vitcli.checkpoint import atomic_write, check_torch_zip, tensor_name, written_by_torch_save
 from vitcli.errors import VitError, not_a_file, short
 
 
@@ -153,6 +153,13 @@ def from_peer(state: dict[str, torch.Tensor], peer: str) -> dict[str, torch.Tens
     return {k: v for k, v in out.items() if not k.startswith(("fc_norm.", "head_drop."))}
 
 
+def file_names(state: dict[str, torch.Tensor], peer: str) -> dict[str, str]:
+    """{vitcli name: the name in the file} for the keys from_peer(state, peer) renames, so that an error about a
+    tensor can name it as the user's file does."""
+    rules = {"timm": TIMM_RULES, "torchvision": TORCHVISION_RULES}.get(peer, [])
+    return {new: key for key in state if (new := next(iter(_rename({key: None}, rules)))) != key}
+
+
 def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """(1, 1+g*g, D) -> (1, 1+grid*grid, D): the patch part interpolated bicubically, as timm does."""
     class_pos, patch_pos = pos[:, :1], pos[:, 1:]
@@ -168,9 +175,9 @@ def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
-                    log: Callable[[str], None]) -> None:
+                    log: Callable[[str], None], names: Optional[dict[str, str]] = None) -> None:
     """Fine-tuning start: loads what fits; resizes positional embeddings to the model's patch grid; leaves the
-    head freshly initialised when the number of classes differs. Says what it did."""
+    head freshly initialised when the number of classes differs. Says what it did. `names`: file_names, for errors."""
     own = model.state_dict()
     state = dict(state)
     pos_key = "patch_embedding.position_embedding"
@@ -194,11 +201,12 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     missing = [k for k in own if k not in state and k not in reinit]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
+        unexpected = [(names or {}).get(k, k) for k in unexpected[:4]]  # as the file names them
         raise VitError(f"{source}: weights do not fit the config's model (missing {missing[:4]}, unexpected "
-                       f"{unexpected[:4]}); check model.dim/depth/heads/patch_size")
+                       f"{unexpected}); check model.dim/depth/heads/patch_size")
     for key, value in state.items():
         if value.shape != own[key].shape:
-            raise VitError(f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the config's model expects "
+            raise VitError(f"{source}: tensor {tensor_name(key, names)} has shape {tuple(value.shape)}, the config's model expects "
                            f"{tuple(own[key].shape)}")
     model.load_state_dict(state, strict=False)
     log(f"loaded {len(state)} tensors from {source}")

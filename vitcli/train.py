@@ -200,10 +200,11 @@ def check_init_from(config: Config) -> str:
 
 def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
     """model.init_from: start from a vitcli checkpoint or a timm / torchvision state dict."""
-    from vitcli.interop import (check_exported_heads, check_heads, from_peer, load_pretrained, read_state_dict,
-                                weights_flavor)
+    from vitcli.interop import (check_exported_heads, check_heads, file_names, from_peer, load_pretrained,
+                                read_state_dict, weights_flavor)
 
     source, fmt = check_init_from(config), config.model.init_format
+    names = None  # the file's own tensor names, for its errors
     if source.endswith(".safetensors"):  # timm's, torchvision's or vitcli's own (vit export --format safetensors)
         check_exported_heads(source, config.model.heads)
         state = read_state_dict(source)
@@ -211,17 +212,19 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
         if fmt == "vitcli" and flavor in ("timm", "torchvision"):
             raise VitError(f"model.init_from {source} holds {flavor} weights ('{key}'); set "
                            f"model.init_format={flavor}")
-        state = from_peer(state, "vitcli" if "vitcli" in (fmt, flavor) else fmt)
+        peer = "vitcli" if "vitcli" in (fmt, flavor) else fmt
+        state, names = from_peer(state, peer), file_names(state, peer)
     elif fmt == "vitcli":
         ckpt = load_checkpoint(source, not_vitcli_advice="; for timm or torchvision weights set "
                                                          "model.init_format=timm (or torchvision)")
         state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
         check_heads(ckpt["config"].model.heads, config.model.heads, f"model.init_from {source} was trained with")
     else:
-        state = from_peer(read_state_dict(source), fmt)
+        raw = read_state_dict(source)
+        state, names = from_peer(raw, fmt), file_names(raw, fmt)
     check_finite(state, f"model.init_from {source}")
     load_pretrained(model, {k: v.float() for k, v in state.items()}, source,
-                    log=lambda m: print(f"vit: init_from: {m}", file=sys.stderr) if verbose else None)
+                    log=lambda m: print(f"vit: init_from: {m}", file=sys.stderr) if verbose else None, names=names)
 
 
 
