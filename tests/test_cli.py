@@ -106,6 +106,12 @@ def test_smoke_train_eval_predict(smoke_run, tmp_path):
     every = run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", "--top-k", "12", check=True)
     assert len(json.loads(every.stdout)[0]["predictions"]) == 10  # (was silent)
     assert "note: --top-k 12 is more than the checkpoint's 10 classes: showing all 10" in every.stderr
+    assert "note: this checkpoint was trained on SYNTHETIC data" in every.stderr
+    # an image that cannot be read: its error is the last line (the synthetic note came after it), exit 1
+    (tmp_path / "bad.png").write_text("not a picture")
+    bad = run_vit("predict", image, tmp_path / "bad.png", "--ckpt", run_dir / "best.pt")
+    assert bad.returncode == 1 and bad.stderr.splitlines()[-1].startswith("vit: error: "), bad.stderr
+    assert "bad.png: not an image" in bad.stderr.splitlines()[-1] and "SYNTHETIC" in bad.stderr
 
 
 def test_eval_every_skips_evaluations_but_not_the_last(tmp_path):

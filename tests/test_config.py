@@ -1,3 +1,6 @@
+import datetime
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -64,6 +67,16 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"data": {"dataset": "mnist"}, "train": {"eval_hflip": True}}, "train.eval_hflip .* needs data.hflip: true"),
     ({"data": {"hflip": False}, "train": {"eval_hflip": True}}, "train.eval_hflip .* needs data.hflip: true"),
     ({"train": {"min_lr": -0.001}}, "train.min_lr must be >= 0"),  # the schedule would end below 0
+    # above lr, the "decay" climbed to it (min_lr 1: the rate rose to ~1 and the run diverged without a word)
+    ({"train": {"lr": 0.003, "min_lr": 1}}, "train.min_lr 1 is above train.lr 0.003: the cosine schedule would raise"),
+    # a crop from an image padded by more than its size may hold none of it (100000 ran out of memory in the step)
+    ({"data": {"crop_padding": 32}}, "data.crop_padding 32 must be less than the image size 32"),
+    # keys that YAML reads as numbers, booleans or null (1:, true:, null:): one line, not difflib's TypeError
+    ({"train": {1: 2}}, "a key in section 'train' must be text, got 1; valid keys: batch_size"),
+    ({True: 1}, r"a section name must be text \(data, model, train or name\), got True"),
+    # text that YAML reads as something else in a file: quote it
+    ({"data": {"root": 123}}, r"data.root: expected text, got 123; put it in quotes$"),
+    ({"name": datetime.date(2024, 1, 1)}, r"got datetime.date\(2024, 1, 1\); put it in quotes$"),
     ({"train": {"weight_decay": -5}}, "train.weight_decay must be >= 0, got -5"),
     ({"train": {"device": "gpu"}}, "train.device must be auto, cpu, cuda, cuda:N or mps"),
     ({"train": {"device": "cuda:abc"}}, "train.device must be auto, cpu, cuda, cuda:N or mps"),
@@ -104,6 +117,19 @@ def test_set_errors():
         build_config({}, ["train.epoch=3"])
     with pytest.raises(VitError, match=r"^--set train.epochs=: train.epochs: expected a whole number, got no value"):
         build_config({}, ["train.epochs="])
+    with pytest.raises(VitError, match=r"^--set data.root=: data.root: expected text, got no value"):
+        build_config({}, ["data.root="])
+
+
+def test_set_gives_text_keys_the_text_as_typed():
+    """YAML reads ~ as null, 2024-01-01 as a date, no as false and 123 as a number; for a text key, --set means the
+    text (data.root=~ is the home folder, as the README says). A key that may be null stays null with ~."""
+    config = build_config({}, ["data.root=~", "name=2024-01-01", "train.device=cpu"])
+    assert config.data.root == "~" and config.data_root == Path.home() and config.name == "2024-01-01"
+    assert build_config({}, ["name=no", "data.root=123"]).data.root == "123"
+    assert build_config({}, ["name=no"]).name == "no"
+    assert build_config({"model": {"init_from": "a.pt"}}, ["model.init_from=~"]).model.init_from is None
+    assert build_config({}, ["train.epochs=7"]).train.epochs == 7  # numbers for number keys, as before
 
 
 def test_errors_name_the_set_that_gave_the_value():
@@ -125,6 +151,14 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  dim: 64\n  heads: [4\n")
     with pytest.raises(VitError, match=r"bad.yaml: YAML syntax error at line \d+"):
+        load_config(path)
+    # text in another encoding (PowerShell's > writes UTF-16): said to be saved as UTF-8
+    path.write_text("model:\n  dim: 64\n", encoding="utf-16")
+    with pytest.raises(VitError, match=r"bad.yaml is not a YAML text file .* or save the file as UTF-8$"):
+        load_config(path)
+    # nesting deeper than the parser's recursion: one line, not a RecursionError
+    path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(VitError, match=r"bad.yaml: nested too deeply to read"):
         load_config(path)
 
 

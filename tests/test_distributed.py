@@ -158,6 +158,13 @@ def test_process_launch_errors_are_one_line(tmp_path):
     result = run_vit("train", *smoke, env={"WORLD_SIZE": "2"})
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "WORLD_SIZE=2 is set but RANK" in result.stderr
+    # leftovers of a job script: RANK without torchrun's rendezvous address, a WORLD_SIZE that is not a number
+    for env, needle in (({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "", "MASTER_PORT": ""},
+                         "WORLD_SIZE=2 and RANK=0 are set but MASTER_ADDR and MASTER_PORT are not"),
+                        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a number of processes")):
+        result = run_vit("train", *smoke, env=env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert needle in result.stderr and result.stderr.count("vit: error:") == 1, result.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
 

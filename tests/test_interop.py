@@ -168,6 +168,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     # vitcli's name, and the file's own (a timm user knows cls_token)
     assert "'patch_embedding.class_token' ('cls_token' in the file)" in result.stderr
+    assert result.stderr.rstrip().endswith("; set the config's model.dim as the weights were trained")
     assert "(1, 1, 48)" in result.stderr and "(1, 1, 64)" in result.stderr
 
 

@@ -258,6 +258,7 @@ def test_a_stop_during_the_evaluation_loses_no_epoch(imagefolder_dir, tmp_path):
     resumed = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.lr=0.002", check=True)
     assert metrics_epochs(run_dir) == [1, 2, 3]
     assert "(its training is done: its evaluation)" in resumed.stderr, resumed.stderr[-2000:]
+    assert "was edited" not in resumed.stderr and not (run_dir / "config.edited.yaml").exists()  # a --set is not
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("val_top1" in r for r in rows[:3]) and rows[-1]["final"]
     # the evaluated epoch's row gives the learning rate its training ended at, as an uninterrupted run's would
@@ -315,8 +316,19 @@ def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     # the next: the resumed run takes both out and writes epoch 4 again; the first session's final row goes too
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 4, "train_loss": 99.0}\n{"epoch": 5, "tra')
+    # config.yaml edited by hand (--resume reads the checkpoint's config, not it): kept aside, said so
+    saved_yaml = (run_dir / "config.yaml").read_text()
+    edited_yaml = saved_yaml.replace("lr: 0.003\n", "lr: 0.01\n")
+    assert edited_yaml != saved_yaml
+    (run_dir / "config.yaml").write_text(edited_yaml)
     resumed = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", check=True)
     assert "took out the rows of epoch 4 and a torn last line" in resumed.stderr, resumed.stderr[-2000:]
+    assert (f"vit: note: {run_dir / 'config.yaml'} was edited (train.lr 0.01 there, 0.003 in the run); --resume "
+            f"does not read it") in resumed.stderr, resumed.stderr[-2000:]
+    assert "kept as config.edited.yaml" in resumed.stderr
+    assert (run_dir / "config.edited.yaml").read_text() == edited_yaml
+    rewritten = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    assert rewritten["lr"] == 0.003 and rewritten["epochs"] == 4
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in rows] == [1, 2, 3, 4, None] and rows[-1]["final"] and rows[3]["train_loss"] < 99
     # the run's wall time counts on over both sessions
@@ -717,6 +729,9 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
     one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", report), "is a file")
     assert report.read_text() == "mine"
     # a file where a folder of the output path should be: named as such (it said "File exists"), before the work
+    one_line_error(run_vit("predict", image, image, "--ckpt", real_ckpt, "--attention", tmp_path / "maps.png"),
+                   "--attention", "maps.png names one picture, for 2 images; give a folder", "maps/")
+    assert not (tmp_path / "maps.png").exists()
     one_line_error(run_vit("predict", image, image, "--ckpt", real_ckpt, "--attention", report),
                    f"{report} is a file, not a folder", "choose another --attention path")
     one_line_error(run_vit("export", "--ckpt", real_ckpt, "--format", "safetensors", "--out", report / "m.st"),

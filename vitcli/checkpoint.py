@@ -257,7 +257,8 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str 
 def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,
                  names: Optional[dict[str, str]] = None) -> None:
     """Loads a state dict, turning a shape mismatch into one line that names the tensor and both shapes.
-    `names`: the file's own name of each renamed tensor (interop.file_names), where it is not vitcli's."""
+    `names`: for weights from outside a checkpoint (whose shape the config describes), the file's own name of each
+    renamed tensor (interop.file_names); a mismatch then also names the config key to set."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -267,9 +268,22 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], pa
     for key, value in state_dict.items():
         if value.shape != own[key].shape:
             raise VitError(f"{path}: tensor {tensor_name(key, names)} has shape {tuple(value.shape)}, the model "
-                           f"expects {tuple(own[key].shape)}")
+                           f"expects {tuple(own[key].shape)}" + (shape_advice(key) if names is not None else ""))
     check_finite(state_dict, path)
     model.load_state_dict(state_dict)
+
+
+def shape_advice(key: str) -> str:
+    """Which config key gives a tensor's shape: '; set ... as the weights were trained' for a mismatch."""
+    if key.endswith("position_embedding"):
+        keys = "data.image_size and model.patch_size (the patch grid) and model.dim"
+    elif "to_patch_embedding" in key:
+        keys = "model.patch_size and model.dim"
+    elif ".mlp.fc" in key:
+        keys = "model.mlp_ratio and model.dim"
+    else:
+        keys = "model.dim"
+    return f"; set the config's {keys} as the weights were trained"
 
 
 def tensor_name(key: str, names: Optional[dict[str, str]]) -> str:

@@ -491,6 +491,10 @@ def predict(
             err(f"note: --top-k {top_k} is more than the checkpoint's {len(classes)} classes: showing all "
                 f"{len(classes)}")
         k = top_k or 5
+        # before the predictions, so that an image's error stays the last line; not for weights `vit convert` made
+        # with a synthetic config (trained elsewhere)
+        if config.data.dataset == "synthetic" and "converted_from" not in (checkpoint.get("metrics") or {}):
+            err("note: this checkpoint was trained on SYNTHETIC data")
         results, failures = [], 0
         paths = expand_inputs(images)
         if attention is not None:
@@ -527,8 +531,6 @@ def predict(
                 typer.echo(f"{image_path}: {best}" + (f"  (attention: {entry['attention']})" if attention else ""))
         if json_:
             typer.echo(json.dumps(results, indent=1))
-        if config.data.dataset == "synthetic":
-            err("note: this checkpoint was trained on SYNTHETIC data")
         return 1 if failures else 0
 
     run_command(body)
@@ -546,7 +548,8 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".
 
 def attention_outputs(where: str, paths: list[Path]) -> dict[Path, Path]:
     """One image: OUT is the picture (a name without an extension gets .png, the file that will be written).
-    Several images, or OUT ending in / or naming a folder: OUT is a folder holding <name>.attention.png for each."""
+    Several images, or OUT ending in / or naming a folder: OUT is a folder holding <name>.attention.png for each
+    (for several images, a new OUT with a picture's extension is refused: a folder named maps.png was a surprise)."""
     from vitcli.errors import VitError
 
     out = Path(where)
@@ -557,6 +560,9 @@ def attention_outputs(where: str, paths: list[Path]) -> dict[Path, Path]:
             raise VitError(f"--attention {where}: cannot write a {out.suffix} picture; give a file ending in "
                            f"{', '.join(PICTURE_SUFFIXES)}, or a folder (nothing was written)")
         return {paths[0]: out}
+    if not names_a_folder(where) and out.suffix.lower() in PICTURE_SUFFIXES:  # it made a folder named maps.png
+        raise VitError(f"--attention {where} names one picture, for {len(paths)} images; give a folder for their "
+                       f"pictures, such as {out.with_suffix('')}/ (nothing was written)")
     names: dict[Path, Path] = {}
     taken: set[str] = set()
     for i, path in enumerate(paths):

@@ -194,14 +194,31 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise VitError(f"{where}: expected a whole number, got {_shown(value)}")
     if not isinstance(value, hint):
         what = {str: "text", float: "a number"}.get(hint, hint.__name__)
-        raise VitError(f"{where}: expected {what}, got {_shown(value)}")
+        # YAML reads 2024-01-01 as a date, no as false, 123 as a number: quotes make them text
+        scalar = value is not None and not isinstance(value, (list, dict))
+        quote = "; put it in quotes" if hint is str and scalar else ""
+        raise VitError(f"{where}: expected {what}, got {_shown(value)}{quote}")
     return value
+
+
+def _as_typed(value: Any, hint: Any, where: str) -> Any:
+    """A `--set` value for a text key, as typed: YAML reads `~` as null, 2024-01-01 as a date, no as false, but
+    `--set data.root=~` means the home folder and `--set name=2024-01-01` that name. Other values, values from files
+    (_coerce asks for quotes there), and null for a key that may be null (model.init_from) are left as they are."""
+    text = where.split("=", 1)[1] if where.startswith("--set ") and "=" in where else ""
+    may_be_null = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    is_text = hint is str or (may_be_null and str in typing.get_args(hint))
+    if not text.strip() or not is_text or isinstance(value, (str, list, dict)) or (value is None and may_be_null):
+        return value
+    return text
 
 
 def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) -> None:
     if not isinstance(raw, dict):
         raise VitError(f"{source}: the config must be a mapping of sections (data, model, train), got {raw!r}")
     for section, values in raw.items():
+        if not isinstance(section, str):  # `1:`, `true:`, `null:` are YAML numbers, booleans, nulls
+            raise VitError(f"{source}: a section name must be text (data, model, train or name), got {section!r}")
         if section == "name":
             into["name"] = (values, source)
             continue
@@ -211,6 +228,9 @@ def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) ->
             raise VitError(f"{source}: section '{section}' must be a mapping of keys, got {values!r}")
         fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
         for key, value in values.items():
+            if not isinstance(key, str):
+                raise VitError(f"{source}: a key in section '{section}' must be text, got {key!r}; valid keys: "
+                               f"{', '.join(sorted(fields))}")
             if key not in fields:
                 raise VitError(f"{source}: unknown key '{section}.{key}'{_closest(key, sorted(fields), section)}")
             into[section][key] = (value, source)
@@ -265,8 +285,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except _DuplicateKey as e:
         raise VitError(f"{path}: {e}") from None
     except UnicodeDecodeError:
-        raise VitError(f"{path} is not a YAML text file (it is not UTF-8 text; a checkpoint or a picture?); "
-                       f"pass a recipe such as configs/cifar10.yaml") from None
+        raise VitError(f"{path} is not a YAML text file (it is not UTF-8 text: a checkpoint or a picture, or text "
+                       f"in another encoding?); pass a recipe such as configs/cifar10.yaml, or save the file as "
+                       f"UTF-8") from None
+    except RecursionError:
+        raise VitError(f"{path}: nested too deeply to read; a recipe is a mapping of sections (data, model, train) "
+                       f"of keys") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -285,14 +309,17 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
     for item in overrides:
         _merge(_set_to_dict(item), values, f"--set {item}")
     name, where = values.pop("name", ("vit", source))
+    name = _as_typed(name, str, where)
     if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        quote = "; put it in quotes" if name is not None and not isinstance(name, (str, list, dict)) else ""
         raise VitError(f"{where}: 'name' (runs/NAME/...) must be a non-empty string without '/', other than '.' "
-                       f"and '..', got {name!r}")
+                       f"and '..', got {name!r}{quote}")
     sections = {}
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, (value, where) in values[section].items():
+            value = _as_typed(value, hints[key], where)
             choices = CHOICES.get((section, key))
             if choices and value not in choices:  # before the type check: a choice key lists its choices
                 near = _near_miss(value, choices) if isinstance(value, str) else None  # the choices are listed
@@ -329,7 +356,8 @@ CHECK_READS = {
     "train.eval_hflip": ["train.eval_hflip", "data.hflip", "data.dataset"],
     "data.mean": ["data.mean", "data.dataset"],
     "data.std": ["data.std", "data.dataset"],
-    "data.crop_padding": ["data.crop_padding", "data.dataset"],
+    "data.crop_padding": ["data.crop_padding", "data.dataset", "data.image_size"],
+    "train.min_lr": ["train.min_lr", "train.lr"],
 }
 
 
@@ -376,6 +404,8 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
         (t.lr > 0, "train.lr", f"must be positive, got {t.lr}"),
         (t.min_lr >= 0, "train.min_lr", f"must be >= 0 (the learning rate the cosine schedule ends at), got "
          f"{t.min_lr}"),
+        (t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr:g} is above train.lr {t.lr:g}: the cosine schedule would "
+         f"raise the learning rate to it; set train.min_lr at most train.lr (0 by default)"),
         (t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}"),
         (t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
@@ -391,6 +421,10 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
         (d.dataset != "imagefolder" or not d.crop_padding, "data.crop_padding",
          "applies to in-memory datasets; image folders use random resized crops (leave it unset)"),
         (d.crop_padding is None or d.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {d.crop_padding}"),
+        # padded by its size or more, a random crop can hold no pixel of the image (and the padded batch may not fit
+        # in memory: 100000 asked for 7 TB)
+        (d.crop_padding is None or d.crop_padding < config.image_size, "data.crop_padding",
+         f"{d.crop_padding} must be less than the image size {config.image_size} (4 for 32x32 images is usual)"),
         (0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2^32), got {t.seed}"),
         (0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]"),
         (d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha", "must be >= 0"),

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vitcli.checkpoint import atomic_write, check_torch_zip, tensor_name, written_by_torch_save
+from vitcli.checkpoint import atomic_write, check_torch_zip, shape_advice, tensor_name, written_by_torch_save
 from vitcli.errors import VitError, not_a_file, short
 
 
@@ -206,8 +206,8 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
                        f"{unexpected}); check model.dim/depth/heads/patch_size")
     for key, value in state.items():
         if value.shape != own[key].shape:
-            raise VitError(f"{source}: tensor {tensor_name(key, names)} has shape {tuple(value.shape)}, the config's model expects "
-                           f"{tuple(own[key].shape)}")
+            raise VitError(f"{source}: tensor {tensor_name(key, names)} has shape {tuple(value.shape)}, the config's "
+                           f"model expects {tuple(own[key].shape)}{shape_advice(key)}")
     model.load_state_dict(state, strict=False)
     log(f"loaded {len(state)} tensors from {source}")
 

@@ -7,7 +7,7 @@ import os
 import shlex
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -152,6 +152,49 @@ def write_config_yaml(run_dir: Path, config: Config) -> None:
     text = config.to_yaml().encode()
     atomic_write(run_dir / "config.yaml", lambda f: f.write(text), "config", "free disk space or check the run "
                  "directory's permissions")
+
+
+def keep_edited_config(run_dir: Path, saved: Config, config: Config) -> Optional[str]:
+    """A resumed run rewrites config.yaml with the config it continues with (`config`: the checkpoint's, `saved`,
+    changed by --set). Where the file was edited by hand (--resume does not read it) and the run will not have an
+    edit, it is first copied to config.edited.yaml (-2, -3, ... where that exists); returns the note that says so,
+    or None."""
+    path = run_dir / "config.yaml"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None  # check_resumable found it; gone since: nothing to keep
+    if data in (saved.to_yaml().encode(), config.to_yaml().encode()):
+        return None
+    try:
+        edited: Optional[Config] = build_config(read_yaml(path), source=str(path), saved=True)
+    except VitError:
+        edited = None  # not a config any more (broken YAML, an unknown key): kept all the same
+    first = None
+    if edited is not None:
+        # the first setting edited in the file (it differs from the checkpoint's) that the run will not have
+        edits = {key for key, _, _ in all_changes(saved, edited)}
+        first = next((change for change in all_changes(edited, config) if change[0] in edits), None)
+        if first is None:  # no edit, or each one given again with --set: nothing is lost
+            return None
+    copy, n = run_dir / "config.edited.yaml", 1
+    while os.path.lexists(copy):
+        n += 1
+        copy = run_dir / f"config.edited-{n}.yaml"
+    atomic_write(copy, lambda f: f.write(data), "config", "free disk space or check the run directory's permissions")
+    what = (f"({first[0]} {as_yaml(first[1])} there, {as_yaml(first[2])} in the run)" if first else
+            "(it is not a config vit can read)")
+    return (f"vit: note: {path} was edited {what}; --resume does not read it: the run continues with its "
+            f"checkpoint's config and the --set changes given, and the edited file is kept as {copy.name} (change a "
+            f"setting with --resume ... --set section.key=value)")
+
+
+def all_changes(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each key whose value differs."""
+    old_d, new_d = saved.to_dict(), new.to_dict()
+    changes = [("name", old_d["name"], new_d["name"])] if old_d["name"] != new_d["name"] else []
+    return changes + [(f"{section}.{key}", old_d[section][key], value) for section in ("data", "model", "train")
+                      for key, value in new_d[section].items() if value != old_d[section][key]]
 
 
 def check_resumable(ckpt: dict[str, Any], path: Path) -> None:

@@ -201,17 +201,29 @@ def check_ddp_devices(device_name: str, per_node: int) -> bool:
 def init_distributed(device_name: str) -> tuple[Distributed, str]:
     """Joins the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
     Returns the rank info and the device name this rank uses."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise VitError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes: unset it for one "
+                       f"process, or start several with vit train --nproc N or torchrun") from None
     if world_size <= 1:
         return Distributed(), device_name
     import torch.distributed as dist
 
     try:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
     except (KeyError, ValueError):
         raise VitError(f"WORLD_SIZE={world_size} is set but RANK / LOCAL_RANK are not (or not numbers): start "
                        f"several processes with vit train --nproc N or torchrun, or unset WORLD_SIZE for one") from None
-    use_cuda = check_ddp_devices(device_name, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)))
+    # torchrun sets the rendezvous address; without it (WORLD_SIZE and RANK left over in a job script) the process
+    # group cannot start
+    unset = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if unset:
+        raise VitError(f"WORLD_SIZE={world_size} and RANK={rank} are set but {' and '.join(unset)} "
+                       f"{'is' if len(unset) == 1 else 'are'} not: start the processes with vit train --nproc N or "
+                       f"torchrun (which set them), or unset WORLD_SIZE for one process")
+    use_cuda = check_ddp_devices(device_name, local_world_size)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device_name = f"cuda:{local_rank}"

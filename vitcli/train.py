@@ -25,8 +25,8 @@ from vitcli.errors import Interrupted, OtherRankFailed, VitError, not_a_file, ou
 from vitcli.evaluate import evaluate, largest_batch_that_fits
 from vitcli.metrics import MetricsWriter, closed_on_error, log_pictures
 from vitcli.model import build_model, no_weight_decay, prepare_compile
-from vitcli.rundir import (OPTIMISATION_CHANGES, default_run_dir, lock_run_dir, prepare_run_dir, resume_command_line,
-                           resume_config, resume_sets, write_config_yaml)
+from vitcli.rundir import (OPTIMISATION_CHANGES, default_run_dir, keep_edited_config, lock_run_dir, prepare_run_dir,
+                           resume_command_line, resume_config, resume_sets, write_config_yaml)
 from vitcli.runtime import (CUDA_GRAPH_MODES, StopSignals, WorkersStopped, all_reduce_sum, autocast, barrier,
                             check_model_fits, evaluation_compile_mode, init_distributed, rank0_first,
                             resolve_attention, resolve_compile_mode, resolve_device, resolve_precision, settle,
@@ -339,6 +339,10 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             stale.unlink(missing_ok=True)
         if ckpt is None:  # a resumed run's changes (more epochs, a new lr) go in with its first last.pt (save)
             write_config_yaml(run_dir, config)
+        else:  # which rewrites config.yaml: hand edits there are kept aside, with a note
+            edited = keep_edited_config(run_dir, ckpt["config"], config)
+            if edited:
+                print(edited, file=sys.stderr)
 
     rank0_first(dist_info, set_up_run_dir, others_too=False)
     writer = MetricsWriter(run_dir, main, (epoch, global_step) if ckpt is not None else None)
