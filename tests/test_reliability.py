@@ -506,6 +506,17 @@ def test_dataset_missing_offline(tmp_path):
                      "--set", "data.download=false", "--run-dir", tmp_path / "run")
     one_line_error(result, "cifar10 not found in", str(tmp_path), "download=true")
     assert not (tmp_path / "run").exists(), "nothing is created for a run that cannot start"
+    # a file as data.root with data.download: said so, before any download (it blamed the network)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    result = run_vit("train", "--config", REPO / "configs" / "cifar10.yaml", "--set", f"data.root={notes}",
+                     "--set", "data.download=true", "--run-dir", tmp_path / "run")
+    one_line_error(result, f"data.root {notes}: {notes} is a file, not a folder")
+    assert "network" not in result.stderr and notes.read_text() == "mine" and not (tmp_path / "run").exists()
+    # a FIFO as the config: there, but not a file (it said "config file not found")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    one_line_error(run_vit("train", "--config", fifo), f"{fifo} is not a regular file; pass the config file itself")
 
 
 def test_imagefolder_without_images(tmp_path):

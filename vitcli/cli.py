@@ -387,8 +387,13 @@ def eval_(
         if checkpoint["classes"] == placeholder_classes(len(classes)):  # vit convert without --classes
             err(f"note: {path} names its classes class_0...; using the dataset's names")
         elif classes != checkpoint["classes"]:
-            raise VitError(f"the {split} split's classes {classes[:5]}... differ from the checkpoint's "
-                           f"{checkpoint['classes'][:5]}...")
+            def listed(names: list[str]) -> str:
+                return f"{len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+
+            where = "" if config.data.dataset == "synthetic" else f" in {config.data_root}"
+            raise VitError(f"the {split} split's classes{where} ({listed(classes)}) are not the checkpoint's "
+                           f"({listed(checkpoint['classes'])}); evaluate it on the data it was trained for "
+                           f"(--data-root DIR: the folder of that dataset)")
         mistakes = None
         hflip = _tta_choice(tta, config)
 

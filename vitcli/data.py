@@ -11,6 +11,7 @@ augmentation from (seed, global step): a run resumed at any step sees exactly th
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import random
 import signal
@@ -82,6 +83,10 @@ def _download(dataset: str, root: Path) -> None:
 
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
            "mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]
+    for folder in (root, *root.parents):  # a file where the folder should be: no network can help
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise VitError(f"data.root {root}: {folder} is a file, not a folder; set data.root to the folder to "
+                           f"download {dataset} into")
     try:
         for train in (True, False):
             cls(str(root), train=train, download=True)

@@ -34,7 +34,7 @@ def short(text: str, limit: int = 160) -> str:
 
 def not_a_file(path, what: str, *patterns: str) -> str:
     """The one line for a path that does not name a file: a directory (with the files in it that would do: names
-    or glob patterns, the first one the example) or nothing at all."""
+    or glob patterns, the first one the example), something else that is there (a FIFO), or nothing at all."""
     from pathlib import Path
 
     path = Path(path)
@@ -42,6 +42,8 @@ def not_a_file(path, what: str, *patterns: str) -> str:
         found = sorted({p.name for pattern in patterns for p in path.glob(pattern) if p.is_file()})[:3]
         hint = f" ({', '.join(found)} in it)" if found else " (it holds no such file)"
         return f"{path} is a directory; pass the {what} itself, e.g. {path / patterns[0]}{hint}"
+    if path.exists():  # a FIFO, a device: there, but no file to read (it said "not found")
+        return f"{path} is not a regular file; pass the {what} itself"
     return f"{what} not found: {path}"
 
 
