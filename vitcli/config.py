@@ -166,6 +166,11 @@ def _shown(value: Any) -> str:
     return "no value (empty or null)" if value is None else repr(value)
 
 
+def _quote_hint(value: Any) -> str:
+    """For text that YAML read as something else (2024-01-01 a date, no false, 123 a number): quotes make it text."""
+    return "; put it in quotes" if value is not None and not isinstance(value, (str, list, dict)) else ""
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Checks `value` against the dataclass field type; ints are accepted for floats."""
     origin = typing.get_origin(hint)
@@ -194,10 +199,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise VitError(f"{where}: expected a whole number, got {_shown(value)}")
     if not isinstance(value, hint):
         what = {str: "text", float: "a number"}.get(hint, hint.__name__)
-        # YAML reads 2024-01-01 as a date, no as false, 123 as a number: quotes make them text
-        scalar = value is not None and not isinstance(value, (list, dict))
-        quote = "; put it in quotes" if hint is str and scalar else ""
-        raise VitError(f"{where}: expected {what}, got {_shown(value)}{quote}")
+        raise VitError(f"{where}: expected {what}, got {_shown(value)}{_quote_hint(value) if hint is str else ''}")
     return value
 
 
@@ -311,9 +313,8 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
     name, where = values.pop("name", ("vit", source))
     name = _as_typed(name, str, where)
     if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
-        quote = "; put it in quotes" if name is not None and not isinstance(name, (str, list, dict)) else ""
         raise VitError(f"{where}: 'name' (runs/NAME/...) must be a non-empty string without '/', other than '.' "
-                       f"and '..', got {name!r}{quote}")
+                       f"and '..', got {name!r}{_quote_hint(name)}")
     sections = {}
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)

@@ -89,14 +89,14 @@ def check_exported_heads(path: str | Path, heads: int) -> None:
     check_heads(saved, heads, f"{path} was exported from a model with")
 
 
+def _renamed(key: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
 def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        new = key
-        for pattern, replacement in rules:
-            new = re.sub(pattern, replacement, new)
-        out[new] = value
-    return out
+    return {_renamed(key, rules): value for key, value in state.items()}
 
 
 TIMM_RULES = [
@@ -157,7 +157,7 @@ def file_names(state: dict[str, torch.Tensor], peer: str) -> dict[str, str]:
     """{vitcli name: the name in the file} for the keys from_peer(state, peer) renames, so that an error about a
     tensor can name it as the user's file does."""
     rules = {"timm": TIMM_RULES, "torchvision": TORCHVISION_RULES}.get(peer, [])
-    return {new: key for key in state if (new := next(iter(_rename({key: None}, rules)))) != key}
+    return {_renamed(key, rules): key for key in state if _renamed(key, rules) != key}
 
 
 def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
