@@ -142,6 +142,8 @@ def test_errors_name_the_set_that_gave_the_value():
         build_config({"model": {"heads": 4, "dim": 30}}, ["train.epochs=2"], source="my.yaml")
     with pytest.raises(VitError, match=r"^--set name=a/b: 'name' \(runs/NAME/...\) must be"):
         build_config({}, ["name=a/b"], source="my.yaml")
+    with pytest.raises(VitError, match=r"^--set name=a+: 'name' \(runs/NAME/...\) is 300 bytes long"):
+        build_config({}, ["name=" + "a" * 300], source="my.yaml")  # (was "File name too long" after runs/ was made)
     for parent in (".", ".."):  # runs/.. is the current folder: the run would land outside runs/
         with pytest.raises(VitError, match=r"other than '\.' and '\.\.', got '\.{1,2}'"):
             build_config({}, [f"name={parent}"], source="my.yaml")

@@ -967,3 +967,8 @@ def test_unwritable_run_dir(tmp_path):
         target = locked / "run"
     result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", target)
     one_line_error(result, "cannot write to run directory")
+    # a --run-dir with a name too long for the file system: one line, and no folder of it left behind (x/ stayed)
+    long = tmp_path / "x" / ("b" * 300) / "y"
+    one_line_error(run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", long),
+                   "cannot write to run directory", "File name too long", "choose a writable --run-dir")
+    assert not (tmp_path / "x").exists()

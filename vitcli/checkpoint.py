@@ -32,6 +32,8 @@ def check_writable(folder: Path, what: str, fix: str, keep: bool = False) -> Non
     except OSError as e:
         error = e
     for made_folder in made if error or not keep else []:  # a later write makes them again
+        if not os.path.isdir(made_folder):  # not made: the failure came first (a name too long for the disk)
+            continue
         try:
             made_folder.rmdir()
         except OSError:

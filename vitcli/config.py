@@ -312,6 +312,9 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
         _merge(_set_to_dict(item), values, f"--set {item}")
     name, where = values.pop("name", ("vit", source))
     name = _as_typed(name, str, where)
+    if isinstance(name, str) and len(name.encode()) > 200:  # a folder's name: file systems allow 255 bytes
+        raise VitError(f"{where}: 'name' (runs/NAME/...) is {len(name.encode())} bytes long, more than a folder "
+                       f"name may be; use a name of at most 200")
     if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
         raise VitError(f"{where}: 'name' (runs/NAME/...) must be a non-empty string without '/', other than '.' "
                        f"and '..', got {name!r}{_quote_hint(name)}")
