@@ -146,6 +146,7 @@ def test_process_launch_errors_are_one_line(tmp_path):
     for args, needle in (
             (["--nproc", "2", "--device", "cuda"], "train.device=cuda: no CUDA GPU is visible"),
             (["--nproc", "3"], "does not divide over 3 processes"),
+            (["--nproc", "9" * 20], f"--nproc {'9' * 20}: more processes than train.batch_size 64"),
             (["--nproc", "0"], "--nproc 0: the number of processes must be 1 or more"),
             (["--nproc", "2", "--set", f"model.init_from={tmp_path / 'nope.pt'}"],  # was one line per process
              "model.init_from: checkpoint not found"),

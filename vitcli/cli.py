@@ -243,6 +243,10 @@ def train(
             from vitcli.rundir import resume_config
 
             run_cfg = cfg if cfg is not None else resume_config(resume, overrides)[1]
+            if nproc > run_cfg.train.batch_size:  # a multiple of 10^20 was the advice
+                raise VitError(f"--nproc {nproc}: more processes than train.batch_size {run_cfg.train.batch_size} "
+                               f"(the global batch, split over them: each needs images); use --nproc at most the "
+                               f"number of GPUs (or CPU processes) you mean to use")
             if run_cfg.train.batch_size % nproc:
                 raise VitError(f"train.batch_size {run_cfg.train.batch_size} does not divide over {nproc} "
                                f"processes; use a multiple of {nproc}")
