@@ -30,6 +30,10 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"model": {"dimm": 3}}, "did you mean 'model.dim'"),  # the key as it is written in --set
     ({"train": {"zzzzqq": 3}}, "unknown key 'train.zzzzqq'; valid keys in train: batch_size, checkpoint_every"),
     ({"trian": {}}, "did you mean 'train'"),
+    # every unknown name at once (a file with three typos took three runs)
+    ({"model": {"depht": 3, "dim": 64}, "trian": {}, "data": {"zzzzqq": 1}},
+     r"my.yaml: unknown keys 'model.depht' \(did you mean 'model.depth'\?\), 'trian' \(did you mean 'train'\?\), "
+     r"'data.zzzzqq'; the valid ones are in the README's Configs table$"),
     ({"train": {"epochs": "ten"}}, "train.epochs: expected a whole number"),
     ({"train": {"compile": "yes"}}, "expected true or false"),
     ({"model": {"dim": 100, "heads": 3}}, "dim 100 is not divisible by heads 3"),

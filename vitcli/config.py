@@ -216,8 +216,11 @@ def _as_typed(value: Any, hint: Any, where: str) -> Any:
 
 
 def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) -> None:
+    """Each (value, source) into its section of `into`. Unknown names are one error for all of them (a file with
+    three typos took three runs to fix): a single one with its closest name or the valid ones."""
     if not isinstance(raw, dict):
         raise VitError(f"{source}: the config must be a mapping of sections (data, model, train), got {raw!r}")
+    unknown: list[tuple[str, list[str], str]] = []  # (the name as written in --set, the valid names, section)
     for section, values in raw.items():
         if not isinstance(section, str):  # `1:`, `true:`, `null:` are YAML numbers, booleans, nulls
             raise VitError(f"{source}: a section name must be text (data, model, train or name), got {section!r}")
@@ -225,7 +228,8 @@ def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) ->
             into["name"] = (values, source)
             continue
         if section not in SECTIONS:
-            raise VitError(f"{source}: unknown section '{section}'{_closest(section, ['name', *SECTIONS])}")
+            unknown.append((section, ["name", *SECTIONS], ""))
+            continue
         if not isinstance(values, dict):
             raise VitError(f"{source}: section '{section}' must be a mapping of keys, got {values!r}")
         fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
@@ -234,8 +238,20 @@ def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) ->
                 raise VitError(f"{source}: a key in section '{section}' must be text, got {key!r}; valid keys: "
                                f"{', '.join(sorted(fields))}")
             if key not in fields:
-                raise VitError(f"{source}: unknown key '{section}.{key}'{_closest(key, sorted(fields), section)}")
+                unknown.append((key, sorted(fields), section))
+                continue
             into[section][key] = (value, source)
+    if len(unknown) == 1:
+        name, options, section = unknown[0]
+        what = f"key '{section}.{name}'" if section else f"section '{name}'"
+        raise VitError(f"{source}: unknown {what}{_closest(name, options, section)}")
+    if unknown:
+        listed = []
+        for name, options, section in unknown:
+            near = _near_miss(name, options)
+            prefix = f"{section}." if section else ""
+            listed.append(f"'{prefix}{name}'" + (f" (did you mean '{prefix}{near}'?)" if near else ""))
+        raise VitError(f"{source}: unknown keys {', '.join(listed)}; the valid ones are in the README's Configs table")
 
 
 def _set_to_dict(item: str) -> dict[str, Any]:
