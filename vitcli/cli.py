@@ -244,9 +244,9 @@ def train(
 
             run_cfg = cfg if cfg is not None else resume_config(resume, overrides)[1]
             if nproc > run_cfg.train.batch_size:  # a multiple of 10^20 was the advice
-                raise VitError(f"--nproc {nproc}: more processes than train.batch_size {run_cfg.train.batch_size} "
-                               f"(the global batch, split over them: each needs images); use --nproc at most the "
-                               f"number of GPUs (or CPU processes) you mean to use")
+                raise VitError(f"--nproc {nproc}: more processes than train.batch_size {run_cfg.train.batch_size}, "
+                               f"the global batch they split; use one process per GPU (or a few on a CPU), a number "
+                               f"that divides {run_cfg.train.batch_size}")
             if run_cfg.train.batch_size % nproc:
                 raise VitError(f"train.batch_size {run_cfg.train.batch_size} does not divide over {nproc} "
                                f"processes; use a multiple of {nproc}")
