@@ -145,6 +145,15 @@ def check_device_option(device: Optional[str]) -> None:
         raise VitError(f"--device {device}: must be auto, cpu, cuda, cuda:N or mps")
 
 
+def check_device_there(device: Optional[str]) -> None:
+    """--device, where given, is on this machine: else one line naming the option as typed (train and bench would
+    name the config key, train.device=...)."""
+    if device is not None:
+        from vitcli.runtime import resolve_device
+
+        resolve_device(device, f"--device {device}")
+
+
 def checkpoint_device(device: Optional[str], config):
     """eval / predict: --device, else the checkpoint's train.device; a device that is not there is one line
     naming which of the two asked for it."""
@@ -259,11 +268,10 @@ def train(
 
                 check_init_from(run_cfg)  # once, not as one line per process
             return launch_torchrun(nproc)
-        from vitcli.runtime import resolve_device, tune_malloc
+        from vitcli.runtime import tune_malloc
         from vitcli.train import fit
 
-        if device is not None:  # named as the option typed, as in eval and predict (fit names train.device=...)
-            resolve_device(device, f"--device {device}")
+        check_device_there(device)
         tune_malloc()
         fit(cfg, run_dir=run_path, resume=resume, resume_overrides=tuple(overrides))
         return 0
@@ -633,14 +641,13 @@ def bench(
         from vitcli.bench import bench as run_bench
         from vitcli.config import load_config, unread_keys_note
         from vitcli.errors import VitError
-        from vitcli.runtime import resolve_device, settle, tune_malloc
+        from vitcli.runtime import settle, tune_malloc
 
         settle()
         if steps <= 0:
             raise VitError(f"--steps must be positive, got {steps}")
         check_device_option(device)
-        if device is not None:  # named as the option typed, as in train (bench would name train.device=...)
-            resolve_device(device, f"--device {device}")
+        check_device_there(device)
         cfg = load_config(config, list(set_ or []) + ([f"train.device={device}"] if device else []))
         note = unread_keys_note(cfg)
         if note:

@@ -157,7 +157,8 @@ def file_names(state: dict[str, torch.Tensor], peer: str) -> dict[str, str]:
     """{vitcli name: the name in the file} for the keys from_peer(state, peer) renames, so that an error about a
     tensor can name it as the user's file does."""
     rules = {"timm": TIMM_RULES, "torchvision": TORCHVISION_RULES}.get(peer, [])
-    return {_renamed(key, rules): key for key in state if _renamed(key, rules) != key}
+    renamed = {key: _renamed(key, rules) for key in state}
+    return {new: key for key, new in renamed.items() if new != key}
 
 
 def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:

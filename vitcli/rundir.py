@@ -113,19 +113,25 @@ def prepare_run_dir(run_dir: Path) -> None:
     check_writable(run_dir, f"to run directory {run_dir}", "choose a writable --run-dir", keep=True)
 
 
-def run_changes(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) for each difference that would make `new` another run than `saved`: all but
-    RESUMABLE_CHANGES; the name first."""
+def config_changes(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each setting that differs, the name first; the data keys a Config resolves
+    when left open (null) compared as resolved (data.hflip=true for synthetic data is no change)."""
     old_d, new_d = saved.to_dict(), new.to_dict()
     changes = [("name", old_d["name"], new_d["name"])] if old_d["name"] != new_d["name"] else []
     for section in ("data", "model", "train"):
         for key, value in new_d[section].items():
+            old = old_d[section][key]
             if section == "data" and key in RESOLVED:
-                if getattr(saved, key) != getattr(new, key):  # left open (null): as resolved, data.hflip=true say
-                    changes.append((f"data.{key}", getattr(saved, key), getattr(new, key)))
-            elif value != old_d[section][key] and (section, key) not in RESUMABLE_CHANGES:
-                changes.append((f"{section}.{key}", old_d[section][key], value))
+                old, value = getattr(saved, key), getattr(new, key)
+            if value != old:
+                changes.append((f"{section}.{key}", old, value))
     return changes
+
+
+def run_changes(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """config_changes that would make `new` another run than `saved`: all but RESUMABLE_CHANGES."""
+    return [change for change in config_changes(saved, new)
+            if tuple(change[0].split(".")) not in RESUMABLE_CHANGES]
 
 
 def as_yaml(value: Any) -> str:
@@ -164,8 +170,6 @@ def keep_edited_config(run_dir: Path, saved: Config, config: Config) -> Optional
         data = path.read_bytes()
     except OSError:
         return None  # check_resumable found it; gone since: nothing to keep
-    if data in (saved.to_yaml().encode(), config.to_yaml().encode()):
-        return None
     try:
         edited: Optional[Config] = build_config(read_yaml(path), source=str(path), saved=True)
     except VitError:
@@ -173,8 +177,8 @@ def keep_edited_config(run_dir: Path, saved: Config, config: Config) -> Optional
     first = None
     if edited is not None:
         # the first setting edited in the file (it differs from the checkpoint's) that the run will not have
-        edits = {key for key, _, _ in all_changes(saved, edited)}
-        first = next((change for change in all_changes(edited, config) if change[0] in edits), None)
+        edits = {key for key, _, _ in config_changes(saved, edited)}
+        first = next((change for change in config_changes(edited, config) if change[0] in edits), None)
         if first is None:  # no edit, or each one given again with --set: nothing is lost
             return None
     copy, n = run_dir / "config.edited.yaml", 1
@@ -187,14 +191,6 @@ def keep_edited_config(run_dir: Path, saved: Config, config: Config) -> Optional
     return (f"vit: note: {path} was edited {what}; --resume does not read it: the run continues with its "
             f"checkpoint's config and the --set changes given, and the edited file is kept as {copy.name} (change a "
             f"setting with --resume ... --set section.key=value)")
-
-
-def all_changes(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) for each key whose value differs."""
-    old_d, new_d = saved.to_dict(), new.to_dict()
-    changes = [("name", old_d["name"], new_d["name"])] if old_d["name"] != new_d["name"] else []
-    return changes + [(f"{section}.{key}", old_d[section][key], value) for section in ("data", "model", "train")
-                      for key, value in new_d[section].items() if value != old_d[section][key]]
 
 
 def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
