@@ -51,6 +51,38 @@ def test_attention_rollout_worked_by_hand():
     torch.testing.assert_close(attention_rollout([batch, batch]), torch.tensor([[0, 0.75, 0, 0], [0, 0, 0, 0]]))
 
 
+def test_position_similarity_maps_sit_on_the_patch_grid():
+    """Tile (r, c) of the mosaic is patch (r, c)'s similarity map; orthogonal embeddings make each map one bright
+    pixel, at the patch's own place. A 64x64 grid shows 16x16 evenly spaced patches, corners included, as one image
+    (one matplotlib axis per patch took 70 s there)."""
+    from vitcli.visualize import figure_to_array, position_similarity_figure, position_similarity_mosaic
+
+    grid = 4
+    pos = torch.cat([torch.zeros(1, 1, grid * grid), torch.eye(grid * grid)[None] * 3], dim=1)  # (1, 1 + N, D)
+    mosaic, n = position_similarity_mosaic(pos)
+    assert n == grid and mosaic.shape == (grid * (grid + 1) - 1,) * 2
+    gaps = np.arange(grid, mosaic.shape[0], grid + 1)
+    assert np.isnan(mosaic[gaps]).all() and np.isnan(mosaic[:, gaps]).all()
+    for r in range(grid):
+        for c in range(grid):
+            tile = mosaic[r * (grid + 1):r * (grid + 1) + grid, c * (grid + 1):c * (grid + 1) + grid]
+            expected = np.zeros((grid, grid))
+            expected[r, c] = 1
+            np.testing.assert_allclose(tile, expected, atol=1e-6)
+
+    grid = 64
+    pos = torch.randn(1, 1 + grid * grid, 8)
+    mosaic, n = position_similarity_mosaic(pos)
+    assert n == 16 and mosaic.shape == (16 * (grid + 1) - 1,) * 2
+    unit = torch.nn.functional.normalize(pos[0, 1:], dim=1)
+    last = (unit @ unit[-1]).view(grid, grid).numpy()  # patch (63, 63)'s map: the bottom right tile
+    np.testing.assert_allclose(mosaic[-grid:, -grid:], last, atol=1e-5)
+    first = (unit @ unit[0]).view(grid, grid).numpy()
+    np.testing.assert_allclose(mosaic[:grid, :grid], first, atol=1e-5)
+    picture = figure_to_array(position_similarity_figure(pos))
+    assert min(picture.shape[:2]) >= 16 * 0.6 * 100 * 0.9 and picture.std() > 10
+
+
 def test_predict_attention_maps(smoke_run, tmp_path):
     image = write_png(tmp_path / "in.png", size=300, mode="RGB")
     for mode in ("rollout", "last"):

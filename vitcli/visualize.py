@@ -163,21 +163,34 @@ def mistakes_figure(images: list[np.ndarray], captions: list[str], columns: int 
     return fig
 
 
-def position_similarity_figure(position_embedding: torch.Tensor):
-    """The ViT paper's figure: cosine similarity of each patch's positional embedding with all others, one small
-    map per patch, laid out on the patch grid."""
-    plt = _plt()
+def position_similarity_mosaic(position_embedding: torch.Tensor, most: int = 16) -> tuple[np.ndarray, int]:
+    """The cosine similarity of each shown patch's positional embedding with all others, as one (H, W) array: a
+    (grid, grid) map per patch, laid out on the patch grid with a one-pixel NaN gap between maps. Grids wider than
+    `most` show `most` evenly spaced rows and columns of patches (a 64x64 grid would be 4096 maps). Also returns the
+    number of maps per side."""
     pos = position_embedding[0, 1:].float()  # (N, D), without the class token
     grid = int(round(pos.shape[0] ** 0.5))
     pos = torch.nn.functional.normalize(pos, dim=1)
-    similarity = (pos @ pos.T).view(grid, grid, grid, grid).cpu().numpy()
-    fig, axes = plt.subplots(grid, grid, figsize=(max(4.0, 0.6 * grid), max(4.0, 0.6 * grid)), dpi=100)
-    for r in range(grid):
-        for c in range(grid):
-            ax = axes[r][c] if grid > 1 else axes
-            ax.imshow(similarity[r, c], cmap="viridis", vmin=-1, vmax=1)
-            ax.set_axis_off()
-    fig.suptitle("positional embedding similarity", fontsize=9)
+    similarity = (pos @ pos.T).view(grid, grid, grid, grid).cpu()  # (row, column, row, column)
+    shown = torch.linspace(0, grid - 1, min(grid, most)).round().long()
+    n = len(shown)
+    maps = torch.nn.functional.pad(similarity[shown][:, shown], (0, 1, 0, 1), value=float("nan"))  # (n, n, g+1, g+1)
+    side = n * (grid + 1) - 1  # without the gap after the last map
+    return maps.permute(0, 2, 1, 3).reshape(n * (grid + 1), n * (grid + 1))[:side, :side].numpy(), n
+
+
+def position_similarity_figure(position_embedding: torch.Tensor):
+    """The ViT paper's figure: cosine similarity of each patch's positional embedding with all others, one small
+    map per patch, laid out on the patch grid; drawn as one image (one axis per patch took 70 s at 64x64 patches)."""
+    plt = _plt()
+    mosaic, n = position_similarity_mosaic(position_embedding)
+    grid = int(round((position_embedding.shape[1] - 1) ** 0.5))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n), max(4.0, 0.6 * n)), dpi=100)
+    ax.imshow(mosaic, cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")  # NaN gaps: blank
+    ax.set_axis_off()
+    every = "" if n == grid else f" ({n}x{n} of the {grid}x{grid} patches, evenly spaced)"
+    fig.suptitle(f"positional embedding similarity{every}", fontsize=9)
+    fig.tight_layout()
     return fig
 
 
