@@ -54,6 +54,16 @@ def test_module_entry_point():
     assert result.returncode == 0 and "train" in result.stdout
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_help_that_cannot_be_written_is_one_line():
+    """Typer writes the help itself, outside the commands' error handling: a full disk was a traceback."""
+    for args in (["--help"], ["train", "--help"]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([VIT, *args], stdout=full, stderr=subprocess.PIPE, text=True)
+        assert result.returncode == 1
+        assert result.stderr == "vit: error: cannot write the output: No space left on device\n", result.stderr
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

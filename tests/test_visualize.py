@@ -252,7 +252,7 @@ def test_attention_pictures_of_several_images_never_share_a_file():
     image's own name is another's fallback (a-2.png beside two a.png: the third map overwrote a-2's)."""
     from pathlib import Path
 
-    from vitcli.cli import attention_outputs
+    from vitcli.predict import attention_outputs
 
     for paths in ([Path("imgs/a-2.png"), Path("imgs/a.png"), Path("imgs/c/a.png")],
                   [Path("x/a.png"), Path("y/a.png"), Path("z/a.jpg"), Path("a-1.png"), Path("a-2.png")]):

@@ -1,4 +1,4 @@
-from vitcli.cli import app
+from vitcli.cli import console_script
 
 if __name__ == "__main__":
-    app(prog_name="vit")
+    console_script()

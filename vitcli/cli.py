@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -267,7 +266,9 @@ def train(
                 from vitcli.train import check_init_from
 
                 check_init_from(run_cfg)  # once, not as one line per process
-            return launch_torchrun(nproc)
+            from vitcli.runtime import launch_torchrun
+
+            return launch_torchrun(nproc, sys.argv[1:])
         from vitcli.runtime import tune_malloc
         from vitcli.train import fit
 
@@ -277,58 +278,6 @@ def train(
         return 0
 
     run_command(body)
-
-
-def launch_torchrun(nproc: int) -> int:
-    """`vit train --nproc N ...` = `torchrun --nproc_per_node N -m vitcli train ...` (without --nproc)."""
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if arg == "--nproc":
-            skip = True
-            continue
-        if arg.startswith("--nproc="):
-            continue
-        args.append(arg)
-    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "vitcli", *args]
-    from vitcli.errors import vit_program
-
-    # the workers run as `python -m vitcli`; the commands they print (resume, evaluate) start vit as the user did
-    os.environ["VIT_PROGRAM"] = vit_program()
-    err("launching: torchrun " + shlex.join(argv))
-    if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and print four lines of warning about it
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))  # the CPUs this process may use (Slurm, taskset)
-    # torchrun in this process: a Ctrl-C / SIGTERM reaches it once; it passes the signal on to the workers, which
-    # finish their step, save last.pt and stop (rank 0 prints how to resume), and it waits for them
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
-    # a failed worker is reported below in one line, not also in torchrun's log record
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    from vitcli.runtime import settle
-
-    settle()  # this process watches the workers for the whole run: collection on, as in theirs
-    try:
-        torchrun(argv)
-    except SignalException:
-        return 130
-    except ChildFailedError as e:
-        codes = {failure.exitcode for failure in e.failures.values()}
-        if 2 in codes:  # a mistake the user can fix: rank 0 said what in its one line above
-            return 2
-        if codes == {130}:  # the workers were stopped (signalled themselves): each saved and rank 0 said so
-            return 130
-        rank, first = e.get_first_failure()  # the one that failed first; torchrun then stopped the others
-        how = f"signal {-first.exitcode}" if first.exitcode < 0 else f"exit code {first.exitcode}"
-        err(f"error: training process {rank} failed ({how}); its own message, if any, is above")
-        return 1
-    return 0
 
 
 @app.command("eval")
@@ -358,7 +307,8 @@ def eval_(
         from vitcli.checkpoint import load_checkpoint
         from vitcli.data import Preprocess, eval_batches, split_name
         from vitcli.errors import DatasetNotFound, VitError, out_of_memory
-        from vitcli.evaluate import evaluate, largest_batch_that_fits
+        from vitcli.evaluate import check_same_classes, evaluate, largest_batch_that_fits
+        from vitcli.interop import placeholder_classes
         from vitcli.runtime import resolve_precision, settle, tune_malloc
 
         settle()
@@ -374,19 +324,10 @@ def eval_(
         if batch_size is not None and batch_size <= 0:
             raise VitError(f"--batch-size must be positive, got {batch_size}")
         report = path_option(report_dir, "--report")
-        if report is not None and report.exists() and not report.is_dir():
-            raise VitError(f"--report {report} is a file; give a folder for the report (nothing was written)")
-        if report is not None and report.is_dir():
-            from vitcli.visualize import report_clash
-
-            clash = report_clash(report)
-            if clash:
-                raise VitError(f"--report {report} already holds {', '.join(clash)}, not a report of vit eval; give "
-                               f"a new or empty folder (nothing was written)")
         if report is not None:  # before the evaluation, not after it
-            from vitcli.checkpoint import check_writable
+            from vitcli.visualize import check_report_folder
 
-            check_writable(report, f"the report to --report {report}", "choose another --report folder")
+            check_report_folder(report)
         dev = checkpoint_device(device, config)
         precision = resolve_precision(config.train.precision, dev)
         model = _inference_model(checkpoint, path, no_ema, dev, precision)
@@ -398,14 +339,8 @@ def eval_(
             raise VitError(f"{e.what}; give the dataset's folder with --data-root DIR{debian}") from None
         if checkpoint["classes"] == placeholder_classes(len(classes)):  # vit convert without --classes
             err(f"note: {path} names its classes class_0...; using the dataset's names")
-        elif classes != checkpoint["classes"]:
-            def listed(names: list[str]) -> str:
-                return f"{len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
-
-            where = "" if config.data.dataset == "synthetic" else f" in {config.data_root}"
-            raise VitError(f"the {split} split's classes{where} ({listed(classes)}) are not the checkpoint's "
-                           f"({listed(checkpoint['classes'])}); evaluate it on the data it was trained for "
-                           f"(--data-root DIR: the folder of that dataset)")
+        else:
+            check_same_classes(classes, checkpoint["classes"], config, split)
         mistakes = None
         hflip = _tta_choice(tta, config)
 
@@ -487,7 +422,7 @@ def predict(
     def body():
         from vitcli.checkpoint import load_checkpoint
         from vitcli.errors import VitError
-        from vitcli.predict import expand_inputs, image_to_tensor, open_image
+        from vitcli.predict import attention_outputs, expand_inputs, image_to_tensor, open_image, write_attention
         from vitcli.predict import predict as run_predict
         from vitcli.runtime import resolve_precision, settle
 
@@ -514,21 +449,7 @@ def predict(
             err("note: this checkpoint was trained on SYNTHETIC data")
         results, failures = [], 0
         paths = expand_inputs(images)
-        if attention is not None:
-            attention_paths = attention_outputs(attention, paths)
-            inputs = {p.resolve() for p in paths}
-            clash = [out for out in attention_paths.values() if out.resolve() in inputs]
-            if clash:
-                raise VitError(f"--attention would write over the input image {clash[0]}; choose another file or "
-                               f"folder (nothing was written)")
-            from vitcli.visualize import ATTENTION_MARK, carries_mark
-
-            taken = [out for out in attention_paths.values()
-                     if os.path.lexists(out) and not carries_mark(out, ATTENTION_MARK)]
-            if taken:  # an attention picture vit wrote (its metadata says so: PNG, PDF, SVG) is replaced
-                raise VitError(f"--attention would write over {taken[0]}, which does not carry vit's mark of an "
-                               f"attention picture (PNG, PDF and SVG ones get it); remove it or choose another "
-                               f"file or folder (nothing was written)")
+        attention_paths = attention_outputs(attention, paths) if attention is not None else {}
         for image_path in paths:
             try:
                 image = open_image(image_path)
@@ -553,78 +474,7 @@ def predict(
     run_command(body)
 
 
-def names_a_folder(where: str) -> bool:
-    """An output path given as a folder: ending in / (a folder to make; Typer's Path would drop the slash) or
-    naming one that exists."""
-    return where.endswith(("/", os.sep)) or Path(where).is_dir()
-
-
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "safetensors": ".safetensors"}  # vit export's formats
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
-
-
-def attention_outputs(where: str, paths: list[Path]) -> dict[Path, Path]:
-    """One image: OUT is the picture (a name without an extension gets .png, the file that will be written).
-    Several images, or OUT ending in / or naming a folder: OUT is a folder holding <name>.attention.png for each
-    (for several images, a new OUT with a picture's extension is refused: a folder named maps.png was a surprise)."""
-    from vitcli.errors import VitError
-
-    out = Path(where)
-    if len(paths) == 1 and not names_a_folder(where):
-        if not out.suffix:
-            return {paths[0]: out.with_name(out.name + ".png")}
-        if out.suffix.lower() not in PICTURE_SUFFIXES:
-            raise VitError(f"--attention {where}: cannot write a {out.suffix} picture; give a file ending in "
-                           f"{', '.join(PICTURE_SUFFIXES)}, or a folder (nothing was written)")
-        return {paths[0]: out}
-    if not names_a_folder(where) and out.suffix.lower() in PICTURE_SUFFIXES:  # it made a folder named maps.png
-        raise VitError(f"--attention {where} names one picture, for {len(paths)} images; give a folder for their "
-                       f"pictures, such as {out.with_suffix('')}/ (nothing was written)")
-    names: dict[Path, Path] = {}
-    taken: set[str] = set()
-    for i, path in enumerate(paths):
-        name = f"{path.stem}.attention.png"
-        n = i
-        while name in taken:  # the same name in two folders (or one image's fallback name another's own)
-            name, n = f"{path.stem}-{n}.attention.png", n + 1
-        taken.add(name)
-        names[path] = out / name
-    return names
-
-
-ATTENTION_MAX_SIDE = 2048  # pixels: the longer side of the image in a `predict --attention` picture
-
-
-def write_attention(model, config, tensor, device, mode: str, out: Path, original, best: dict) -> Path:
-    """The image at its own size (at least 256 px) with the attention heat map and `best`, the prediction printed
-    for it (so the picture agrees with the printed answer, --tta and precision included)."""
-    import numpy as np
-    import torch.nn.functional as F
-
-    from vitcli.data import Preprocess
-    from vitcli.errors import VitError
-    from vitcli.predict import convert_image, view_box
-    from vitcli.visualize import ATTENTION_MARK, attention_maps, overlay_figure, save_figure
-
-    x, _ = Preprocess(config, device, train=False)(tensor[None].to(device), None)
-    _, heat = attention_maps(model, x, mode)
-    original = convert_image(original, "L" if tensor.shape[0] == 1 else "RGB")
-    # the heat map covers what the model saw: image folders' centre crop, at the original's resolution
-    left, top, right, bottom = view_box(config, *original.size)
-    if (left, top, right, bottom) != (0, 0, *original.size):
-        original = original.crop((round(left), round(top), round(right), round(bottom)))
-    # drawn at the image's own size up to ATTENTION_MAX_SIDE: an 8000 px photo took 9 GB and 40 s, a 1 x 70000 strip
-    # (the picture is a square of its longest side) ran out of memory in matplotlib
-    original.thumbnail((ATTENTION_MAX_SIDE, ATTENTION_MAX_SIDE))
-    image = np.asarray(original)
-    heat = F.interpolate(heat[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-    title = f"{best['label']} ({100 * best['probability']:.1f}%) - attention {mode}"
-    try:
-        save_figure(overlay_figure(image, heat.cpu().numpy(), title), out, ATTENTION_MARK,
-                    "free disk space or choose another --attention path")
-    except ValueError as e:  # a picture format matplotlib does not write (a failed write is save_figure's VitError)
-        raise VitError(f"cannot write {out}: {e}; choose another --attention path") from None
-    return out
 
 
 @app.command()
@@ -680,14 +530,11 @@ def convert(
     weights, out = user_path(weights), user_path(out)
 
     def body():
-        import torch
-
-        from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint
+        from vitcli.checkpoint import atomic_save
         from vitcli.config import load_config
-        from vitcli.errors import VitError
-        from vitcli.interop import check_exported_heads, file_names, from_peer, load_weights_file, weights_flavor
-        from vitcli.model import build_model
-        from vitcli.runtime import check_model_fits, settle
+        from vitcli.errors import VitError, names_a_folder
+        from vitcli.interop import convert
+        from vitcli.runtime import settle
 
         settle()
         if from_ not in ("timm", "torchvision"):
@@ -698,56 +545,12 @@ def convert(
                            f"{Path(out) / (weights.stem + '.pt')}")
         check_new_out(Path(out), "checkpoint")
         cfg = load_config(config, list(set_ or []))
-        raw, checkpoint = load_weights_file(weights)
-        flavor, key = weights_flavor(raw)
-        if flavor == "vitcli" and checkpoint:
-            raise VitError(f"{weights} is a vitcli checkpoint already: nothing to convert; use it as --ckpt, or "
-                           f"start a run from it with --set model.init_from={weights}")
-        if flavor == "vitcli":  # vitcli's names (vit export --format safetensors): taken as they are
-            check_exported_heads(weights, cfg.model.heads)
-            err(f"note: {weights} holds vitcli's own weight names ('{key}'): read as they are (--from {from_} "
-                f"not applied)")
-        elif flavor is not None and flavor != from_:
-            raise VitError(f"{weights} holds {flavor} weights ('{key}'), not {from_}'s; use --from {flavor}")
-        peer = "vitcli" if flavor == "vitcli" else from_
-        state, file_keys = from_peer(raw, peer), file_names(raw, peer)
-        if "head.weight" not in state:
-            raise VitError(f"{weights}: no classification head (head.weight) in the state dict")
-        num_classes = state["head.weight"].shape[0]
-        names = [name.strip() for name in classes.split(",")] if classes else default_classes(cfg, num_classes)
-        if classes and (not all(names) or len(set(names)) < len(names)):
-            raise VitError(f"--classes {classes!r}: each class needs a name of its own (empty or repeated names); "
-                           f"give one comma-separated name per class, e.g. --classes cat,dog")
-        if len(names) != num_classes:
-            raise VitError(f"--classes has {len(names)} names, the head has {num_classes} outputs")
-        check_model_fits(cfg, torch.device("cpu"), training=False)
-        model = build_model(cfg, num_classes)
-        load_weights(model, {k: v.float() for k, v in state.items()}, weights, file_keys)
-        atomic_save(make_checkpoint(config=cfg, classes=names, model=model, ema=None, optimizer=None, scaler=None,
-                                    epoch=0, step=0, global_step=0, best_top1=-1.0, epoch_stats={},
-                                    metrics={"converted_from": f"{from_}:{weights}"}), out,
-                    fix="free disk space or choose another --out")
-        err(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e6:.2f}M parameters from "
-            f"{'vitcli' if flavor == 'vitcli' else from_})")
+        checkpoint, parameters, source = convert(weights, from_, cfg, classes)
+        atomic_save(checkpoint, out, fix="free disk space or choose another --out")
+        err(f"wrote {out} ({parameters / 1e6:.2f}M parameters from {source})")
         return 0
 
     run_command(body)
-
-
-def default_classes(cfg, num_classes: int) -> list[str]:
-    from vitcli.data import FASHION_MNIST_CLASSES, MNIST_CLASSES
-
-    known = {"fashion_mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}.get(cfg.data.dataset)
-    if cfg.data.dataset == "cifar10":
-        known = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    if cfg.data.dataset == "synthetic":
-        known = [f"synthetic-{i}" for i in range(10)]
-    # others (cifar100, image folders): placeholders, which vit eval replaces by the dataset's own names
-    return list(known) if known and len(known) == num_classes else placeholder_classes(num_classes)
-
-
-def placeholder_classes(n: int) -> list[str]:
-    return [f"class_{i}" for i in range(n)]
 
 
 @app.command()
@@ -765,7 +568,7 @@ def export(
 
     def body():
         from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
-        from vitcli.errors import VitError
+        from vitcli.errors import VitError, names_a_folder
         from vitcli.interop import export as run_export
         from vitcli.runtime import settle
 
@@ -793,3 +596,19 @@ def export(
         return 0
 
     run_command(body)
+
+
+def console_script() -> None:
+    """The `vit` command: the app, with output that Typer itself writes (help, usage) and that cannot be written (a
+    full disk, a closed pipe) ending in one line instead of a traceback; command bodies handle theirs (run_command)."""
+    try:
+        app(prog_name="vit")
+    except OSError as e:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except OSError:
+            pass
+        if isinstance(e, BrokenPipeError):  # the reader stopped (vit --help | head -1): nothing to report
+            sys.exit(141)
+        err(f"error: cannot write the output: {e.strerror or e}")
+        sys.exit(1)

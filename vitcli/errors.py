@@ -117,3 +117,9 @@ def out_of_memory(error: BaseException) -> str | None:
                 size = f"{n / 2**shift:.1f} {unit}"
                 break
     return f"tried to allocate {size}"
+
+
+def names_a_folder(where: str) -> bool:
+    """An output path given as a folder: ending in / (a folder to make; Typer's Path would drop the slash) or
+    naming one that exists."""
+    return where.endswith(("/", os.sep)) or Path(where).is_dir()

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from vitcli.errors import out_of_memory
+from vitcli.errors import VitError, out_of_memory
 from vitcli.runtime import Distributed, all_reduce_sum, autocast
 
 
@@ -17,6 +17,20 @@ def mirror_average(logits: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor
     horizontal mirror (`mirrored`). Log-probabilities are valid logits: softmax of them gives the averaged ones."""
     both = torch.stack([logits.float().log_softmax(dim=-1), mirrored.float().log_softmax(dim=-1)])
     return torch.logsumexp(both, dim=0) - math.log(2)
+
+
+def check_same_classes(classes: list[str], trained: list[str], config, split: str) -> None:
+    """`vit eval` on another dataset than the checkpoint's (another --data-root): one line listing both."""
+    if classes == trained:
+        return
+
+    def listed(names: list[str]) -> str:
+        return f"{len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+
+    where = "" if config.data.dataset == "synthetic" else f" in {config.data_root}"
+    raise VitError(f"the {split} split's classes{where} ({listed(classes)}) are not the checkpoint's "
+                   f"({listed(trained)}); evaluate it on the data it was trained for (--data-root DIR: the folder "
+                   f"of that dataset)")
 
 
 @torch.inference_mode()

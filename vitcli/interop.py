@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -252,7 +253,6 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
         with torch.inference_mode():
             got = reloaded.eval()(x)
     elif fmt == "torchscript":
-        import sys
         import warnings
 
         buffer = io.BytesIO()
@@ -310,3 +310,60 @@ def _export_onnx(model, x: torch.Tensor, metadata: dict[str, str]) -> tuple[byte
                        f"safetensors or torchscript (nothing was written)") from None
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     return data, torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+
+def convert(weights: Path, from_: str, cfg, classes: Optional[str]) -> tuple[dict, int, str]:
+    """`vit convert`: a timm / torchvision ViT state dict (or vitcli's exported safetensors) as a vitcli checkpoint
+    of `cfg`'s model, with `classes` (comma-separated) or the dataset's. Returns the checkpoint, its parameter count
+    and whose weights they were."""
+    from vitcli.checkpoint import load_weights, make_checkpoint
+    from vitcli.model import build_model
+    from vitcli.runtime import check_model_fits
+
+    raw, checkpoint = load_weights_file(weights)
+    flavor, key = weights_flavor(raw)
+    if flavor == "vitcli" and checkpoint:
+        raise VitError(f"{weights} is a vitcli checkpoint already: nothing to convert; use it as --ckpt, or "
+                       f"start a run from it with --set model.init_from={weights}")
+    if flavor == "vitcli":  # vitcli's names (vit export --format safetensors): taken as they are
+        check_exported_heads(weights, cfg.model.heads)
+        print(f"vit: note: {weights} holds vitcli's own weight names ('{key}'): read as they are (--from {from_} "
+              f"not applied)", file=sys.stderr)
+    elif flavor is not None and flavor != from_:
+        raise VitError(f"{weights} holds {flavor} weights ('{key}'), not {from_}'s; use --from {flavor}")
+    peer = "vitcli" if flavor == "vitcli" else from_
+    state, file_keys = from_peer(raw, peer), file_names(raw, peer)
+    if "head.weight" not in state:
+        raise VitError(f"{weights}: no classification head (head.weight) in the state dict")
+    num_classes = state["head.weight"].shape[0]
+    names = [name.strip() for name in classes.split(",")] if classes else default_classes(cfg, num_classes)
+    if classes and (not all(names) or len(set(names)) < len(names)):
+        raise VitError(f"--classes {classes!r}: each class needs a name of its own (empty or repeated names); "
+                       f"give one comma-separated name per class, e.g. --classes cat,dog")
+    if len(names) != num_classes:
+        raise VitError(f"--classes has {len(names)} names, the head has {num_classes} outputs")
+    check_model_fits(cfg, torch.device("cpu"), training=False)
+    model = build_model(cfg, num_classes)
+    load_weights(model, {k: v.float() for k, v in state.items()}, weights, file_keys)
+    checkpoint = make_checkpoint(config=cfg, classes=names, model=model, ema=None, optimizer=None, scaler=None,
+                                 epoch=0, step=0, global_step=0, best_top1=-1.0, epoch_stats={},
+                                 metrics={"converted_from": f"{from_}:{weights}"})
+    return checkpoint, sum(v.numel() for v in state.values()), "vitcli" if flavor == "vitcli" else from_
+
+
+def default_classes(cfg, num_classes: int) -> list[str]:
+    """The config's dataset's class names where they are known and as many as the head's outputs."""
+    from vitcli.data import FASHION_MNIST_CLASSES, MNIST_CLASSES
+
+    known = {"fashion_mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}.get(cfg.data.dataset)
+    if cfg.data.dataset == "cifar10":
+        known = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    if cfg.data.dataset == "synthetic":
+        known = [f"synthetic-{i}" for i in range(10)]
+    # others (cifar100, image folders): placeholders, which vit eval replaces by the dataset's own names
+    return list(known) if known and len(known) == num_classes else placeholder_classes(num_classes)
+
+
+def placeholder_classes(n: int) -> list[str]:
+    """The class names of converted weights whose dataset's names are not known: class_0, class_1, ..."""
+    return [f"class_{i}" for i in range(n)]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vitcli.errors import VitError
+from vitcli.errors import VitError, names_a_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -147,3 +148,85 @@ def predict(model, config, classes: list[str], images: torch.Tensor, device: tor
     top = probs.topk(min(top_k, len(classes)), dim=1)
     return [[{"label": classes[i], "index": i, "probability": p} for p, i in zip(ps, idx)]
             for ps, idx in zip(top.values.tolist(), top.indices.tolist())]
+
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
+
+
+def attention_outputs(where: str, paths: list[Path]) -> dict[Path, Path]:
+    """One image: OUT is the picture (a name without an extension gets .png, the file that will be written).
+    Several images, or OUT ending in / or naming a folder: OUT is a folder holding <name>.attention.png for each
+    (for several images, a new OUT with a picture's extension is refused: a folder named maps.png was a surprise).
+    Refused before any work: a picture that would replace an input image, or a file that is not an attention
+    picture vit wrote (their metadata says so: PNG, PDF, SVG), which is replaced as on a second run."""
+    names = _attention_names(where, paths)
+    inputs = {p.resolve() for p in paths}
+    clash = [out for out in names.values() if out.resolve() in inputs]
+    if clash:
+        raise VitError(f"--attention would write over the input image {clash[0]}; choose another file or folder "
+                       f"(nothing was written)")
+    from vitcli.visualize import ATTENTION_MARK, carries_mark
+
+    taken = [out for out in names.values() if os.path.lexists(out) and not carries_mark(out, ATTENTION_MARK)]
+    if taken:
+        raise VitError(f"--attention would write over {taken[0]}, which does not carry vit's mark of an attention "
+                       f"picture (PNG, PDF and SVG ones get it); remove it or choose another file or folder (nothing "
+                       f"was written)")
+    return names
+
+
+def _attention_names(where: str, paths: list[Path]) -> dict[Path, Path]:
+    out = Path(where)
+    if len(paths) == 1 and not names_a_folder(where):
+        if not out.suffix:
+            return {paths[0]: out.with_name(out.name + ".png")}
+        if out.suffix.lower() not in PICTURE_SUFFIXES:
+            raise VitError(f"--attention {where}: cannot write a {out.suffix} picture; give a file ending in "
+                           f"{', '.join(PICTURE_SUFFIXES)}, or a folder (nothing was written)")
+        return {paths[0]: out}
+    if not names_a_folder(where) and out.suffix.lower() in PICTURE_SUFFIXES:  # it made a folder named maps.png
+        raise VitError(f"--attention {where} names one picture, for {len(paths)} images; give a folder for their "
+                       f"pictures, such as {out.with_suffix('')}/ (nothing was written)")
+    names: dict[Path, Path] = {}
+    taken: set[str] = set()
+    for i, path in enumerate(paths):
+        name = f"{path.stem}.attention.png"
+        n = i
+        while name in taken:  # the same name in two folders (or one image's fallback name another's own)
+            name, n = f"{path.stem}-{n}.attention.png", n + 1
+        taken.add(name)
+        names[path] = out / name
+    return names
+
+
+ATTENTION_MAX_SIDE = 2048  # pixels: the longer side of the image in a `predict --attention` picture
+
+
+def write_attention(model, config, tensor, device, mode: str, out: Path, original, best: dict) -> Path:
+    """The image at its own size (at least 256 px) with the attention heat map and `best`, the prediction printed
+    for it (so the picture agrees with the printed answer, --tta and precision included)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from vitcli.data import Preprocess
+    from vitcli.visualize import ATTENTION_MARK, attention_maps, overlay_figure, save_figure
+
+    x, _ = Preprocess(config, device, train=False)(tensor[None].to(device), None)
+    _, heat = attention_maps(model, x, mode)
+    original = convert_image(original, "L" if tensor.shape[0] == 1 else "RGB")
+    # the heat map covers what the model saw: image folders' centre crop, at the original's resolution
+    left, top, right, bottom = view_box(config, *original.size)
+    if (left, top, right, bottom) != (0, 0, *original.size):
+        original = original.crop((round(left), round(top), round(right), round(bottom)))
+    # drawn at the image's own size up to ATTENTION_MAX_SIDE: an 8000 px photo took 9 GB and 40 s, a 1 x 70000 strip
+    # (the picture is a square of its longest side) ran out of memory in matplotlib
+    original.thumbnail((ATTENTION_MAX_SIDE, ATTENTION_MAX_SIDE))
+    image = np.asarray(original)
+    heat = F.interpolate(heat[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    title = f"{best['label']} ({100 * best['probability']:.1f}%) - attention {mode}"
+    try:
+        save_figure(overlay_figure(image, heat.cpu().numpy(), title), out, ATTENTION_MARK,
+                    "free disk space or choose another --attention path")
+    except ValueError as e:  # a picture format matplotlib does not write (a failed write is save_figure's VitError)
+        raise VitError(f"cannot write {out}: {e}; choose another --attention path") from None
+    return out

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import shlex
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from vitcli.config import device_name_ok
-from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero
+from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero, vit_program
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -347,3 +348,53 @@ def rank0_first(dist_info, work: Callable[[], Any], others_too: bool = True) -> 
     if not dist_info.is_main and others_too:
         result = work()
     return result
+
+
+def launch_torchrun(nproc: int, command: list[str]) -> int:
+    """`vit train --nproc N ...` (`command`: the arguments after `vit`) = `torchrun --nproc_per_node N -m vitcli
+    train ...` (without --nproc). Returns the exit code."""
+    args, skip = [], False
+    for arg in command:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        args.append(arg)
+    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "vitcli", *args]
+    # the workers run as `python -m vitcli`; the commands they print (resume, evaluate) start vit as the user did
+    os.environ["VIT_PROGRAM"] = vit_program()
+    print("vit: launching: torchrun " + shlex.join(argv), file=sys.stderr)
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and print four lines of warning about it
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))  # the CPUs this process may use (Slurm, taskset)
+    # torchrun in this process: a Ctrl-C / SIGTERM reaches it once; it passes the signal on to the workers, which
+    # finish their step, save last.pt and stop (rank 0 prints how to resume), and it waits for them
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    # a failed worker is reported below in one line, not also in torchrun's log record
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    settle()  # this process watches the workers for the whole run: collection on, as in theirs
+    try:
+        torchrun(argv)
+    except SignalException:
+        return 130
+    except ChildFailedError as e:
+        codes = {failure.exitcode for failure in e.failures.values()}
+        if 2 in codes:  # a mistake the user can fix: rank 0 said what in its one line above
+            return 2
+        if codes == {130}:  # the workers were stopped (signalled themselves): each saved and rank 0 said so
+            return 130
+        rank, first = e.get_first_failure()  # the one that failed first; torchrun then stopped the others
+        how = f"signal {-first.exitcode}" if first.exitcode < 0 else f"exit code {first.exitcode}"
+        print(f"vit: error: training process {rank} failed ({how}); its own message, if any, is above",
+              file=sys.stderr)
+        return 1
+    return 0

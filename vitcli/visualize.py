@@ -229,6 +229,21 @@ REPORT_FILES = ("confusion_matrix.png", "per_class_accuracy.png", "mistakes.png"
 REPORT_MARK = "vitcli eval report"  # in the metadata of the report's pictures
 
 
+def check_report_folder(report: Path) -> None:
+    """Before `vit eval --report` evaluates: the folder can be written and holds no file the report would replace
+    but did not write (one line, nothing written)."""
+    from vitcli.checkpoint import check_writable
+    from vitcli.errors import VitError
+
+    if report.exists() and not report.is_dir():
+        raise VitError(f"--report {report} is a file; give a folder for the report (nothing was written)")
+    clash = report_clash(report) if report.is_dir() else []
+    if clash:
+        raise VitError(f"--report {report} already holds {', '.join(clash)}, not a report of vit eval; give a new "
+                       f"or empty folder (nothing was written)")
+    check_writable(report, f"the report to --report {report}", "choose another --report folder")
+
+
 def report_clash(out_dir: Path) -> list[str]:
     """The report's file names already in `out_dir` that vit eval did not write: a new report replaces an earlier
     one's files (its report.json says written_by vit eval, its pictures carry REPORT_MARK), nothing else."""
