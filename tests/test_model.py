@@ -156,6 +156,40 @@ def test_class_token_only_last_block_gives_the_full_models_logits_and_gradients(
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
 
 
+def test_explicit_inference_keeps_one_heads_attention_matrix_at_a_time():
+    """The eager per-head loop kept every head's softmax until the block's end: with 4 heads 8 (B, T, T) tensors
+    were alive at once in inference, now the scores and softmax of one head. Counted as torch makes them."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    tokens = 17
+
+    class LiveMatrices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.most = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[-2:] == (tokens, tokens):
+                self.live = [ref for ref in self.live if ref() is not None] + [weakref.ref(out)]
+                self.most = max(self.most, len(self.live))
+            return out
+
+    model = VisionTransformer(image_size=16, patch_size=4, in_channels=3, num_classes=10, dim=32, depth=2,
+                              heads=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    counter = LiveMatrices()
+    with torch.inference_mode(), counter:
+        logits = model(x)
+    assert counter.most == 2
+    with torch.inference_mode():  # the attention maps are still handed back on request, every head's
+        again, attentions = model(x, return_attention=True)
+    torch.testing.assert_close(again, logits)
+    assert [a.shape for a in attentions] == [(2, 4, tokens, tokens)] * 2
+
+
 def test_fused_model_still_returns_attention():
     model = VisionTransformer(image_size=16, patch_size=4, in_channels=3, num_classes=10, dim=32, depth=2, heads=4)
     model.set_fused_attention(True)

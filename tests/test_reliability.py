@@ -909,12 +909,12 @@ def test_largest_batch_that_fits_halves_down_to_one():
 
 
 def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_line(tmp_path):
-    """A real allocation failure: the process may map 12 GB (RLIMIT_AS). Training at batch 1 fits; evaluating 64
-    images of 4097 tokens (a 64x64 image in 1x1 patches) in fp32 holds three (64, 4097, 4097) per-head matrices at
-    once, 12.9 GB (the eager loop keeps the first head's softmax while the second's scores and softmax are made; the
-    last block computes the class token's row alone), more than the limit whatever the process mapped before; at 32,
-    6.4 GB fit beside the ~3.6 GB a CUDA build of torch maps at start (a CPU build maps less). fp32 on every machine:
-    in bf16, which `precision: auto` picks on some, the sizes would halve.
+    """A real allocation failure: the process may map 12 GB (RLIMIT_AS). Training at batch 1 fits; evaluating 96
+    images of 4097 tokens (a 64x64 image in 1x1 patches) in fp32 holds two (96, 4097, 4097) matrices at once, the
+    scores and their softmax, 12.9 GB (one head: half the work of two; with more, the eager loop keeps no other
+    head's; the last block computes the class token's row alone), more than the limit whatever the process mapped
+    before; at 48, 6.4 GB fit beside the ~3.6 GB a CUDA build of torch maps at start (a CPU build maps less). fp32
+    on every machine: in bf16, which `precision: auto` picks on some, the sizes would halve.
     The evaluation, in vit train and in vit eval, goes on at half the batch (as timm's validate.py does; vit train
     stopped with a resume command before); a training step that runs out is one line naming its batch size."""
     import resource
@@ -928,7 +928,7 @@ def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_
 
     run_dir = tmp_path / "run"
     big = ["--set", "data.image_size=64", "--set", "model.patch_size=1", "--set", "data.max_train_samples=4",
-           "--set", "data.max_val_samples=64", "--set", "train.eval_batch_size=64",
+           "--set", "data.max_val_samples=96", "--set", "train.eval_batch_size=96", "--set", "model.heads=1",
            "--set", "train.epochs=2", "--set", "train.eval_every=2",
            # the explicit path materialises the matrix on any machine (fused attention on a GPU or without bf16
            # would not); the CPU is where RLIMIT_AS applies
@@ -937,19 +937,19 @@ def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_
                  "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert re.search(r"\nvit: out of memory evaluating at batch size 64 \(tried to allocate [\d.]+ GiB\); evaluating "
-                     r"at 32 from now on \(--set train.eval_batch_size=32 starts there\)", result.stderr), result.stderr
+    assert re.search(r"\nvit: out of memory evaluating at batch size 96 \(tried to allocate [\d.]+ GiB\); evaluating "
+                     r"at 48 from now on \(--set train.eval_batch_size=48 starts there\)", result.stderr), result.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in rows] == [1, 2, None] and "val_top1" in rows[1]
     assert rows[-1]["final"] and 0 <= rows[-1]["test_top1"] <= 1
     assert torch.load(run_dir / "last.pt", weights_only=True)["global_step"] == 8
 
-    result = vit("eval", "--ckpt", run_dir / "last.pt", "--batch-size", "64", "--device", "cpu", "--json")
+    result = vit("eval", "--ckpt", run_dir / "last.pt", "--batch-size", "96", "--device", "cpu", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "vit: note: out of memory at batch size 64 (tried to allocate" in result.stderr
+    assert "vit: note: out of memory at batch size 96 (tried to allocate" in result.stderr
     report = json.loads(result.stdout)
-    assert report["batch_size"] == 32 and report["num_samples"] == 64
-    assert report["top1"] == pytest.approx(rows[1]["val_top1"])  # the same pass as the run's, at batch 32
+    assert report["batch_size"] == 48 and report["num_samples"] == 96
+    assert report["top1"] == pytest.approx(rows[1]["val_top1"])  # the same pass as the run's, at batch 48
 
     # a training step of 64 such images does not fit: one line, with the batch size, nothing saved to lose
     result = vit("train", "--config", REPO / "configs" / "smoke.yaml", *big, "--set", "train.batch_size=64",
