@@ -342,6 +342,34 @@ def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     assert rows[4]["elapsed_seconds"] >= rows[3]["elapsed_seconds"]
 
 
+def test_comments_written_into_config_yaml_survive_a_resume(tmp_path):
+    """--resume rewrites config.yaml from the checkpoint's config, which has no comments: a file with notes added
+    by hand (and no other edit) lost them without a word. Now it is kept as config.edited.yaml, said so; a file as
+    vit wrote it, or with an edit the resume gives again with --set, is no note and no copy."""
+    import dataclasses
+
+    from vitcli.config import load_config
+    from vitcli.rundir import keep_edited_config, write_config_yaml
+
+    saved = load_config(REPO / "configs" / "smoke.yaml", [])
+    resumed = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=6, lr=0.01))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_config_yaml(run_dir, saved)
+    written = (run_dir / "config.yaml").read_text()
+    assert "lr: 0.003\n" in written
+    assert keep_edited_config(run_dir, saved, resumed) is None
+    (run_dir / "config.yaml").write_text(written.replace("lr: 0.003\n", "lr: 0.01\n"))  # given again: --set
+    assert keep_edited_config(run_dir, saved, resumed) is None
+    assert not list(run_dir.glob("config.edited*"))
+    notes = written.replace("lr: 0.003\n", "lr: 0.003  # 0.01 diverged on 2026-12-01\n")
+    (run_dir / "config.yaml").write_text("# the baseline for the paper's table 2\n" + notes)
+    note = keep_edited_config(run_dir, saved, resumed)
+    assert note and "was edited (comments added: the rewritten file has none)" in note, note
+    assert "kept as config.edited.yaml" in note
+    assert (run_dir / "config.edited.yaml").read_text() == (run_dir / "config.yaml").read_text()
+
+
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     import re
 

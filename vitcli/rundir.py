@@ -163,8 +163,8 @@ def write_config_yaml(run_dir: Path, config: Config) -> None:
 def keep_edited_config(run_dir: Path, saved: Config, config: Config) -> Optional[str]:
     """A resumed run rewrites config.yaml with the config it continues with (`config`: the checkpoint's, `saved`,
     changed by --set). Where the file was edited by hand (--resume does not read it) and the run will not have an
-    edit, it is first copied to config.edited.yaml (-2, -3, ... where that exists); returns the note that says so,
-    or None."""
+    edit, or comments were added to it, it is first copied to config.edited.yaml (-2, -3, ... where that exists);
+    returns the note that says so, or None."""
     path = run_dir / "config.yaml"
     try:
         data = path.read_bytes()
@@ -174,12 +174,13 @@ def keep_edited_config(run_dir: Path, saved: Config, config: Config) -> Optional
         edited: Optional[Config] = build_config(read_yaml(path), source=str(path), saved=True)
     except VitError:
         edited = None  # not a config any more (broken YAML, an unknown key): kept all the same
-    first = None
+    first, commented = None, False
     if edited is not None:
         # the first setting edited in the file (it differs from the checkpoint's) that the run will not have
         edits = {key for key, _, _ in config_changes(saved, edited)}
         first = next((change for change in config_changes(edited, config) if change[0] in edits), None)
-        if first is None:  # no edit, or each one given again with --set: nothing is lost
+        commented = added_comments(data.decode(errors="replace"), saved.to_yaml())
+        if first is None and not commented:  # no edit, or each one given again with --set: nothing is lost
             return None
     copy, n = run_dir / "config.edited.yaml", 1
     while os.path.lexists(copy):
@@ -187,10 +188,17 @@ def keep_edited_config(run_dir: Path, saved: Config, config: Config) -> Optional
         copy = run_dir / f"config.edited-{n}.yaml"
     atomic_write(copy, lambda f: f.write(data), "config", "free disk space or check the run directory's permissions")
     what = (f"({first[0]} {as_yaml(first[1])} there, {as_yaml(first[2])} in the run)" if first else
-            "(it is not a config vit can read)")
+            "(comments added: the rewritten file has none)" if commented else "(it is not a config vit can read)")
     return (f"vit: note: {path} was edited {what}; --resume does not read it: the run continues with its "
             f"checkpoint's config and the --set changes given, and the edited file is kept as {copy.name} (change a "
             f"setting with --resume ... --set section.key=value)")
+
+
+def added_comments(text: str, written: str) -> bool:
+    """Whether config.yaml as it is (`text`) has lines with a comment that the file vit wrote (`written`) has not:
+    notes a user keeps beside the run's settings, which a rewrite would drop."""
+    ours = set(written.splitlines())
+    return any("#" in line and line not in ours for line in text.splitlines())
 
 
 def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
