@@ -368,6 +368,14 @@ def test_comments_written_into_config_yaml_survive_a_resume(tmp_path):
     assert note and "was edited (comments added: the rewritten file has none)" in note, note
     assert "kept as config.edited.yaml" in note
     assert (run_dir / "config.edited.yaml").read_text() == (run_dir / "config.yaml").read_text()
+    # a # inside a value is no comment: a data.root edited in the file and given again with --set is nothing lost
+    moved = dataclasses.replace(saved, data=dataclasses.replace(saved.data, root="/data/ds#1"))
+    write_config_yaml(run_dir, moved)
+    text = (run_dir / "config.yaml").read_text()
+    assert "ds#1" in text
+    (run_dir / "config.yaml").write_text(text.replace("ds#1", "ds#2"))
+    given = dataclasses.replace(moved, data=dataclasses.replace(moved.data, root="/data/ds#2"))
+    assert keep_edited_config(run_dir, moved, given) is None
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):

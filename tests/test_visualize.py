@@ -79,8 +79,12 @@ def test_position_similarity_maps_sit_on_the_patch_grid():
     np.testing.assert_allclose(mosaic[-grid:, -grid:], last, atol=1e-5)
     first = (unit @ unit[0]).view(grid, grid).numpy()
     np.testing.assert_allclose(mosaic[:grid, :grid], first, atol=1e-5)
-    picture = figure_to_array(position_similarity_figure(pos))
-    assert min(picture.shape[:2]) >= 16 * 0.6 * 100 * 0.9 and picture.std() > 10
+    # drawn at whole screen pixels per mosaic pixel: every one-pixel gap between maps shows, none is scaled away
+    picture = figure_to_array(position_similarity_figure(pos))[-mosaic.shape[0]:]  # below the title
+    assert picture.shape[:2] == mosaic.shape and picture.std() > 10
+    blank = (picture == 255).all(axis=2)
+    assert blank[:, np.arange(grid, mosaic.shape[0], grid + 1)].all()
+    assert not blank[:, :grid].all(axis=0).any()  # a map's columns are drawn
 
 
 def test_predict_attention_maps(smoke_run, tmp_path):

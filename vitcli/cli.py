@@ -113,10 +113,7 @@ def run_command(body: Callable[[], int | None]) -> None:
             f"or vit eval's --batch-size), data.image_size or the model size")
         raise typer.Exit(2)
     except BrokenPipeError:  # whoever read the output stopped (vit eval | head -1): nothing to report
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        except OSError:
-            pass
+        quiet_stdout()
         raise typer.Exit(141)  # 128 + SIGPIPE, as a command killed by the broken pipe
     except OSError as e:  # a path the user gave that cannot be written or read: permissions, a full disk, ...
         if STATE["debug"]:
@@ -598,17 +595,21 @@ def export(
     run_command(body)
 
 
+def quiet_stdout() -> None:
+    """Standard output that could not be written points at /dev/null from here: no second error at exit's flush."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
+
+
 def console_script() -> None:
-    """The `vit` command: the app, with output that Typer itself writes (help, usage) and that cannot be written (a
-    full disk, a closed pipe) ending in one line instead of a traceback; command bodies handle theirs (run_command)."""
+    """The `vit` command: the app, with help or usage text that cannot be written (a full disk) ending in one line
+    instead of a traceback. Typer itself exits 1 on a closed pipe there; command bodies handle theirs
+    (run_command)."""
     try:
         app(prog_name="vit")
     except OSError as e:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        except OSError:
-            pass
-        if isinstance(e, BrokenPipeError):  # the reader stopped (vit --help | head -1): nothing to report
-            sys.exit(141)
+        quiet_stdout()
         err(f"error: cannot write the output: {e.strerror or e}")
         sys.exit(1)

@@ -4,6 +4,7 @@ which changes)."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from datetime import datetime
 from pathlib import Path
@@ -198,7 +199,8 @@ def added_comments(text: str, written: str) -> bool:
     """Whether config.yaml as it is (`text`) has lines with a comment that the file vit wrote (`written`) has not:
     notes a user keeps beside the run's settings, which a rewrite would drop."""
     ours = set(written.splitlines())
-    return any("#" in line and line not in ours for line in text.splitlines())
+    # a comment starts a line or follows a space; a # inside a value (root: /data/ds#1) is part of the value
+    return any(re.search(r"(^|\s)#", line) and line not in ours for line in text.splitlines())
 
 
 def check_resumable(ckpt: dict[str, Any], path: Path) -> None:

@@ -179,18 +179,20 @@ def position_similarity_mosaic(position_embedding: torch.Tensor, most: int = 16)
     return maps.permute(0, 2, 1, 3).reshape(n * (grid + 1), n * (grid + 1))[:side, :side].numpy(), n
 
 
-def position_similarity_figure(position_embedding: torch.Tensor):
+def position_similarity_figure(position_embedding: torch.Tensor, title_px: int = 24):
     """The ViT paper's figure: cosine similarity of each patch's positional embedding with all others, one small
-    map per patch, laid out on the patch grid; drawn as one image (one axis per patch took 70 s at 64x64 patches)."""
+    map per patch, laid out on the patch grid; drawn as one image (one axis per patch took 70 s at 64x64 patches),
+    at a whole number of screen pixels per map pixel (at least ~480 px across), so that no gap or row is lost."""
     plt = _plt()
     mosaic, n = position_similarity_mosaic(position_embedding)
     grid = int(round((position_embedding.shape[1] - 1) ** 0.5))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n), max(4.0, 0.6 * n)), dpi=100)
+    side = mosaic.shape[0] * max(1, -(-480 // mosaic.shape[0]))  # pixels
+    fig = plt.figure(figsize=(side / 100, (side + title_px) / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, side / (side + title_px)))
     ax.imshow(mosaic, cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")  # NaN gaps: blank
     ax.set_axis_off()
     every = "" if n == grid else f" ({n}x{n} of the {grid}x{grid} patches, evenly spaced)"
-    fig.suptitle(f"positional embedding similarity{every}", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"positional embedding similarity{every}", fontsize=9, y=1 - 4 / (side + title_px), va="top")
     return fig
 
 
