@@ -6,6 +6,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,6 +326,17 @@ def test_run_directory_is_never_overwritten(smoke_run, tmp_path):
     (failed / "config.yaml").write_text("name: smoke\n")
     result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", failed)
     assert result.returncode == 2 and "no last.pt to resume" in result.stderr and "--resume" not in result.stderr
+    # a folder of the user's that is no run (., ~, runs/): never the advice to delete it
+    mine = tmp_path / "home"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    for folder, cwd in ((mine, None), (".", mine)):
+        result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", folder, cwd=cwd)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert (f"run directory {folder} already holds files and is not a vit run (no config.yaml); choose a new or "
+                f"empty --run-dir, such as {Path(folder) / 'my-run'}") in result.stderr, result.stderr
+        assert "delete" not in result.stderr
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
     # a file given as the run directory: said so (it was "Not a directory")
     result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", failed / "config.yaml")
     assert result.returncode == 2 and "config.yaml is a file, not a folder; choose another --run-dir" in result.stderr

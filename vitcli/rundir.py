@@ -106,6 +106,9 @@ def prepare_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise VitError(f"run directory {run_dir} is a file, not a folder; choose another --run-dir")
     if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / "config.yaml").exists():  # not a run's folder (., ~, runs/): never advise deleting it
+            raise VitError(f"run directory {run_dir} already holds files and is not a vit run (no config.yaml); "
+                           f"choose a new or empty --run-dir, such as {run_dir / 'my-run'}")
         if not (run_dir / "last.pt").exists():  # e.g. a run that failed before its first checkpoint
             raise VitError(f"run directory {run_dir} already holds files but no last.pt to resume (a run that "
                            f"stopped before its first checkpoint?); delete it or choose another --run-dir")
