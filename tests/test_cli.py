@@ -254,6 +254,12 @@ def test_imagefolder(imagefolder_dir, tmp_path):
     run_dir = tmp_path / "run"
     # --run-dir and data.root relative to where the run starts: the evaluation command it prints works from anywhere
     assert run_dir.parent == imagefolder_dir.parent
+    # hidden folders and files are not data: torchvision's ImageFolder took .ipynb_checkpoints for a class, and
+    # macOS's ._name files stopped a run at its first evaluation
+    for split in ("train", "val"):
+        (imagefolder_dir / split / ".ipynb_checkpoints").mkdir()
+        write_png(imagefolder_dir / split / ".ipynb_checkpoints" / "0.png", size=32, mode="RGB")
+        (imagefolder_dir / split / "circle" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     trained = run_vit("train", "--config", REPO / "configs" / "imagefolder.yaml", "--run-dir", run_dir.name,
                       "--set", f"data.root={imagefolder_dir.name}", "--set", "data.image_size=32",
                       "--set", "model.patch_size=8", "--set", "data.num_workers=1", *TINY[:-6], "--set",
@@ -263,6 +269,18 @@ def test_imagefolder(imagefolder_dir, tmp_path):
     report = json.loads(run_vit("eval", *shlex.split(printed.split(" eval ", 1)[1]), "--json", cwd=REPO,
                                 check=True).stdout)
     assert report["num_samples"] == 24 and set(report["per_class"]) == {"circle", "square", "stripe"}
+    assert "3 classes" in trained.stderr
+    # a test/ folder beside train/ and val/ is the test split vit eval scores (val/ picked best.pt); --split val
+    # is still val/
+    for name in ("circle", "square", "stripe"):
+        (imagefolder_dir / "test" / name).mkdir(parents=True)
+        for i in range(2):
+            shutil.copy(imagefolder_dir / "val" / name / f"{i}.jpg", imagefolder_dir / "test" / name)
+    tested = run_vit("eval", "--ckpt", run_dir / "best.pt", "--data-root", imagefolder_dir, check=True)
+    assert f"{run_dir / 'best.pt'} on imagefolder test: 6 images" in tested.stdout, tested.stdout
+    on_val = run_vit("eval", "--ckpt", run_dir / "best.pt", "--data-root", imagefolder_dir, "--split", "val",
+                     "--json", check=True)
+    assert json.loads(on_val.stdout)["num_samples"] == 24
     predicted = run_vit("predict", imagefolder_dir / "val" / "circle", "--ckpt", run_dir / "best.pt", "--json",
                         check=True)
     out = json.loads(predicted.stdout)

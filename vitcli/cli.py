@@ -282,7 +282,8 @@ def eval_(
     ckpt: CkptOpt = None,
     data_root: Annotated[Optional[str], typer.Option("--data-root", help="Dataset folder, if not the one "
                                                      "trained on.")] = None,
-    split: Annotated[str, typer.Option("--split", help="test (val for image folders), val or train.")] = "test",
+    split: Annotated[str, typer.Option("--split", help="test (an image folder's test/ where it has one, else "
+                                       "its val/), val or train.")] = "test",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Evaluation batch size (halved where "
                                                                     "it runs out of memory).")] = None,
     device: DeviceOpt = None,
@@ -382,8 +383,9 @@ def eval_(
             limit = getattr(config.data, key)
             cut = (f" (limited by the run's data.{key}, not the whole split)"
                    if limit is not None and result["num_samples"] == limit else "")
-            typer.echo(f"{path} on {config.data.dataset} {split_name(split, config.data.dataset)}{tag}: "
-                       f"{result['num_samples']} images{cut}{mode}")
+            scored = split_name(split, config.data.dataset, config.data_root)
+            typer.echo(f"{path} on {config.data.dataset} {scored}{tag}: {result['num_samples']} "
+                       f"image{'' if result['num_samples'] == 1 else 's'}{cut}{mode}")
             single = f"  (single view: top-1 {result['top1_single_view']:.4f})" if hflip else ""
             typer.echo(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}{single}")
             width = max(len(c) for c in result["per_class"]) if result["per_class"] else 0

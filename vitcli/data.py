@@ -54,13 +54,17 @@ def is_in_memory(dataset: str) -> bool:
     return dataset != "imagefolder"
 
 
-def split_name(split: str, dataset: str) -> str:
-    """'train', or the held-out split: 'test' ('val' for image folders); 'val' and 'test' mean the same."""
+def split_name(split: str, dataset: str, root: Optional[Path] = None) -> str:
+    """'train', or the held-out split: 'test' for in-memory datasets, where 'val' and 'test' mean the same. An image
+    folder's is val/, which training evaluates on, or its test/ where one is asked for and there is one (`root`):
+    the figure to report, which best.pt was not picked on."""
     if split == "train":
         return "train"
-    if split in ("val", "test"):
-        return "val" if dataset == "imagefolder" else "test"
-    raise VitError(f"unknown split '{split}': use train, val or test")
+    if split not in ("val", "test"):
+        raise VitError(f"unknown split '{split}': use train, val or test")
+    if dataset != "imagefolder":
+        return "test"
+    return "test" if split == "test" and root is not None and (root / "test").is_dir() else "val"
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -211,12 +215,17 @@ def load_array_dataset(config: Config, split: str) -> ArrayDataset:
     return data
 
 
+def hidden(path: Path) -> bool:
+    """A relative path with a hidden part (.git, .ipynb_checkpoints, macOS's ._name files): not data."""
+    return any(part.startswith(".") for part in path.parts)
+
+
 def imagefolder_classes(root: Path, split: str) -> list[str]:
     folder = root / split
     if not folder.is_dir():
         raise DatasetNotFound(f"image folder {folder} not found: an imagefolder dataset needs {root}/train/<class>/* "
                               f"and {root}/val/<class>/*")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(Path(p.name)))
     if not classes:
         raise VitError(f"no class folders in {folder}: put each class's images in {folder}/<class>/")
     if len(classes) == 1 and split == "train":  # it trained to "top-1 1.0000", which means nothing
@@ -244,21 +253,26 @@ def make_imagefolder(config: Config, split: str, train: bool):
     from torchvision.transforms import v2
 
     root = config.data_root
-    split = split_name(split, "imagefolder")
-    imagefolder_classes(root, split)
+    split = split_name(split, "imagefolder", root)
+    classes = imagefolder_classes(root, split)
     size = config.image_size
     if train:
         transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
                                 *([v2.RandomHorizontalFlip()] if config.hflip else [])])
     else:
         transform = imagefolder_eval_view(size)
+    class Folder(torchvision.datasets.ImageFolder):
+        def find_classes(self, directory):  # torchvision's takes hidden folders (.ipynb_checkpoints) as classes
+            return classes, {name: i for i, name in enumerate(classes)}
+
+    def is_image(path: str) -> bool:  # not hidden files (macOS's ._x.png) or files in hidden folders either
+        return path.lower().endswith(IMAGE_EXTENSIONS) and not hidden(Path(path).relative_to(root / split))
+
     try:
-        dataset = torchvision.datasets.ImageFolder(
-            str(root / split), transform=transform, loader=_load_rgb,
-            is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+        dataset = Folder(str(root / split), transform=transform, loader=_load_rgb, is_valid_file=is_image)
     except FileNotFoundError:  # ImageFolder: some class folder holds no image
-        empty = [d.name for d in sorted((root / split).iterdir()) if d.is_dir() and not any(
-            f.name.lower().endswith(IMAGE_EXTENSIONS) and f.is_file() for f in d.rglob("*"))]
+        empty = [name for name in classes if not any(
+            f.is_file() and is_image(str(f)) for f in (root / split / name).rglob("*"))]
         raise VitError(f"no images found in {root / split} for the classes {', '.join(empty)}: put images "
                        f"({', '.join(IMAGE_EXTENSIONS)}) in each class folder") from None
     limit = config.data.max_train_samples if split == "train" else config.data.max_val_samples  # the split's own
@@ -369,7 +383,7 @@ def eval_batches(config: Config, split: str, device: torch.device, batch_size: i
         return data.classes, len(data), batches
     dataset = make_imagefolder(config, split, train=False)
     if len(dataset) == 0:
-        raise VitError(f"no images found in {config.data.root}/{split_name(split, 'imagefolder')}")
+        raise VitError(f"no images found in {config.data_root / split_name(split, 'imagefolder', config.data_root)}")
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     workers = config.data.num_workers
     # its own generator: the workers' base seed is not drawn from the global RNG, so an evaluation leaves the

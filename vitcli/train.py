@@ -250,7 +250,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     # that a download (data.download) into the shared folder happens once, and its error is the one line
     def load_data():
         train = TrainBatches(config, device, dist_info.rank, dist_info.world_size)
-        val = eval_batches(config, "test", device, config.train.eval_batch_size, dist_info.rank, dist_info.world_size)
+        val = eval_batches(config, "val", device, config.train.eval_batch_size, dist_info.rank, dist_info.world_size)
         if val[0] != train.classes:  # image folders: each split numbers its own class folders
             where = config.data_root
             missing, extra = sorted(set(train.classes) - set(val[0])), sorted(set(val[0]) - set(train.classes))
