@@ -102,6 +102,19 @@ def test_invalid_configs_name_the_key(raw, message):
         build_config(raw, source="my.yaml")
 
 
+def test_an_empty_recipe_is_refused_not_read_as_all_defaults(tmp_path):
+    """`vit train -c my.yaml --set ... --print-config > my.yaml`: the shell empties my.yaml before vit reads it,
+    and the run went on as the defaults (cifar10, name vit) with exit 0."""
+    for text in ("", "# the recipe for table 2\n\n"):
+        recipe = tmp_path / "my.yaml"
+        recipe.write_text(text)
+        with pytest.raises(VitError, match=r"my.yaml is empty \(no settings, or only comments\); a recipe sets at "
+                                           r"least data.dataset: start from one in configs/ \(a shell redirection"):
+            load_config(recipe, ["train.epochs=5"])
+    recipe.write_text("data:\n  dataset: synthetic\n")
+    assert load_config(recipe).data.dataset == "synthetic"
+
+
 def test_keys_nothing_reads_get_a_note():
     assert "has no effect without train.compile: true" in unread_keys_note(
         build_config({"train": {"compile_mode": "reduce-overhead"}}))
