@@ -87,6 +87,26 @@ def test_position_similarity_maps_sit_on_the_patch_grid():
     assert not blank[:, :grid].all(axis=0).any()  # a map's columns are drawn
 
 
+def test_report_pictures_of_many_classes_stay_bounded():
+    """An image folder of 1000 classes: the confusion matrix was drawn 60 px per class, a 60200 px square that ran
+    out of memory after the training had finished (17.7 GB at 1100 classes). Now at most 2000 px a side, class
+    indices instead of overlapping names; a report with no mistakes says so instead of a blank picture."""
+    from vitcli.visualize import confusion_figure, figure_to_array, mistakes_figure, per_class_figure
+
+    k = 1000
+    confusion = np.eye(k, dtype=np.int64) * 3
+    confusion[0, 1] = 1
+    matrix = figure_to_array(confusion_figure(confusion, [f"class{i}" for i in range(k)]))
+    chart = figure_to_array(per_class_figure({f"class{i}": 0.5 for i in range(k)}))
+    assert max(matrix.shape[:2]) <= 2000 and max(chart.shape[:2]) <= 2000
+    assert matrix.std() > 10 and chart.std() > 10
+    few = figure_to_array(confusion_figure(confusion[:3, :3], ["a", "b", "c"]))
+    assert max(few.shape[:2]) <= 500  # small class counts as before
+    blank = figure_to_array(mistakes_figure([], []))
+    middle = blank[blank.shape[0] // 2 - 10:blank.shape[0] // 2 + 10]  # below the title
+    assert (middle < 128).any(), "the picture should say there were no mistakes"
+
+
 def test_predict_attention_maps(smoke_run, tmp_path):
     image = write_png(tmp_path / "in.png", size=300, mode="RGB")
     for mode in ("rollout", "last"):

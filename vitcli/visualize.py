@@ -108,19 +108,24 @@ def figure_to_array(fig) -> np.ndarray:
     return array
 
 
+MAX_FIGURE_INCHES = 20.0  # 2000 px at 100 dpi: the side of the confusion matrix and the width of the per-class chart
+MAX_NAMED_CLASSES = 60  # beyond, class names on the axes would overlap: class indices instead
+
+
 def confusion_figure(confusion: np.ndarray, classes: list[str]):
     """Counts and row percentages; rows are true classes, columns predicted."""
     plt = _plt()
     k = len(classes)
-    size = max(5.0, 0.6 * k + 2)
+    size = min(max(5.0, 0.6 * k + 2), MAX_FIGURE_INCHES)  # 1000 classes asked for a 60000 px square (17 GB)
     fig, ax = plt.subplots(figsize=(size, size), dpi=100)
     rows = confusion.sum(axis=1, keepdims=True).clip(min=1)
     share = confusion / rows
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    if k <= MAX_NAMED_CLASSES:
+        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted" if k <= MAX_NAMED_CLASSES else "predicted (class index, sorted names)")
+    ax.set_ylabel("true" if k <= MAX_NAMED_CLASSES else "true (class index)")
     if k <= 30:
         for i in range(k):
             for j in range(k):
@@ -136,11 +141,14 @@ def confusion_figure(confusion: np.ndarray, classes: list[str]):
 def per_class_figure(per_class: dict[str, float]):
     plt = _plt()
     names = list(per_class)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(names) + 2), 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.5 * len(names) + 2), MAX_FIGURE_INCHES), 4), dpi=100)
     values = [100 * per_class[n] for n in names]
     bars = ax.bar(range(len(names)), values, color="tab:blue")
-    ax.bar_label(bars, [f"{v:.1f}" for v in values], fontsize=7)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    if len(names) <= MAX_NAMED_CLASSES:
+        ax.bar_label(bars, [f"{v:.1f}" for v in values], fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    else:
+        ax.set_xlabel("class (index, sorted names; report.json has each by name)")
     ax.set_ylim(0, 105)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("per-class accuracy")
@@ -158,6 +166,8 @@ def mistakes_figure(images: list[np.ndarray], captions: list[str], columns: int 
     for ax, image, caption in zip(axes.flat, images, captions):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         ax.set_title(caption, fontsize=7)
+    if not images:  # a blank picture looked like a failed one
+        fig.text(0.5, 0.5, "no mistakes: every image was classified correctly", ha="center", va="center")
     fig.suptitle("most confident mistakes", fontsize=10)
     fig.tight_layout()
     return fig
