@@ -271,6 +271,25 @@ def test_attention_map_covers_what_the_model_saw():
     assert view_box(cifar, 400, 200) == (0, 0, 400, 200)
 
 
+def test_attention_picture_of_a_one_pixel_wide_image(tmp_path):
+    """An image folder's centre crop of a 1 px wide (or tall) image is 0.875 px: cut to 0 px, it was a traceback
+    from the heat map's resize, and `predict FOLDER --attention` wrote no picture for the images after it."""
+    from PIL import Image
+
+    from vitcli.config import build_config
+    from vitcli.model import build_model
+    from vitcli.predict import image_to_tensor, write_attention
+
+    config = build_config({"data": {"dataset": "imagefolder", "image_size": 32},
+                           "model": {"patch_size": 8, "dim": 32, "depth": 1, "heads": 2}})
+    model = build_model(config, 3).eval()
+    for size in ((1, 2), (1, 10), (100, 1)):
+        image = Image.new("RGB", size, (200, 30, 30))
+        out = write_attention(model, config, image_to_tensor(image, config), torch.device("cpu"), "rollout",
+                              tmp_path / f"{size[0]}x{size[1]}.png", image, {"label": "a", "probability": 0.5})
+        assert_picture(out, 200)
+
+
 def test_attention_pictures_of_several_images_never_share_a_file():
     """`predict FOLDER --attention OUT/`: one picture per image, also where names repeat across folders or an
     image's own name is another's fallback (a-2.png beside two a.png: the third map overwrote a-2's)."""

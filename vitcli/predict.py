@@ -216,8 +216,9 @@ def write_attention(model, config, tensor, device, mode: str, out: Path, origina
     original = convert_image(original, "L" if tensor.shape[0] == 1 else "RGB")
     # the heat map covers what the model saw: image folders' centre crop, at the original's resolution
     left, top, right, bottom = view_box(config, *original.size)
-    if (left, top, right, bottom) != (0, 0, *original.size):
-        original = original.crop((round(left), round(top), round(right), round(bottom)))
+    if (left, top, right, bottom) != (0, 0, *original.size):  # a pixel at least (a 1 px wide image's is 0.875)
+        left, top = min(round(left), original.width - 1), min(round(top), original.height - 1)
+        original = original.crop((left, top, max(round(right), left + 1), max(round(bottom), top + 1)))
     # drawn at the image's own size up to ATTENTION_MAX_SIDE: an 8000 px photo took 9 GB and 40 s, a 1 x 70000 strip
     # (the picture is a square of its longest side) ran out of memory in matplotlib
     original.thumbnail((ATTENTION_MAX_SIDE, ATTENTION_MAX_SIDE))
