@@ -219,6 +219,20 @@ def test_predict_sees_an_image_folder_image_as_eval_does(imagefolder_dir):
         assert right - left == pytest.approx(bottom - top, rel=0.05), path
 
 
+def test_a_missing_image_folder_says_which_key_to_set(tmp_path):
+    """vit train (a resumed run's relative data.root read from another folder) is told data.root; vit eval, which
+    takes no config key, uses the message without that advice and names its --data-root instead."""
+    from vitcli.data import imagefolder_classes
+    from vitcli.errors import DatasetNotFound
+
+    with pytest.raises(DatasetNotFound) as caught:
+        imagefolder_classes(tmp_path / "pics", "train")
+    assert str(caught.value).endswith("; set data.root to the folder holding them (--set data.root=DIR; a relative "
+                                      "one is read from where vit runs)")
+    assert caught.value.what == (f"image folder {tmp_path / 'pics' / 'train'} not found: an imagefolder dataset "
+                                 f"needs {tmp_path / 'pics'}/train/<class>/* and {tmp_path / 'pics'}/val/<class>/*")
+
+
 def test_an_image_folder_of_one_class_is_refused(tmp_path):
     """One class trained to "top-1 1.0000", which says nothing about the model."""
     from vitcli.data import imagefolder_classes

@@ -223,8 +223,10 @@ def hidden(path: Path) -> bool:
 def imagefolder_classes(root: Path, split: str) -> list[str]:
     folder = root / split
     if not folder.is_dir():
-        raise DatasetNotFound(f"image folder {folder} not found: an imagefolder dataset needs {root}/train/<class>/* "
-                              f"and {root}/val/<class>/*")
+        what = (f"image folder {folder} not found: an imagefolder dataset needs {root}/train/<class>/* and "
+                f"{root}/val/<class>/*")
+        raise DatasetNotFound(f"{what}; set data.root to the folder holding them (--set data.root=DIR; a relative "
+                              f"one is read from where vit runs)", what)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(Path(p.name)))
     if not classes:
         raise VitError(f"no class folders in {folder}: put each class's images in {folder}/<class>/")
