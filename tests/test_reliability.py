@@ -467,6 +467,18 @@ def test_resume_refuses_what_would_lose_or_scatter_files(smoke_run, tmp_path):
     one_line_error(run_vit("train", "--resume", alone / "last.pt", "--set", "train.epochs=4"),
                    "not in its run directory", "model.init_from")
     assert sorted(p.name for p in alone.iterdir()) == ["last.pt"], "nothing written beside a stray checkpoint"
+    # its own run directory, config.yaml deleted: the advice writes it back (it said to resume in a copy of the
+    # directory, which has no config.yaml either); --print-config writes nothing, so it is not refused
+    lost = tmp_path / "lost"
+    shutil.copytree(smoke_run, lost)
+    (lost / "config.yaml").unlink()
+    result = run_vit("train", "--resume", lost / "last.pt", "--set", "train.epochs=4")
+    one_line_error(result, "no config.yaml beside it, in what looks like its run directory (metrics.jsonl is there)")
+    advice = result.stderr.split("write it back from the checkpoint with: ", 1)[1].split(" (then resume)")[0]
+    assert advice.endswith(f"train --resume {lost / 'last.pt'} --print-config > {lost / 'config.yaml'}"), advice
+    shown = run_vit(*advice.split(" > ")[0].split()[1:], check=True).stdout
+    (lost / "config.yaml").write_text(shown)
+    run_vit("train", "--resume", lost / "last.pt", "--set", "train.epochs=4", check=True)
     after = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name not in ("earlier.pt", "weights.pt")}
     assert after == before, "the refused resumes wrote nothing in the run directory"
     # a checkpoint put into another run's directory, whose last.pt is at an earlier step: that run is not written

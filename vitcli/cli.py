@@ -238,7 +238,7 @@ def train(
             if cfg is None:  # what the resumed run would use: the saved config with the allowed --set changes
                 from vitcli.rundir import resume_config
 
-                cfg = resume_config(resume, overrides)[1]
+                cfg = resume_config(resume, overrides, check_folder=False)[1]
             typer.echo(cfg.to_yaml(), nl=False)
             return 0
         if nproc < 1:

@@ -214,6 +214,12 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
         raise VitError(f"--resume {path}: it holds weights only (written by vit convert), no training state; "
                        f"{new_run}")
     if not (path.parent / "config.yaml").is_file():
+        if (path.parent / "metrics.jsonl").is_file():  # its run directory, from which config.yaml went
+            config_yaml = shlex.quote(str(path.parent / "config.yaml"))
+            raise VitError(f"--resume {path}: no config.yaml beside it, in what looks like its run directory "
+                           f"(metrics.jsonl is there); if it was deleted, write it back from the checkpoint with: "
+                           f"{vit_program()} train --resume {shlex.quote(str(path))} --print-config > {config_yaml}"
+                           f" (then resume), or {new_run}")
         raise VitError(f"--resume {path}: it is not in its run directory (no config.yaml beside it), where a "
                        f"resumed run writes; resume it inside a copy of the whole run directory, or {new_run}")
     another = (f"resuming it here would write over that run's files; resume it inside a copy of its own run "
@@ -240,11 +246,14 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
                            f"directory first to branch off at this point")
 
 
-def resume_config(resume: Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Config]:
+def resume_config(resume: Path, overrides: Sequence[str] = (),
+                  check_folder: bool = True) -> tuple[dict[str, Any], Config]:
     """The checkpoint and the config a resumed run continues with: the saved config plus the `--set` changes that
-    keep it the same run (any other change is one clear error)."""
+    keep it the same run (any other change is one clear error). `check_folder=False` (--print-config, which writes
+    nothing): also where the run directory would refuse the resume, so that a deleted config.yaml can be rebuilt."""
     ckpt = load_checkpoint(resume, example="last.pt")
-    check_resumable(ckpt, Path(resume))
+    if check_folder:
+        check_resumable(ckpt, Path(resume))
     config = build_config(ckpt["config"].to_dict(), overrides, source=f"{resume} + --set", saved=True)
     check_resume_overrides(ckpt["config"], config, resume)
     return ckpt, config
