@@ -231,6 +231,24 @@ def test_fine_tune_from_a_headless_backbone_and_from_wrong_files(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "c.pt").exists()
 
 
+def test_weights_of_another_stem_or_depth_name_the_key_to_set():
+    """A conv-stem checkpoint into a linear-stem config said "check model.dim/depth/heads/patch_size"."""
+    from vitcli.config import build_config
+    from vitcli.interop import load_pretrained
+    from vitcli.model import build_model
+
+    def model(**changes):
+        return build_model(build_config({"model": {"dim": 32, "depth": 2, "heads": 2, **changes}}), 10)
+
+    for weights, target, needle in (
+            (model(stem="conv"), model(), "set model.stem: conv as the weights were trained"),
+            (model(), model(stem="conv"), "set model.stem: linear as the weights were trained"),
+            (model(depth=3), model(), "set model.depth as the weights were trained")):
+        with pytest.raises(VitError, match="weights do not fit the config's model") as caught:
+            load_pretrained(target, weights.state_dict(), "w.pt", log=lambda _: None)
+        assert needle in str(caught.value), caught.value
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")

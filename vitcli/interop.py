@@ -176,6 +176,16 @@ def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([class_pos, patch_pos], dim=1)
 
 
+def missing_keys_advice(missing: list[str], unexpected: list[str]) -> str:
+    """Which config key to set where the weights have other tensors than the model (vitcli's names)."""
+    if any(".stem." in key for key in missing + unexpected):  # a conv stem on one side only
+        stem = "conv" if any(".stem." in key for key in unexpected) else "linear"
+        return f"set model.stem: {stem} as the weights were trained (and model.stem_channels, for a conv stem)"
+    if any(key.startswith("encoder.blocks.") for key in missing + unexpected):
+        return "set model.depth as the weights were trained"
+    return "check model.dim/depth/heads/patch_size"
+
+
 def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
                     log: Callable[[str], None], names: Optional[dict[str, str]] = None) -> None:
     """Fine-tuning start: loads what fits; resizes positional embeddings to the model's patch grid; leaves the
@@ -203,9 +213,10 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     missing = [k for k in own if k not in state and k not in reinit]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
+        advice = missing_keys_advice(missing, unexpected)
         unexpected = [(names or {}).get(k, k) for k in unexpected[:4]]  # as the file names them
         raise VitError(f"{source}: weights do not fit the config's model (missing {missing[:4]}, unexpected "
-                       f"{unexpected}); check model.dim/depth/heads/patch_size")
+                       f"{unexpected}); {advice}")
     for key, value in state.items():
         if value.shape != own[key].shape:
             raise VitError(f"{source}: tensor {tensor_name(key, names)} has shape {tuple(value.shape)}, the config's "
