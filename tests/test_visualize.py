@@ -302,3 +302,22 @@ def test_attention_pictures_of_several_images_never_share_a_file():
         outputs = attention_outputs("maps/", paths)
         assert list(outputs) == paths and len(set(outputs.values())) == len(paths), outputs
         assert all(out.parent == Path("maps") and out.name.endswith(".attention.png") for out in outputs.values())
+
+
+def test_nan_pixels_and_missing_glyphs_are_quiet():
+    """A float image with NaN pixels printed numpy's cast warning with its source line; class names the default
+    font lacks (CJK) printed two warning lines per glyph and per picture."""
+    import warnings
+
+    from PIL import Image
+
+    from vitcli.predict import convert_image
+    from vitcli.visualize import figure_to_array, per_class_figure
+
+    pixels = np.full((4, 4), np.nan, dtype=np.float32)
+    pixels[0, 0] = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gray = np.asarray(convert_image(Image.fromarray(pixels, "F"), "L"))
+        assert gray[0, 0] == 128 and not gray[1:].any()  # NaN pixels black
+        assert figure_to_array(per_class_figure({"猫": 0.5, "犬": 0.7})).std() > 10

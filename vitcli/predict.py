@@ -47,7 +47,7 @@ def convert_image(image, mode: str):
     from PIL import Image
 
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)  # NaN pixels black, not a warning
         if image.mode.startswith("I;16") or 255 < array.max() <= 65535:
             array = array / 257
         elif image.mode == "F" and array.min() >= 0 and array.max() <= 1:

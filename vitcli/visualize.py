@@ -14,11 +14,15 @@ import torch
 
 
 def _plt():
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # class names in scripts the default font lacks (CJK): drawn as boxes, not also two warning lines per glyph
+    warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
     return plt
 
 
