@@ -786,6 +786,10 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
     one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--device", "cuda:abc"), "'cuda:abc'")
     report = write(tmp_path / "notes.txt", "mine")
     one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", report), "is a file")
+    # a picture's name for the report: said to be a folder's place (it made a folder named out.png)
+    one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", tmp_path / "out.png"),
+                   "a folder for the report's files", f"such as {tmp_path / 'out'}/")
+    assert not (tmp_path / "out.png").exists()
     assert report.read_text() == "mine"
     # a file where a folder of the output path should be: named as such (it said "File exists"), before the work
     one_line_error(run_vit("predict", image, image, "--ckpt", real_ckpt, "--attention", tmp_path / "maps.png"),

@@ -253,6 +253,9 @@ def check_report_folder(report: Path) -> None:
 
     if report.exists() and not report.is_dir():
         raise VitError(f"--report {report} is a file; give a folder for the report (nothing was written)")
+    if not report.exists() and report.suffix.lower() in (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".json"):
+        raise VitError(f"--report {report}: a folder for the report's files ({', '.join(REPORT_FILES)}), not one "
+                       f"file; give a folder, such as {report.with_suffix('')}/ (nothing was written)")
     clash = report_clash(report) if report.is_dir() else []
     if clash:
         raise VitError(f"--report {report} already holds {', '.join(clash)}, not a report of vit eval; give a new "
