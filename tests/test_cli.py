@@ -351,10 +351,11 @@ def test_run_directory_is_never_overwritten(smoke_run, tmp_path):
     for folder, cwd in ((mine, None), (".", mine)):
         result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", folder, cwd=cwd)
         assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert (f"run directory {folder} already holds files and is not a vit run (no config.yaml); choose a new or "
-                f"empty --run-dir, such as {Path(folder) / 'my-run'}") in result.stderr, result.stderr
+        assert (f"run directory {folder} already holds files and is not a vit run (no config.yaml of a vit run); "
+                f"choose a new or empty --run-dir, such as {Path(folder) / 'my-run'}") in result.stderr, result.stderr
         assert "delete" not in result.stderr
-    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+        (mine / "config.yaml").write_text("learning_rate: 0.1\n")  # a project's own config.yaml: no run either
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "thesis.tex"]
     # a file given as the run directory: said so (it was "Not a directory")
     result = run_vit("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", failed / "config.yaml")
     assert result.returncode == 2 and "config.yaml is a file, not a folder; choose another --run-dir" in result.stderr

@@ -108,8 +108,8 @@ def test_an_empty_recipe_is_refused_not_read_as_all_defaults(tmp_path):
     for text in ("", "# the recipe for table 2\n\n"):
         recipe = tmp_path / "my.yaml"
         recipe.write_text(text)
-        with pytest.raises(VitError, match=r"my.yaml is empty \(no settings, or only comments\); a recipe sets at "
-                                           r"least data.dataset: start from one in configs/ \(a shell redirection"):
+        with pytest.raises(VitError, match=r"my.yaml is empty \(no settings, or only comments\); start from a "
+                                           r"recipe in configs/ \(a shell redirection to the file vit reads"):
             load_config(recipe, ["train.epochs=5"])
     recipe.write_text("data:\n  dataset: synthetic\n")
     assert load_config(recipe).data.dataset == "synthetic"

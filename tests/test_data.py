@@ -233,6 +233,53 @@ def test_a_missing_image_folder_says_which_key_to_set(tmp_path):
                                  f"needs {tmp_path / 'pics'}/train/<class>/* and {tmp_path / 'pics'}/val/<class>/*")
 
 
+def test_an_image_folder_dataset_skips_hidden_entries_and_pickles(imagefolder_dir):
+    """Hidden class folders and hidden files (also in a hidden subfolder of a class) are not data; the dataset is a
+    plain torchvision ImageFolder, which DataLoader workers started by spawn (macOS, Python 3.14's forkserver)
+    can unpickle (a subclass made inside the function could not be pickled)."""
+    import pickle
+
+    from conftest import write_png
+    from vitcli.data import make_imagefolder
+
+    (imagefolder_dir / "train" / ".ipynb_checkpoints").mkdir()
+    write_png(imagefolder_dir / "train" / ".ipynb_checkpoints" / "0.png", size=32, mode="RGB")
+    (imagefolder_dir / "train" / "circle" / ".thumbs").mkdir()
+    (imagefolder_dir / "train" / "circle" / ".thumbs" / "0.png").write_bytes(b"not a png")
+    (imagefolder_dir / "train" / "square" / "._0.png").write_bytes(b"AppleDouble")
+    config = build_config({"data": {"dataset": "imagefolder", "root": str(imagefolder_dir), "image_size": 32},
+                           "model": {"patch_size": 8}})
+    dataset = make_imagefolder(config, "train", train=True)
+    assert dataset.classes == ["circle", "square", "stripe"] and len(dataset) == 72
+    assert sorted(set(dataset.targets)) == [0, 1, 2] and dataset.targets.count(0) == 24
+    assert all("/." not in path for path, _ in dataset.samples)
+    again = pickle.loads(pickle.dumps(dataset))
+    assert again.samples == dataset.samples and again[0][0].shape == (3, 32, 32)
+
+
+def test_an_image_folders_test_split_is_its_test_folder_of_classes(tmp_path):
+    """vit eval's default split: test/ where it holds class folders (val/ picked best.pt); a Kaggle-style test/ of
+    unlabelled images is not read; training asks for val. In-memory datasets have one held-out split."""
+    from vitcli.data import split_name
+    from vitcli.evaluate import check_same_classes
+
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "0001.jpg").write_bytes(b"unlabelled")
+    assert split_name("test", "imagefolder", tmp_path) == "val"
+    (tmp_path / "test" / ".cache").mkdir()
+    assert split_name("test", "imagefolder", tmp_path) == "val"
+    (tmp_path / "test" / "cat").mkdir()
+    assert split_name("test", "imagefolder", tmp_path) == "test"
+    assert split_name("val", "imagefolder", tmp_path) == "val"
+    assert split_name("val", "cifar10", tmp_path) == split_name("test", "cifar10", tmp_path) == "test"
+    config = build_config({"data": {"dataset": "imagefolder", "root": str(tmp_path)}})
+    with pytest.raises(VitError, match=r"\(--data-root DIR: the folder of that dataset\) or --split val \(its test/ "
+                                       r"folder was read\)$"):
+        check_same_classes(["cat"], ["cat", "dog"], config, "test")
+    check_same_classes(["cat", "dog"], ["cat", "dog"], config, "test")
+
+
 def test_an_image_folder_of_one_class_is_refused(tmp_path):
     """One class trained to "top-1 1.0000", which says nothing about the model."""
     from vitcli.data import imagefolder_classes

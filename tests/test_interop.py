@@ -243,7 +243,9 @@ def test_weights_of_another_stem_or_depth_name_the_key_to_set():
     for weights, target, needle in (
             (model(stem="conv"), model(), "set model.stem: conv as the weights were trained"),
             (model(), model(stem="conv"), "set model.stem: linear as the weights were trained"),
-            (model(depth=3), model(), "set model.depth as the weights were trained")):
+            (model(depth=3), model(), "set model.depth as the weights were trained"),
+            (model(stem="conv", stem_channels=[8, 16, 32]), model(stem="conv"),
+             "set model.stem_channels as the weights were trained")):
         with pytest.raises(VitError, match="weights do not fit the config's model") as caught:
             load_pretrained(target, weights.state_dict(), "w.pt", log=lambda _: None)
         assert needle in str(caught.value), caught.value

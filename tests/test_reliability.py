@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -476,9 +477,10 @@ def test_resume_refuses_what_would_lose_or_scatter_files(smoke_run, tmp_path):
     one_line_error(result, "no config.yaml beside it, in what looks like its run directory (metrics.jsonl is there)")
     advice = result.stderr.split("write it back from the checkpoint with: ", 1)[1].split(" (then resume)")[0]
     assert advice.endswith(f"train --resume {lost / 'last.pt'} --print-config > {lost / 'config.yaml'}"), advice
-    shown = run_vit(*advice.split(" > ")[0].split()[1:], check=True).stdout
+    shown = run_vit(*shlex.split(advice.split(" > ")[0])[1:], check=True).stdout
     (lost / "config.yaml").write_text(shown)
-    run_vit("train", "--resume", lost / "last.pt", "--set", "train.epochs=4", check=True)
+    resumed = run_vit("train", "--resume", lost / "last.pt", "--set", "train.epochs=4", check=True)
+    assert "was edited" not in resumed.stderr  # the written-back file is the one vit writes
     after = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name not in ("earlier.pt", "weights.pt")}
     assert after == before, "the refused resumes wrote nothing in the run directory"
     # a checkpoint put into another run's directory, whose last.pt is at an earlier step: that run is not written

@@ -472,9 +472,8 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     raw = read_yaml(path) if path else {}
     if path and not raw:  # all defaults, silently, where `vit train -c my.yaml --print-config > my.yaml` emptied it
-        raise VitError(f"{path} is empty (no settings, or only comments); a recipe sets at least data.dataset: start "
-                       f"from one in configs/ (a shell redirection to the file it reads, > {Path(path).name}, empties "
-                       f"it first)")
+        raise VitError(f"{path} is empty (no settings, or only comments); start from a recipe in configs/ (a shell "
+                       f"redirection to the file vit reads, > {Path(path).name}, empties it first)")
     return build_config(raw, overrides, source=str(path) if path else "defaults")
 
 

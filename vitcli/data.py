@@ -56,15 +56,23 @@ def is_in_memory(dataset: str) -> bool:
 
 def split_name(split: str, dataset: str, root: Optional[Path] = None) -> str:
     """'train', or the held-out split: 'test' for in-memory datasets, where 'val' and 'test' mean the same. An image
-    folder's is val/, which training evaluates on, or its test/ where one is asked for and there is one (`root`):
-    the figure to report, which best.pt was not picked on."""
+    folder's is val/, which training evaluates on, or its test/ where one is asked for and there is one of class
+    folders (`root`): the figure to report, which best.pt was not picked on."""
     if split == "train":
         return "train"
     if split not in ("val", "test"):
         raise VitError(f"unknown split '{split}': use train, val or test")
     if dataset != "imagefolder":
         return "test"
-    return "test" if split == "test" and root is not None and (root / "test").is_dir() else "val"
+    return "test" if split == "test" and root is not None and has_class_folders(root / "test") else "val"
+
+
+def has_class_folders(folder: Path) -> bool:
+    """An image folder split: a folder of class folders (a Kaggle-style test/ of unlabelled images is none)."""
+    try:
+        return folder.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -263,20 +271,22 @@ def make_imagefolder(config: Config, split: str, train: bool):
                                 *([v2.RandomHorizontalFlip()] if config.hflip else [])])
     else:
         transform = imagefolder_eval_view(size)
-    class Folder(torchvision.datasets.ImageFolder):
-        def find_classes(self, directory):  # torchvision's takes hidden folders (.ipynb_checkpoints) as classes
-            return classes, {name: i for i, name in enumerate(classes)}
-
     def is_image(path: str) -> bool:  # not hidden files (macOS's ._x.png) or files in hidden folders either
         return path.lower().endswith(IMAGE_EXTENSIONS) and not hidden(Path(path).relative_to(root / split))
 
-    try:
-        dataset = Folder(str(root / split), transform=transform, loader=_load_rgb, is_valid_file=is_image)
-    except FileNotFoundError:  # ImageFolder: some class folder holds no image
-        empty = [name for name in classes if not any(
-            f.is_file() and is_image(str(f)) for f in (root / split / name).rglob("*"))]
+    # a plain ImageFolder (DataLoader workers started by spawn pickle it), less the classes torchvision's
+    # find_classes takes from hidden folders (.ipynb_checkpoints)
+    dataset = torchvision.datasets.ImageFolder(str(root / split), transform=transform, loader=_load_rgb,
+                                               is_valid_file=is_image, allow_empty=True)
+    index = {dataset.class_to_idx[name]: i for i, name in enumerate(classes)}
+    dataset.samples = [(path, index[target]) for path, target in dataset.samples if target in index]
+    dataset.targets = [target for _, target in dataset.samples]
+    dataset.imgs = dataset.samples
+    dataset.classes, dataset.class_to_idx = classes, {name: i for i, name in enumerate(classes)}
+    empty = sorted(set(classes) - {classes[target] for target in dataset.targets})
+    if empty:
         raise VitError(f"no images found in {root / split} for the classes {', '.join(empty)}: put images "
-                       f"({', '.join(IMAGE_EXTENSIONS)}) in each class folder") from None
+                       f"({', '.join(IMAGE_EXTENSIONS)}) in each class folder")
     limit = config.data.max_train_samples if split == "train" else config.data.max_val_samples  # the split's own
     if limit is not None and limit < len(dataset.samples):  # ImageFolder lists class by class: a seeded sample
         keep = torch.randperm(len(dataset.samples), generator=torch.Generator().manual_seed(config.train.seed))

@@ -176,12 +176,18 @@ def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([class_pos, patch_pos], dim=1)
 
 
-def missing_keys_advice(missing: list[str], unexpected: list[str]) -> str:
-    """Which config key to set where the weights have other tensors than the model (vitcli's names)."""
-    if any(".stem." in key for key in missing + unexpected):  # a conv stem on one side only
-        stem = "conv" if any(".stem." in key for key in unexpected) else "linear"
+def missing_keys_advice(own: list[str], given: list[str]) -> str:
+    """Which config key to set where the weights (`given`, vitcli's names) have other tensors than the model."""
+    def conv_stem(keys: list[str]) -> bool:
+        return any(".stem." in key for key in keys)
+
+    if conv_stem(own) != conv_stem(given):
+        stem = "conv" if conv_stem(given) else "linear"
         return f"set model.stem: {stem} as the weights were trained (and model.stem_channels, for a conv stem)"
-    if any(key.startswith("encoder.blocks.") for key in missing + unexpected):
+    differ = set(own) ^ set(given)
+    if conv_stem(list(differ)):  # conv stems of other layer counts
+        return "set model.stem_channels as the weights were trained"
+    if any(key.startswith("encoder.blocks.") for key in differ):
         return "set model.depth as the weights were trained"
     return "check model.dim/depth/heads/patch_size"
 
@@ -213,7 +219,7 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     missing = [k for k in own if k not in state and k not in reinit]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        advice = missing_keys_advice(missing, unexpected)
+        advice = missing_keys_advice(list(own), list(state))
         unexpected = [(names or {}).get(k, k) for k in unexpected[:4]]  # as the file names them
         raise VitError(f"{source}: weights do not fit the config's model (missing {missing[:4]}, unexpected "
                        f"{unexpected}); {advice}")

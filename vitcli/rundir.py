@@ -102,13 +102,22 @@ def default_run_dir(config: Config) -> Path:
     return base
 
 
+def holds_a_run_config(run_dir: Path) -> bool:
+    """Whether the folder's config.yaml is a vit run's (a project's own config.yaml is no sign of a run)."""
+    try:
+        build_config(read_yaml(run_dir / "config.yaml"), source="config.yaml", saved=True)
+        return True
+    except (VitError, OSError):
+        return False
+
+
 def prepare_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise VitError(f"run directory {run_dir} is a file, not a folder; choose another --run-dir")
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / "config.yaml").exists():  # not a run's folder (., ~, runs/): never advise deleting it
-            raise VitError(f"run directory {run_dir} already holds files and is not a vit run (no config.yaml); "
-                           f"choose a new or empty --run-dir, such as {run_dir / 'my-run'}")
+        if not holds_a_run_config(run_dir):  # not a run's folder (., ~, runs/, a project): never advise deleting it
+            raise VitError(f"run directory {run_dir} already holds files and is not a vit run (no config.yaml of a "
+                           f"vit run); choose a new or empty --run-dir, such as {run_dir / 'my-run'}")
         if not (run_dir / "last.pt").exists():  # e.g. a run that failed before its first checkpoint
             raise VitError(f"run directory {run_dir} already holds files but no last.pt to resume (a run that "
                            f"stopped before its first checkpoint?); delete it or choose another --run-dir")

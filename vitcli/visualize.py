@@ -22,7 +22,7 @@ def _plt():
     import matplotlib.pyplot as plt
 
     # class names in scripts the default font lacks (CJK): drawn as boxes, not also two warning lines per glyph
-    warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Glyph .* missing from (current )?font", category=UserWarning)
     return plt
 
 
