@@ -7,7 +7,7 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -258,21 +258,30 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str 
 
 def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,
                  names: Optional[dict[str, str]] = None) -> None:
-    """Loads a state dict, turning a shape mismatch into one line that names the tensor and both shapes.
-    `names`: for weights from outside a checkpoint (whose shape the config describes), the file's own name of each
-    renamed tensor (interop.file_names); a mismatch then also names the config key to set."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        unexpected = [(names or {}).get(k, k) for k in unexpected[:3]]  # as the file names them
-        raise VitError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected})")
-    for key, value in state_dict.items():
-        if value.shape != own[key].shape:
-            raise VitError(f"{path}: tensor {tensor_name(key, names)} has shape {tuple(value.shape)}, the model "
-                           f"expects {tuple(own[key].shape)}" + (shape_advice(key) if names is not None else ""))
+    """Loads a state dict whole (check_fit, check_finite): a mismatch or a damaged value is one line."""
+    check_fit(model.state_dict(), state_dict, path, names)
     check_finite(state_dict, path)
     model.load_state_dict(state_dict)
+
+
+def check_fit(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], path: str | Path,
+              names: Optional[dict[str, str]] = None, new: Sequence[str] = ()) -> None:
+    """The weights have the model's tensors (`own`, less `new`: those left at their start, a new head), each of its
+    shape, else one line naming them. `names`: for weights from outside a checkpoint, whose shapes the config
+    describes, the file's own name of each renamed tensor ({} for none: interop.file_names); the line then also
+    names the config key to set."""
+    described = names is not None
+    whose = "the config's model" if described else "the model"
+    missing = [k for k in own if k not in state_dict and k not in new]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        advice = f"; {missing_keys_advice(list(own), list(state_dict))}" if described else ""
+        unexpected = [(names or {}).get(k, k) for k in unexpected[:4]]  # as the file names them
+        raise VitError(f"{path}: weights do not fit {whose} (missing {missing[:4]}, unexpected {unexpected}){advice}")
+    for key, value in state_dict.items():
+        if value.shape != own[key].shape:
+            raise VitError(f"{path}: tensor {tensor_name(key, names)} has shape {tuple(value.shape)}, {whose} "
+                           f"expects {tuple(own[key].shape)}" + (shape_advice(key) if described else ""))
 
 
 def shape_advice(key: str) -> str:
@@ -286,6 +295,22 @@ def shape_advice(key: str) -> str:
     else:
         keys = "model.dim"
     return f"; set the config's {keys} as the weights were trained"
+
+
+def missing_keys_advice(own: list[str], given: list[str]) -> str:
+    """Which config key to set where the weights (`given`, vitcli's names) have other tensors than the model."""
+    def conv_stem(keys: list[str]) -> bool:
+        return any(".stem." in key for key in keys)
+
+    if conv_stem(own) != conv_stem(given):
+        stem = "conv" if conv_stem(given) else "linear"
+        return f"set model.stem: {stem} as the weights were trained (and model.stem_channels, for a conv stem)"
+    differ = set(own) ^ set(given)
+    if conv_stem(list(differ)):  # conv stems of other layer counts
+        return "set model.stem_channels as the weights were trained"
+    if any(key.startswith("encoder.blocks.") for key in differ):
+        return "set model.depth as the weights were trained"
+    return "check model.dim/depth/heads/patch_size"
 
 
 def tensor_name(key: str, names: Optional[dict[str, str]]) -> str:

@@ -27,11 +27,11 @@ def check_same_classes(classes: list[str], trained: list[str], config, split: st
     def listed(names: list[str]) -> str:
         return f"{len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
 
-    from vitcli.data import has_class_folders
+    from vitcli.data import split_name
 
     where = "" if config.data.dataset == "synthetic" else f" in {config.data_root}"
-    val = (" or --split val (its test/ folder was read)" if config.data.dataset == "imagefolder" and split == "test"
-           and has_class_folders(config.data_root / "test") else "")
+    read_test = config.data.dataset == "imagefolder" and split_name(split, "imagefolder", config.data_root) == "test"
+    val = " or --split val (its test/ folder was read)" if read_test else ""
     raise VitError(f"the {split} split's classes{where} ({listed(classes)}) are not the checkpoint's "
                    f"({listed(trained)}); evaluate it on the data it was trained for (--data-root DIR: the folder "
                    f"of that dataset){val}")

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vitcli.checkpoint import atomic_write, check_torch_zip, shape_advice, tensor_name, written_by_torch_save
+from vitcli.checkpoint import atomic_write, check_fit, check_torch_zip, written_by_torch_save
 from vitcli.errors import VitError, not_a_file, short
 
 
@@ -176,22 +176,6 @@ def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([class_pos, patch_pos], dim=1)
 
 
-def missing_keys_advice(own: list[str], given: list[str]) -> str:
-    """Which config key to set where the weights (`given`, vitcli's names) have other tensors than the model."""
-    def conv_stem(keys: list[str]) -> bool:
-        return any(".stem." in key for key in keys)
-
-    if conv_stem(own) != conv_stem(given):
-        stem = "conv" if conv_stem(given) else "linear"
-        return f"set model.stem: {stem} as the weights were trained (and model.stem_channels, for a conv stem)"
-    differ = set(own) ^ set(given)
-    if conv_stem(list(differ)):  # conv stems of other layer counts
-        return "set model.stem_channels as the weights were trained"
-    if any(key.startswith("encoder.blocks.") for key in differ):
-        return "set model.depth as the weights were trained"
-    return "check model.dim/depth/heads/patch_size"
-
-
 def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
                     log: Callable[[str], None], names: Optional[dict[str, str]] = None) -> None:
     """Fine-tuning start: loads what fits; resizes positional embeddings to the model's patch grid; leaves the
@@ -216,17 +200,7 @@ def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
             f"{state['head.weight'].shape[0]}")
     for key in reinit:
         state.pop(key, None)
-    missing = [k for k in own if k not in state and k not in reinit]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        advice = missing_keys_advice(list(own), list(state))
-        unexpected = [(names or {}).get(k, k) for k in unexpected[:4]]  # as the file names them
-        raise VitError(f"{source}: weights do not fit the config's model (missing {missing[:4]}, unexpected "
-                       f"{unexpected}); {advice}")
-    for key, value in state.items():
-        if value.shape != own[key].shape:
-            raise VitError(f"{source}: tensor {tensor_name(key, names)} has shape {tuple(value.shape)}, the config's "
-                           f"model expects {tuple(own[key].shape)}{shape_advice(key)}")
+    check_fit(own, state, source, names if names is not None else {}, new=reinit)  # the config describes them
     model.load_state_dict(state, strict=False)
     log(f"loaded {len(state)} tensors from {source}")
 

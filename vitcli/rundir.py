@@ -102,20 +102,22 @@ def default_run_dir(config: Config) -> Path:
     return base
 
 
-def holds_a_run_config(run_dir: Path) -> bool:
-    """Whether the folder's config.yaml is a vit run's (a project's own config.yaml is no sign of a run)."""
+def run_folder_config(run_dir: Path) -> Optional[Config]:
+    """The config in a run directory's config.yaml; None where there is none to read: missing, unreadable, empty, or
+    not a vit config (a project's own config.yaml, a file edited by hand into something else)."""
+    path = run_dir / "config.yaml"
     try:
-        build_config(read_yaml(run_dir / "config.yaml"), source="config.yaml", saved=True)
-        return True
+        raw = read_yaml(path)
+        return build_config(raw, source=str(path), saved=True) if raw else None
     except (VitError, OSError):
-        return False
+        return None
 
 
 def prepare_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise VitError(f"run directory {run_dir} is a file, not a folder; choose another --run-dir")
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not holds_a_run_config(run_dir):  # not a run's folder (., ~, runs/, a project): never advise deleting it
+        if run_folder_config(run_dir) is None:  # not a run's folder (., ~, runs/, a project): never advise deleting
             raise VitError(f"run directory {run_dir} already holds files and is not a vit run (no config.yaml of a "
                            f"vit run); choose a new or empty --run-dir, such as {run_dir / 'my-run'}")
         if not (run_dir / "last.pt").exists():  # e.g. a run that failed before its first checkpoint
@@ -183,10 +185,7 @@ def keep_edited_config(run_dir: Path, saved: Config, config: Config) -> Optional
         data = path.read_bytes()
     except OSError:
         return None  # check_resumable found it; gone since: nothing to keep
-    try:
-        edited: Optional[Config] = build_config(read_yaml(path), source=str(path), saved=True)
-    except VitError:
-        edited = None  # not a config any more (broken YAML, an unknown key): kept all the same
+    edited = run_folder_config(run_dir)  # None: not a config any more (broken YAML, an unknown key): kept all the same
     first, commented = None, False
     if edited is not None:
         # the first setting edited in the file (it differs from the checkpoint's) that the run will not have
@@ -233,11 +232,9 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
                        f"resumed run writes; resume it inside a copy of the whole run directory, or {new_run}")
     another = (f"resuming it here would write over that run's files; resume it inside a copy of its own run "
                f"directory, or {new_run}")
-    try:  # the run the folder holds: config.yaml is the config of its last.pt
-        raw = read_yaml(path.parent / "config.yaml")
-        folder_config = build_config(raw, source=str(path.parent / "config.yaml"), saved=True) if raw else None
-    except (VitError, OSError):
-        folder_config = None  # unreadable or empty (edited by hand?): the checks below still hold
+    # the run the folder holds: config.yaml is the config of its last.pt (None, unreadable or emptied by hand: the
+    # checks below still hold)
+    folder_config = run_folder_config(path.parent)
     changes = run_changes(ckpt["config"], folder_config) if folder_config is not None else []
     if changes:
         key, mine, theirs = changes[0]

@@ -250,10 +250,11 @@ def check_report_folder(report: Path) -> None:
     but did not write (one line, nothing written)."""
     from vitcli.checkpoint import check_writable
     from vitcli.errors import VitError
+    from vitcli.predict import PICTURE_SUFFIXES
 
     if report.exists() and not report.is_dir():
         raise VitError(f"--report {report} is a file; give a folder for the report (nothing was written)")
-    if not report.exists() and report.suffix.lower() in (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".json"):
+    if not report.exists() and report.suffix.lower() in (*PICTURE_SUFFIXES, ".json"):
         raise VitError(f"--report {report}: a folder for the report's files ({', '.join(REPORT_FILES)}), not one "
                        f"file; give a folder, such as {report.with_suffix('')}/ (nothing was written)")
     clash = report_clash(report) if report.is_dir() else []
