@@ -269,6 +269,7 @@ def test_imagefolder(imagefolder_dir, tmp_path):
     report = json.loads(run_vit("eval", *shlex.split(printed.split(" eval ", 1)[1]), "--json", cwd=REPO,
                                 check=True).stdout)
     assert report["num_samples"] == 24 and set(report["per_class"]) == {"circle", "square", "stripe"}
+    assert report["split"] == "val"  # no test/ yet: val/ is what was scored (it said "test")
     assert "3 classes" in trained.stderr
     # a test/ folder beside train/ and val/ is the test split vit eval scores (val/ picked best.pt); --split val
     # is still val/
@@ -280,7 +281,7 @@ def test_imagefolder(imagefolder_dir, tmp_path):
     assert f"{run_dir / 'best.pt'} on imagefolder test: 6 images" in tested.stdout, tested.stdout
     on_val = run_vit("eval", "--ckpt", run_dir / "best.pt", "--data-root", imagefolder_dir, "--split", "val",
                      "--json", check=True)
-    assert json.loads(on_val.stdout)["num_samples"] == 24
+    assert json.loads(on_val.stdout)["num_samples"] == 24 and json.loads(on_val.stdout)["split"] == "val"
     predicted = run_vit("predict", imagefolder_dir / "val" / "circle", "--ckpt", run_dir / "best.pt", "--json",
                         check=True)
     out = json.loads(predicted.stdout)

@@ -817,8 +817,14 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
     (folder / "one.png").write_bytes(original)
     (folder / ".venv" / "icon.png").write_bytes(original)
     (folder / ".hidden.png").write_bytes(original)
+    # a symlinked subfolder is searched as training reads image folders (it was skipped); a link back up, once
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "two.png").write_bytes(original)
+    (folder / "linked").symlink_to(tmp_path / "elsewhere")
+    (folder / "linked" / "loop").symlink_to(folder)
     found = json.loads(run_vit("predict", folder, "--ckpt", real_ckpt, "--json", check=True).stdout)
-    assert [Path(entry["path"]).name for entry in found] == ["one.png"], found
+    assert [Path(entry["path"]).relative_to(folder).as_posix() for entry in found] == ["linked/two.png", "one.png"], \
+        found
     # an exported TorchScript model given as the checkpoint: said so, in one line (torch warned in two more)
     scripted = tmp_path / "model.ts"
     run_vit("export", "--ckpt", real_ckpt, "--format", "torchscript", "--out", scripted, check=True)

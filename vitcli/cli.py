@@ -373,8 +373,9 @@ def eval_(
             err(f"report written: {', '.join(str(p) for p in written)}")
         result.pop("confusion")
         synthetic = config.data.dataset == "synthetic"
+        scored = split_name(split, config.data.dataset, config.data_root)
         if json_:
-            typer.echo(json.dumps({**result, "checkpoint": str(path), "split": split,
+            typer.echo(json.dumps({**result, "checkpoint": str(path), "split": scored,
                                    "dataset": config.data.dataset, **({"synthetic": True} if synthetic else {})}))
         else:
             tag = " [SYNTHETIC DATA]" if synthetic else ""
@@ -383,7 +384,6 @@ def eval_(
             limit = getattr(config.data, key)
             cut = (f" (limited by the run's data.{key}, not the whole split)"
                    if limit is not None and result["num_samples"] == limit else "")
-            scored = split_name(split, config.data.dataset, config.data_root)
             typer.echo(f"{path} on {config.data.dataset} {scored}{tag}: {result['num_samples']} "
                        f"image{'' if result['num_samples'] == 1 else 's'}{cut}{mode}")
             single = f"  (single view: top-1 {result['top1_single_view']:.4f})" if hflip else ""

@@ -70,6 +70,21 @@ def is_attention_picture(path: Path) -> bool:
     return carries_mark(path, ATTENTION_MARK)
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """The files below a folder, hidden ones and those in hidden folders left out, through symlinked folders as
+    training's image folders are read (each real folder once, so a link to a parent does not loop)."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files.extend(Path(root) / name for name in names if not name.startswith("."))
+    return files
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; folders replaced by the images they hold (sorted), hidden folders and files (.git, .venv)
     and vit's own attention pictures left out. An empty path ('' would be the current folder) is refused."""
@@ -79,8 +94,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             raise VitError(f"an image path is empty ('{item}'); give image files or folders")
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            found = sorted(p for p in _files_under(path) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                            and not is_attention_picture(p))
             if not found:
                 raise VitError(f"no images in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
