@@ -265,7 +265,7 @@ def test_test_time_flip_averages_the_probabilities_of_each_image_and_its_mirror(
 def test_ema_follows_the_weights_and_the_batchnorm_statistics():
     """EMA of every floating-point weight and buffer (the conv stem's BatchNorm running statistics included),
     decay warmed up as (1+n)/(10+n), worked out here with the formula, over real AdamW steps."""
-    from vitcli.train import EMA
+    from vitcli.step import EMA
 
     torch.manual_seed(0)
     model = VisionTransformer(image_size=16, patch_size=4, in_channels=1, num_classes=3, dim=16, depth=1, heads=2,

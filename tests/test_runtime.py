@@ -73,7 +73,7 @@ def test_the_training_step_compiles_static_after_another_batch_size(monkeypatch)
     training step with a symbolic batch size, which is not the static graph (and CUDA graphs) measured. The
     training Forward asks for static shapes; inductor is swapped for a backend that records what dynamo gives it."""
     from vitcli.model import build_model
-    from vitcli.train import Forward
+    from vitcli.step import Forward
 
     symbolic = []
 
@@ -108,7 +108,7 @@ def test_the_compiled_evaluation_runs_one_static_graph_for_a_short_last_batch(mo
     from vitcli.data import Preprocess
     from vitcli.evaluate import evaluate
     from vitcli.model import build_model
-    from vitcli.train import Forward
+    from vitcli.step import Forward
 
     graphs = []
 
@@ -173,7 +173,7 @@ def test_fp16_with_a_gradient_scaler_trains_on_cpu():
 
 def test_compile_failure_falls_back_to_eager_once(capsys):
     """A real inductor failure (no working C++ compiler): one message, then the module's own results."""
-    from vitcli.train import Forward
+    from vitcli.step import Forward
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.GELU())
@@ -195,7 +195,7 @@ def test_out_of_memory_under_compile_is_not_a_compile_failure(capsys):
     """A compiled forward that runs out of memory is the caller's out-of-memory error (one line there), not "torch.compile
     failed ... eagerly instead" followed by the same failure, and compile stays on."""
     from vitcli.errors import out_of_memory
-    from vitcli.train import Forward
+    from vitcli.step import Forward
 
     class Huge(torch.nn.Module):
         def forward(self, x):

@@ -12,7 +12,7 @@ from vitcli.data import Preprocess
 from vitcli.model import ConvStem, build_model
 from vitcli.runtime import (autocast, check_model_fits, evaluation_compile_mode, resolve_attention,
                             resolve_compile_mode, resolve_device, resolve_precision)
-from vitcli.train import EMA, Forward, TrainStep, make_optimizer
+from vitcli.step import EMA, Forward, TrainStep, make_optimizer
 
 
 def forward_flops(config: Config, num_classes: int = 10, class_token_only: bool = True) -> float:

@@ -260,7 +260,7 @@ def train(
 
             check_model_fits(run_cfg, resolve_device(run_cfg.train.device))  # once, not as one line per process
             if cfg is not None:  # a resumed run does not read model.init_from
-                from vitcli.train import check_init_from
+                from vitcli.interop import check_init_from
 
                 check_init_from(run_cfg)  # once, not as one line per process
             from vitcli.runtime import launch_torchrun

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import sys
@@ -10,7 +11,9 @@ from typing import Callable, Optional
 
 import torch
 
-from vitcli.checkpoint import atomic_write, check_fit, check_torch_zip, written_by_torch_save
+from vitcli.checkpoint import (atomic_write, check_finite, check_fit, check_torch_zip, load_checkpoint,
+                               written_by_torch_save)
+from vitcli.config import Config
 from vitcli.errors import VitError, not_a_file, short
 
 
@@ -358,3 +361,42 @@ def default_classes(cfg, num_classes: int) -> list[str]:
 def placeholder_classes(n: int) -> list[str]:
     """The class names of converted weights whose dataset's names are not known: class_0, class_1, ..."""
     return [f"class_{i}" for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- model.init_from
+
+
+def check_init_from(config: Config) -> str:
+    """model.init_from names a file (checked once before `--nproc` starts its processes, and by each of them);
+    returns its path, '~' expanded."""
+    source = config.model.init_from and os.path.expanduser(config.model.init_from)
+    if source and not Path(source).is_file():
+        what = "checkpoint" if config.model.init_format == "vitcli" else "weights file"
+        raise VitError(f"model.init_from: {not_a_file(source, what, '*.pt', '*.pth', '*.safetensors', '*.bin')}")
+    return source
+
+
+def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
+    """model.init_from: start from a vitcli checkpoint or a timm / torchvision state dict."""
+    source, fmt = check_init_from(config), config.model.init_format
+    names = None  # the file's own tensor names, for its errors
+    if source.endswith(".safetensors"):  # timm's, torchvision's or vitcli's own (vit export --format safetensors)
+        check_exported_heads(source, config.model.heads)
+        state = read_state_dict(source)
+        flavor, key = weights_flavor(state)
+        if fmt == "vitcli" and flavor in ("timm", "torchvision"):
+            raise VitError(f"model.init_from {source} holds {flavor} weights ('{key}'); set "
+                           f"model.init_format={flavor}")
+        peer = "vitcli" if "vitcli" in (fmt, flavor) else fmt
+        state, names = from_peer(state, peer), file_names(state, peer)
+    elif fmt == "vitcli":
+        ckpt = load_checkpoint(source, not_vitcli_advice="; for timm or torchvision weights set "
+                                                         "model.init_format=timm (or torchvision)")
+        state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+        check_heads(ckpt["config"].model.heads, config.model.heads, f"model.init_from {source} was trained with")
+    else:
+        raw = read_state_dict(source)
+        state, names = from_peer(raw, fmt), file_names(raw, fmt)
+    check_finite(state, f"model.init_from {source}")
+    load_pretrained(model, {k: v.float() for k, v in state.items()}, source,
+                    log=lambda m: print(f"vit: init_from: {m}", file=sys.stderr) if verbose else None, names=names)

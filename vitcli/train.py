@@ -1,10 +1,8 @@
-"""fit(): the training run. TrainStep: the exact step that `vit train` and `vit bench` both run."""
+"""fit(): the training run, around the step of vitcli.step; the learning-rate schedule."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import logging
 import math
 import os
 import shlex
@@ -15,22 +13,21 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from vitcli.checkpoint import (atomic_save, check_finite, load_checkpoint, load_weights, make_checkpoint, rng_state,
-                               set_rng_state)
+from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint, rng_state, set_rng_state
 from vitcli.config import Config, unread_keys_note
 from vitcli.data import Preprocess, TrainBatches, eval_batches
-from vitcli.errors import Interrupted, OtherRankFailed, VitError, not_a_file, out_of_memory, short, vit_program
+from vitcli.errors import Interrupted, OtherRankFailed, VitError, out_of_memory, vit_program
 from vitcli.evaluate import evaluate, largest_batch_that_fits
+from vitcli.interop import init_weights
 from vitcli.metrics import MetricsWriter, closed_on_error, log_pictures
-from vitcli.model import build_model, no_weight_decay, prepare_compile
+from vitcli.model import build_model
 from vitcli.rundir import (OPTIMISATION_CHANGES, default_run_dir, keep_edited_config, lock_run_dir, prepare_run_dir,
                            resume_command_line, resume_config, resume_sets, write_config_yaml)
-from vitcli.runtime import (CUDA_GRAPH_MODES, StopSignals, WorkersStopped, all_reduce_sum, autocast, barrier,
-                            check_model_fits, evaluation_compile_mode, init_distributed, rank0_first,
-                            resolve_attention, resolve_compile_mode, resolve_device, resolve_precision, settle,
-                            until_stopped)
+from vitcli.runtime import (StopSignals, WorkersStopped, all_reduce_sum, barrier, check_model_fits,
+                            evaluation_compile_mode, init_distributed, rank0_first, resolve_attention,
+                            resolve_compile_mode, resolve_device, resolve_precision, settle, until_stopped)
+from vitcli.step import EMA, Forward, TrainStep, make_optimizer
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -39,141 +36,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms, biases, class token and positional embeddings. The fused kernel runs
-    on CPU and CUDA and measured ~2% faster than the foreach one here."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if no_weight_decay(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(0.9, 0.999), fused=fused)
-
-
-class EMA:
-    """Exponential moving average of the weights, with the usual warm-up of the decay (1+n)/(10+n)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self._pairs: Optional[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = None
-
-    def _tensors(self, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The floating-point tensors of the EMA copy and of `model`, paired in state_dict order. Built once
-        per model: they share storage with the weights and buffers, which the optimizer and BatchNorm update in
-        place (a state_dict() per step costs ~200 tensor views, a noticeable share of a small model's GPU step)."""
-        if self._pairs is None or self._pairs[0] != id(model):
-            ema = self.module.state_dict().values()
-            live = model.state_dict().values()
-            floats = [(e, p) for e, p in zip(ema, live) if e.dtype.is_floating_point]
-            self._pairs = (id(model), [e for e, _ in floats], [p for _, p in floats])
-        return self._pairs[1], self._pairs[2]
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        ema, live = self._tensors(model)
-        torch._foreach_lerp_(ema, live, 1 - decay)
-
-
-class TrainStep:
-    """Forward, loss, backward, gradient clipping, optimizer step and EMA update for one batch."""
-
-    def __init__(self, model, optimizer, config: Config, device: torch.device, precision: str,
-                 ema: Optional[EMA] = None, scaler=None, forward: Optional["Forward"] = None):
-        self.model, self.optimizer, self.config = model, optimizer, config
-        self.device, self.precision, self.ema, self.scaler = device, precision, ema, scaler
-        self.forward = forward if forward is not None else Forward(model, compile=False)
-
-    def __call__(self, x: torch.Tensor, targets: torch.Tensor, lr: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (loss, logits) of the batch, detached."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        with autocast(self.device, self.precision):
-            logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.train.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        if self.config.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip, foreach=True)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.model, step)
-        return loss.detach(), logits.detach()
-
-
-class Forward:
-    """A module's forward through torch.compile where that works; where compiling fails (no C++ compiler, an
-    unsupported op) it says so once and runs the module eagerly from then on."""
-
-    def __init__(self, module: torch.nn.Module, compile: bool, doing: str = "training", mode: str = "default"):
-        self.module, self.doing = module, doing
-        self.compiled = maybe_compile(module, compile, doing, mode)
-        self.graph_mode = mode in CUDA_GRAPH_MODES and next(module.parameters()).device.type == "cuda"
-
-    @property
-    def running_compiled(self) -> bool:
-        """Whether calls run the compiled module (False when compile is off, or after an eager fallback)."""
-        return self.compiled is not self.module
-
-    @property
-    def graphs(self) -> bool:
-        """Whether calls replay CUDA graphs (torch.compile's reduce-overhead): each training step starts a new replay
-        generation, whose outputs may reuse the memory of the previous step's."""
-        return self.graph_mode and self.running_compiled
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled is self.module:
-            return self.module(x)
-        try:
-            if self.graph_mode:  # (running compiled here)
-                torch.compiler.cudagraph_mark_step_begin()
-            return self.compiled(x)
-        except Exception as e:  # torch.compile fails in many ways (no compiler, unsupported op): run eager
-            if out_of_memory(e):  # not compile's fault: the caller reports it, and compile stays on
-                raise
-            print(f"\nvit: torch.compile failed ({type(e).__name__}: {short(str(e), 120)}); "
-                  f"{self.doing} eagerly instead", file=sys.stderr)
-            self.compiled = self.module
-            return self.module(x)
-
-
-def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training", mode: str = "default"):
-    if not enabled:
-        return model
-    if sys.version_info >= (3, 14) or not hasattr(torch, "compile"):
-        print(f"vit: torch.compile is not available here; {doing} eagerly", file=sys.stderr)
-        return model
-    prepare_compile()
-    if not torch.cuda.is_available():
-        # inductor's C++ build imports torch.utils.cpp_extension, which warns "No CUDA runtime is found, using
-        # CUDA_HOME=..." on every machine without a GPU, across the progress bar: nothing a CPU run can act on
-        # (its other warnings, about the C++ compiler, stay)
-        cpp_extension = logging.getLogger("torch.utils.cpp_extension")
-        if _not_the_cuda_runtime_note not in cpp_extension.filters:
-            cpp_extension.addFilter(_not_the_cuda_runtime_note)
-    # static graphs, even where dynamo has seen this model code at another batch size first (the evaluation after
-    # the training; a resumed run that evaluates before it trains; other models in a benchmark's process): the
-    # training step's batches all have one size, and the evaluation pads its last, shorter batch (fixed_batch)
-    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
-
-
-def _not_the_cuda_runtime_note(record: logging.LogRecord) -> bool:
-    return "No CUDA runtime is found" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -186,46 +48,6 @@ def memory_errors(advice: Callable[[], str]):
         if what is None:
             raise
         raise VitError(f"out of memory ({what}) {advice()}") from None
-
-
-def check_init_from(config: Config) -> str:
-    """model.init_from names a file (checked once before `--nproc` starts its processes, and by each of them);
-    returns its path, '~' expanded."""
-    source = config.model.init_from and os.path.expanduser(config.model.init_from)
-    if source and not Path(source).is_file():
-        what = "checkpoint" if config.model.init_format == "vitcli" else "weights file"
-        raise VitError(f"model.init_from: {not_a_file(source, what, '*.pt', '*.pth', '*.safetensors', '*.bin')}")
-    return source
-
-
-def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
-    """model.init_from: start from a vitcli checkpoint or a timm / torchvision state dict."""
-    from vitcli.interop import (check_exported_heads, check_heads, file_names, from_peer, load_pretrained,
-                                read_state_dict, weights_flavor)
-
-    source, fmt = check_init_from(config), config.model.init_format
-    names = None  # the file's own tensor names, for its errors
-    if source.endswith(".safetensors"):  # timm's, torchvision's or vitcli's own (vit export --format safetensors)
-        check_exported_heads(source, config.model.heads)
-        state = read_state_dict(source)
-        flavor, key = weights_flavor(state)
-        if fmt == "vitcli" and flavor in ("timm", "torchvision"):
-            raise VitError(f"model.init_from {source} holds {flavor} weights ('{key}'); set "
-                           f"model.init_format={flavor}")
-        peer = "vitcli" if "vitcli" in (fmt, flavor) else fmt
-        state, names = from_peer(state, peer), file_names(state, peer)
-    elif fmt == "vitcli":
-        ckpt = load_checkpoint(source, not_vitcli_advice="; for timm or torchvision weights set "
-                                                         "model.init_format=timm (or torchvision)")
-        state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-        check_heads(ckpt["config"].model.heads, config.model.heads, f"model.init_from {source} was trained with")
-    else:
-        raw = read_state_dict(source)
-        state, names = from_peer(raw, fmt), file_names(raw, fmt)
-    check_finite(state, f"model.init_from {source}")
-    load_pretrained(model, {k: v.float() for k, v in state.items()}, source,
-                    log=lambda m: print(f"vit: init_from: {m}", file=sys.stderr) if verbose else None, names=names)
-
 
 
 def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] = None,
