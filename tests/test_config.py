@@ -132,6 +132,10 @@ def test_set_errors():
         build_config({}, ["epochs"])
     with pytest.raises(VitError, match="did you mean 'train.epochs'"):
         build_config({}, ["train.epoch=3"])
+    # several --set typos are one error, as a file's are (each was its own run)
+    with pytest.raises(VitError, match=r"^--set train.epoch=3, --set model.dpeth=2: unknown keys 'train.epoch' \(did "
+                                       r"you mean 'train.epochs'\?\), 'model.dpeth' \(did you mean 'model.depth'\?\);"):
+        build_config({}, ["train.epoch=3", "train.lr=0.1", "model.dpeth=2"])
     with pytest.raises(VitError, match=r"^--set train.epochs=: train.epochs: expected a whole number, got no value"):
         build_config({}, ["train.epochs="])
     with pytest.raises(VitError, match=r"^--set data.root=: data.root: expected text, got no value"):

@@ -215,9 +215,8 @@ def _as_typed(value: Any, hint: Any, where: str) -> Any:
     return text
 
 
-def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) -> None:
-    """Each (value, source) into its section of `into`. Unknown names are one error for all of them (a file with
-    three typos took three runs to fix): a single one with its closest name or the valid ones."""
+def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) -> list[tuple[str, list[str], str]]:
+    """Each (value, source) into its section of `into`; returns the unknown names, for _refuse_unknown."""
     if not isinstance(raw, dict):
         raise VitError(f"{source}: the config must be a mapping of sections (data, model, train), got {raw!r}")
     unknown: list[tuple[str, list[str], str]] = []  # (the name as written in --set, the valid names, section)
@@ -241,6 +240,12 @@ def _merge(raw: dict[str, Any], into: dict[str, dict[str, Any]], source: str) ->
                 unknown.append((key, sorted(fields), section))
                 continue
             into[section][key] = (value, source)
+    return unknown
+
+
+def _refuse_unknown(unknown: list[tuple[str, list[str], str]], source: str) -> None:
+    """Unknown names are one error for all of them (a file with three typos took three runs to fix, and so did three
+    --set typos): a single one with its closest name or the valid ones."""
     if len(unknown) == 1:
         name, options, section = unknown[0]
         what = f"key '{section}.{name}'" if section else f"section '{name}'"
@@ -323,9 +328,12 @@ def build_config(raw: dict[str, Any] | None = None, overrides: typing.Sequence[s
     a run or checkpoint, whose model was trained with it: the checks that came later than some runs (data.mean /
     std on the 0-1 scale) do not refuse it."""
     values: dict[str, Any] = {s: {} for s in SECTIONS}
-    _merge(raw or {}, values, source)
+    _refuse_unknown(_merge(raw or {}, values, source), source)
+    unknown, wrong = [], []
     for item in overrides:
-        _merge(_set_to_dict(item), values, f"--set {item}")
+        found = _merge(_set_to_dict(item), values, f"--set {item}")
+        unknown, wrong = unknown + found, wrong + ([f"--set {item}"] * bool(found))
+    _refuse_unknown(unknown, ", ".join(wrong))
     name, where = values.pop("name", ("vit", source))
     name = _as_typed(name, str, where)
     if isinstance(name, str) and len(name.encode()) > 200:  # a folder's name: file systems allow 255 bytes
@@ -425,7 +433,7 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
         (t.min_lr >= 0, "train.min_lr", f"must be >= 0 (the learning rate the cosine schedule ends at), got "
          f"{t.min_lr}"),
         (t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr:g} is above train.lr {t.lr:g}: the cosine schedule would "
-         f"raise the learning rate to it; set train.min_lr at most train.lr (0 by default)"),
+         f"raise the learning rate to it; set train.min_lr at most train.lr ({TrainConfig.min_lr:g} by default)"),
         (t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}"),
         (t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
