@@ -60,6 +60,10 @@ def test_ddp_checkpoint_evaluates_and_resumes_in_one_process(runs, tmp_path):
 def test_batch_must_divide_over_ranks(tmp_path):
     result = run_vit("train", *EQUAL, "--set", "train.batch_size=63", "--run-dir", tmp_path / "r", "--nproc", "2")
     assert result.returncode != 0 and "does not divide over 2 processes" in result.stderr
+    # micro-batches are of each process's share: 40 of the 64 images fit no share of 32
+    result = run_vit("train", *EQUAL, "--set", "train.grad_accum_steps=40", "--run-dir", tmp_path / "r", "--nproc", "2")
+    assert result.returncode != 0 and ("train.grad_accum_steps 40 is more micro-batches than the 32 images each of 2 "
+                                       "processes takes of train.batch_size 64; set it at most 32") in result.stderr
 
 
 def test_an_error_on_rank_0_is_its_one_line(runs):

@@ -322,14 +322,16 @@ def test_resume_may_extend_epochs_but_not_change_the_run(smoke_run, tmp_path):
     edited_yaml = saved_yaml.replace("lr: 0.003\n", "lr: 0.01\n")
     assert edited_yaml != saved_yaml
     (run_dir / "config.yaml").write_text(edited_yaml)
-    resumed = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", check=True)
+    # (in micro-batches: a run that ran out of memory goes on with the same batch in less memory)
+    resumed = run_vit("train", "--resume", run_dir / "last.pt", "--set", "train.epochs=4", "--set",
+                      "train.grad_accum_steps=2", check=True)
     assert "took out the rows of epoch 4 and a torn last line" in resumed.stderr, resumed.stderr[-2000:]
     assert (f"vit: note: {run_dir / 'config.yaml'} was edited (train.lr 0.01 there, 0.003 in the run); --resume "
             f"does not read it") in resumed.stderr, resumed.stderr[-2000:]
     assert "kept as config.edited.yaml" in resumed.stderr
     assert (run_dir / "config.edited.yaml").read_text() == edited_yaml
     rewritten = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
-    assert rewritten["lr"] == 0.003 and rewritten["epochs"] == 4
+    assert rewritten["lr"] == 0.003 and rewritten["epochs"] == 4 and rewritten["grad_accum_steps"] == 2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in rows] == [1, 2, 3, 4, None] and rows[-1]["final"] and rows[3]["train_loss"] < 99
     # the run's wall time counts on over both sessions
@@ -976,7 +978,8 @@ def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_
     before; at 48, 6.4 GB fit beside the ~3.6 GB a CUDA build of torch maps at start (a CPU build maps less). fp32
     on every machine: in bf16, which `precision: auto` picks on some, the sizes would halve.
     The evaluation, in vit train and in vit eval, goes on at half the batch (as timm's validate.py does; vit train
-    stopped with a resume command before); a training step that runs out is one line naming its batch size."""
+    stopped with a resume command before); a training step that runs out is one line naming its batch size, and
+    its advice, the same batch in micro-batches (train.grad_accum_steps), fits."""
     import resource
 
     def twelve_gigabytes():
@@ -1015,7 +1018,14 @@ def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_
     result = vit("train", "--config", REPO / "configs" / "smoke.yaml", *big, "--set", "train.batch_size=64",
                  "--set", "data.max_train_samples=64", "--run-dir", tmp_path / "step")
     one_line_error(result, "out of memory (tried to allocate", "in the training step at train.batch_size 64",
-                   "(4097 tokens per image)", "no checkpoint had been saved")
+                   "(4097 tokens per image)", "no checkpoint had been saved",
+                   "set train.grad_accum_steps=2 (the same batch in micro-batches of half the memory)")
+    # and that advice trains the same batch of 64 (as two of 32: 32 at once fit in this limit, 64 do not)
+    result = vit("train", "--config", REPO / "configs" / "smoke.yaml", *big, "--set", "train.batch_size=64",
+                 "--set", "data.max_train_samples=64", "--set", "data.max_val_samples=1", "--set", "train.epochs=1",
+                 "--set", "train.grad_accum_steps=2", "--run-dir", tmp_path / "accumulated")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "accumulated" / "last.pt", weights_only=True)["global_step"] == 1
 
 
 def test_unwritable_run_dir(tmp_path):

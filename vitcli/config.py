@@ -75,6 +75,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128  # global: split across DDP ranks
+    grad_accum_steps: int = 1  # each rank's batch run as N micro-batches (less memory, the same optimizer steps)
     lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
@@ -412,9 +413,13 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
          f"dim {m.dim} is not divisible by heads {m.heads}; pick heads that divide dim"),
         (m.mlp_ratio > 0 and int(m.dim * m.mlp_ratio) >= 1, "model.mlp_ratio",
          f"must give the MLP at least one unit (dim {m.dim} x mlp_ratio {m.mlp_ratio} = {m.dim * m.mlp_ratio:g})"),
-        (m.stem != "conv" or m.patch_size <= 0 or t.batch_size * (config.image_size // m.patch_size) ** 2 > 1,
+        (m.stem != "conv" or m.patch_size <= 0 or t.grad_accum_steps <= 0
+         or t.batch_size // t.grad_accum_steps * (config.image_size // m.patch_size) ** 2 > 1,
          "train.batch_size", "1 with one patch per image: the conv stem's BatchNorm needs more than one value per "
-         "channel in a batch; use a batch of 2 or more"),
+         "channel in a batch; use a batch of 2 or more" if t.grad_accum_steps <= 1 else
+         f"{t.batch_size} in {t.grad_accum_steps} micro-batches (train.grad_accum_steps) leaves one image of one "
+         f"patch in a micro-batch: the conv stem's BatchNorm needs more than one value per channel; use fewer "
+         f"micro-batches"),
         (m.stem == "linear" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0), "model.stem",
          f"conv needs a power-of-two patch_size (2, 4, 8, 16, ...), got {m.patch_size}"),
         (not m.stem_channels or (len(m.stem_channels) >= m.patch_size.bit_length() - 1
@@ -425,6 +430,11 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
          "must be in [0, 1)"),
         (t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}"),
         (t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}"),
+        (t.grad_accum_steps > 0, "train.grad_accum_steps", f"must be positive (1 runs the batch at once), got "
+         f"{t.grad_accum_steps}"),
+        (t.grad_accum_steps <= max(t.batch_size, 1), "train.grad_accum_steps",
+         f"{t.grad_accum_steps} is more micro-batches than the {t.batch_size} images of a batch (train.batch_size); "
+         f"set it at most {t.batch_size}"),
         (t.eval_batch_size > 0, "train.eval_batch_size", f"must be positive, got {t.eval_batch_size}"),
         (not t.eval_hflip or config.hflip, "train.eval_hflip",
          "averages each image's prediction with its mirror image's, so it needs data.hflip: true (a model trained "

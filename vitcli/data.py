@@ -339,6 +339,11 @@ class TrainBatches:
             raise VitError(f"train.batch_size {self.batch_size} does not divide over {world_size} processes; "
                            f"use a multiple of {world_size}")
         self.local_batch_size = self.batch_size // world_size
+        accum = config.train.grad_accum_steps
+        if accum > self.local_batch_size:
+            raise VitError(f"train.grad_accum_steps {accum} is more micro-batches than the {self.local_batch_size} "
+                           f"images each of {world_size} processes takes of train.batch_size {self.batch_size}; set "
+                           f"it at most {self.local_batch_size}")
         self.in_memory = is_in_memory(config.data.dataset)
         if self.in_memory:
             self.data = load_array_dataset(config, "train").to(device)

@@ -22,7 +22,7 @@ from vitcli.errors import VitError, vit_program
 OPTIMISATION_CHANGES = ("lr", "min_lr", "grad_clip")
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("data", "num_workers"), ("data", "root"),
                      ("train", "checkpoint_every"), ("data", "download"), ("train", "eval_batch_size"),
-                     ("train", "compile"), ("train", "compile_mode"),
+                     ("train", "compile"), ("train", "compile_mode"), ("train", "grad_accum_steps"),
                      ("train", "eval_every")} | {("train", key) for key in OPTIMISATION_CHANGES}
 
 

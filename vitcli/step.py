@@ -3,6 +3,7 @@ through torch.compile with an eager fallback, loss, backward and update."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import sys
@@ -10,6 +11,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from vitcli.config import Config
 from vitcli.errors import out_of_memory, short
@@ -58,7 +60,9 @@ class EMA:
 
 
 class TrainStep:
-    """Forward, loss, backward, gradient clipping, optimizer step and EMA update for one batch."""
+    """Forward, loss, backward, gradient clipping, optimizer step and EMA update for one batch; with
+    train.grad_accum_steps N the batch runs as N micro-batches, one after another, whose gradients add up to the
+    batch's before the one optimizer step (under DDP the ranks exchange them once, after the last)."""
 
     def __init__(self, model, optimizer, config: Config, device: torch.device, precision: str,
                  ema: Optional[EMA] = None, scaler=None, forward: Optional["Forward"] = None):
@@ -71,15 +75,23 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        with autocast(self.device, self.precision):
-            logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.train.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
+        parts = min(self.config.train.grad_accum_steps, len(x))
+        if parts == 1:
+            loss, logits = self._backward(x, targets, 1.0)
         else:
-            loss.backward()
+            losses, outputs = [], []
+            ddp = self.forward.module if isinstance(self.forward.module, DistributedDataParallel) else None
+            for i, (xs, ts) in enumerate(zip(x.tensor_split(parts), targets.tensor_split(parts))):
+                last = i == parts - 1
+                with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                    part_loss, part_logits = self._backward(xs, ts, len(xs) / len(x))
+                losses.append(part_loss * (len(xs) / len(x)))
+                # a CUDA graph replay may reuse the last one's output memory: copied before the next
+                outputs.append(part_logits.clone() if self.forward.graphs else part_logits)
+            loss, logits = torch.stack(losses).sum(), torch.cat(outputs)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.config.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip, foreach=True)
         if self.scaler is not None:
@@ -89,6 +101,16 @@ class TrainStep:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step)
+        return loss, logits
+
+    def _backward(self, x: torch.Tensor, targets: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of (part of) the batch, its loss weighted by `share`, the part's share of the
+        images; its (loss, logits), detached."""
+        with autocast(self.device, self.precision):
+            logits = self.forward(x)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.train.label_smoothing)
+        scaled = loss if share == 1.0 else loss * share
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach(), logits.detach()
 
 

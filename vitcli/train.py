@@ -268,9 +268,20 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             graphs = ("; or train without CUDA graphs, which keep a memory pool of their own: "
                       + (f"{resume_command(['train.compile_mode'])} " if saved_step is not None else "")
                       + "--set train.compile_mode=default")
-        return (f"in the training step at train.batch_size {config.train.batch_size} ({tokens} tokens per image) "
-                f"on {device}; {kept()}; lower train.batch_size, data.image_size or the model size in a new run"
-                f"{graphs}")
+        accum = config.train.grad_accum_steps
+        micro = train_data.local_batch_size // accum
+        at = f"train.batch_size {config.train.batch_size}" + (f" in {accum} micro-batches of {micro}" if accum > 1
+                                                              else "")
+        more = min(2 * accum, train_data.local_batch_size)
+        if micro <= 1:
+            how = "lower data.image_size or the model size in a new run"
+        elif saved_step is not None:  # the same batch, in more passes: the run goes on
+            how = (f"continue it in micro-batches of half the memory: {resume_command(['train.grad_accum_steps'])} "
+                   f"--set train.grad_accum_steps={more}")
+        else:
+            how = (f"set train.grad_accum_steps={more} (the same batch in micro-batches of half the memory), or "
+                   f"lower train.batch_size, data.image_size or the model size")
+        return f"in the training step at {at} ({tokens} tokens per image) on {device}; {kept()}; {how}{graphs}"
 
     def resume_command(leave_out: Sequence[str] = ()) -> str:
         """The command that continues from last.pt with this session's settings (those given at this resume are
