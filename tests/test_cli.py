@@ -104,7 +104,7 @@ def test_smoke_train_eval_predict(smoke_run, tmp_path):
     assert "top-1" in text.stdout and "SYNTHETIC" in text.stdout
     assert "--data-root is not read: this checkpoint was trained on synthetic data" in text.stderr  # (silent)
     # the smoke recipe validates on 256 of the split's images: the count says so
-    assert "256 images (limited by the run's data.max_val_samples, not the whole split)" in text.stdout
+    assert "256 images (of the split's 512, limited by the run's data.max_val_samples)" in text.stdout
 
     image = write_png(tmp_path / "x.png", size=50, mode="RGB")
     result = run_vit("predict", image, "--ckpt", run_dir / "best.pt", "--json", "--top-k", "3", check=True)
@@ -279,6 +279,7 @@ def test_imagefolder(imagefolder_dir, tmp_path):
             shutil.copy(imagefolder_dir / "val" / name / f"{i}.jpg", imagefolder_dir / "test" / name)
     tested = run_vit("eval", "--ckpt", run_dir / "best.pt", "--data-root", imagefolder_dir, check=True)
     assert f"{run_dir / 'best.pt'} on imagefolder test: 6 images" in tested.stdout, tested.stdout
+    assert "  top-3 " in tested.stdout  # of 3 classes (it said top-5)
     on_val = run_vit("eval", "--ckpt", run_dir / "best.pt", "--data-root", imagefolder_dir, "--split", "val",
                      "--json", check=True)
     assert json.loads(on_val.stdout)["num_samples"] == 24 and json.loads(on_val.stdout)["split"] == "val"

@@ -184,13 +184,21 @@ def test_evaluation_batches_take_another_size_and_never_exceed_the_split(imagefo
                                     "num_workers": 0}})
     memory = build_config({"data": {"dataset": "synthetic", "image_size": 16, "max_val_samples": 20}})
     for config, n in ((folder, 24), (memory, 20)):
-        _, count, batches = eval_batches(config, "val" if config is folder else "test", cpu, 8)
-        assert count == n
+        _, count, batches, whole = eval_batches(config, "val" if config is folder else "test", cpu, 8)
+        assert count == n and whole == (None if config is folder else 512)  # (synthetic's test split: 512)
         sizes = {size: [len(labels) for _, labels in batches(size)] for size in (None, 5, 2**66)}
         assert sizes[None] == [8] * (n // 8) + ([n % 8] if n % 8 else [])
         assert sizes[5] == [5] * (n // 5) + ([n % 5] if n % 5 else []) and sizes[2**66] == [n]
         first = torch.cat([images for images, _ in batches(5)])
         assert torch.equal(first, torch.cat([images for images, _ in batches(2**66)]))
+    # a limit no smaller than the split leaves it whole (vit eval said "limited by data.max_val_samples" at 512)
+    for limit, whole in ((512, None), (511, 512)):
+        config = build_config({"data": {"dataset": "synthetic", "image_size": 16, "max_val_samples": limit}})
+        assert eval_batches(config, "test", cpu, 8).whole == whole
+    for limit, whole in ((24, None), (23, 24)):
+        config = build_config({"data": {"dataset": "imagefolder", "root": str(imagefolder_dir), "image_size": 32,
+                                        "num_workers": 0, "max_val_samples": limit}})
+        assert eval_batches(config, "val", cpu, 8).whole == whole
 
 
 def test_predict_sees_an_image_folder_image_as_eval_does(imagefolder_dir):

@@ -243,12 +243,63 @@ def test_weights_of_another_stem_or_depth_name_the_key_to_set():
     for weights, target, needle in (
             (model(stem="conv"), model(), "set model.stem: conv as the weights were trained"),
             (model(), model(stem="conv"), "set model.stem: linear as the weights were trained"),
-            (model(depth=3), model(), "set model.depth as the weights were trained"),
+            (model(depth=3), model(), "set model.depth as the weights were trained (3 blocks)"),
             (model(stem="conv", stem_channels=[8, 16, 32]), model(stem="conv"),
              "set model.stem_channels as the weights were trained")):
         with pytest.raises(VitError, match="weights do not fit the config's model") as caught:
             load_pretrained(target, weights.state_dict(), "w.pt", log=lambda _: None)
         assert needle in str(caught.value), caught.value
+
+
+def test_variants_channels_and_backbones_are_named(tmp_path):
+    """Weights vitcli's ViT cannot take said which config key to set, and no key could help: timm's and
+    torchvision's options vitcli's model lacks are named, RGB weights on a grayscale recipe are called so, a
+    backbone without a head is pointed to fine-tuning; a torn file gets no advice to file a bug with torch."""
+    from timm.models.vision_transformer import VisionTransformer as Timm
+    from torchvision.models import VisionTransformer as Torchvision
+
+    from vitcli.config import build_config
+    from vitcli.interop import convert
+
+    s = SHAPE
+    plain = dict(img_size=s["size"], patch_size=s["patch"], num_classes=s["classes"], embed_dim=s["dim"],
+                 depth=s["depth"], num_heads=s["heads"], mlp_ratio=s["mlp"] / s["dim"])
+    config = build_config({"data": {"dataset": "synthetic", "image_size": s["size"]},
+                           "model": {"patch_size": s["patch"], "dim": s["dim"], "depth": s["depth"],
+                                     "heads": s["heads"], "mlp_ratio": s["mlp"] / s["dim"]}})
+
+    def refused(model, source, needle, cfg=config):
+        path = tmp_path / "w.pth"
+        torch.save(model.state_dict(), path)
+        with pytest.raises(VitError) as caught:
+            convert(path, source, cfg, None)
+        assert needle in str(caught.value), caught.value
+        return str(caught.value)
+
+    for options, what in ((dict(global_pool="avg"), "global average pooling (fc_norm: global_pool='avg')"),
+                          (dict(init_values=1e-5), "layer scale (init_values)"),
+                          (dict(qkv_bias=False), "no query/key/value bias (qkv_bias=False)"),
+                          (dict(no_embed_class=True), "no positional embedding for the class token"),
+                          (dict(reg_tokens=4), "register tokens"),
+                          (dict(qk_norm=True), "query/key normalisation")):
+        message = refused(Timm(**{**plain, **options}), "timm", f"a timm ViT with {what}")
+        assert "which vitcli's ViT does not have" in message
+    refused(Torchvision(image_size=s["size"], patch_size=s["patch"], num_layers=s["depth"], num_heads=s["heads"],
+                        hidden_dim=s["dim"], mlp_dim=s["mlp"], num_classes=s["classes"], representation_size=16),
+            "torchvision", "a torchvision ViT with a pre-logits layer (representation_size)")
+    gray = build_config({"data": {"dataset": "fashion_mnist", "image_size": s["size"]},
+                         "model": {"patch_size": s["patch"], "dim": s["dim"], "depth": s["depth"],
+                                   "heads": s["heads"], "mlp_ratio": s["mlp"] / s["dim"]}})
+    refused(Timm(**plain), "timm", "the weights are for RGB images, the config's dataset is grayscale: use them "
+            "with a dataset of RGB images (cifar10, cifar100 or imagefolder)", gray)
+    refused(Timm(**{**plain, "num_classes": 0}), "timm", "no classification head (head.weight) in the state dict, "
+            "so no classes to predict (a backbone: timm's num_classes=0); fine-tune from it instead")
+    torn = tmp_path / "torn.pth"
+    torch.save(Timm(**plain).state_dict(), torn)
+    torn.write_bytes(torn.read_bytes()[:20000])
+    with pytest.raises(VitError, match="use another copy of the weights file$") as caught:
+        convert(torn, "timm", config, None)
+    assert "internal" not in str(caught.value)
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +329,7 @@ def test_onnx_export_matches_vit_predict(converted, tmp_path):
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["classes"]) == [f"class_{i}" for i in range(5)]
     assert json.loads(meta["preprocessing"]) | {"input": None} == {"image_size": 32, "channels": 3, "mean": MEAN,
-                                                                   "std": STD, "input": None}
+                                                                   "std": STD, "resize": 32, "input": None}
     assert (logits.double().softmax(1) - vit_probs(converted, paths)).abs().max() < 1e-5
 
 
@@ -371,3 +422,21 @@ def test_onnx_export_errors_come_before_the_export(smoke_run, tmp_path):
                              str(tmp_path / "new" / "folder" / "m.onnx")], capture_output=True, text=True)
     one_line_error(result, "ONNX export needs onnx, onnxscript and onnxruntime (onnxscript is missing)")
     assert list(tmp_path.iterdir()) == [], "the folders made to check --out are taken back after a failure"
+
+
+def test_an_image_folder_models_export_says_how_images_are_cropped(tmp_path):
+    """vit eval and vit predict resize an image folder's image by its short side to image_size / 0.875 and take the
+    centre: the file says so with the number (it said "resized and centre-cropped", without the size)."""
+    from safetensors import safe_open
+
+    from vitcli.config import build_config
+    from vitcli.interop import export
+    from vitcli.model import build_model
+
+    config = build_config({"data": {"dataset": "imagefolder", "image_size": 32},
+                           "model": {"patch_size": 8, "dim": 32, "depth": 1, "heads": 2}})
+    export(build_model(config, 3), config, ["a", "b", "c"], "safetensors", tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        preprocessing = json.loads(f.metadata()["preprocessing"])
+    assert (preprocessing["resize_short_side"], preprocessing["center_crop"], preprocessing["image_size"]) == (37, 32, 32)
+    assert "short side resized to resize_short_side (37," in preprocessing["input"] and "resize" not in preprocessing

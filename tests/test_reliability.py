@@ -723,6 +723,11 @@ def test_bad_images_are_reported_and_the_rest_predicted(tmp_path, real_ckpt):
     empty = tmp_path / "empty"
     empty.mkdir()
     one_line_error(run_vit("predict", empty, "--ckpt", real_ckpt), "no images in folder")
+    # an empty folder or a zero-byte file among others: said, the rest predicted, exit 1 (the folder stopped it all)
+    zero = write(tmp_path / "zero.png", "")
+    result = run_vit("predict", empty, good, zero, "--ckpt", real_ckpt, "--json")
+    one_line_error(result, f"no images in folder {empty}", "zero.png is empty (0 bytes", lines_expected=2)
+    assert [entry["path"] for entry in json.loads(result.stdout)] == [str(good)] and result.returncode == 1
 
 
 def test_unusual_image_modes(tmp_path, real_ckpt):
@@ -787,6 +792,14 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
         assert not (tmp_path / "no-gpu").exists()
         one_line_error(run_vit("bench", "--config", REPO / "configs" / "smoke.yaml", "--device", "cuda:1"),
                        "--device cuda:1: no CUDA GPU is visible")
+        # a run trained with --device cuda, used where there is none: eval and predict run here, with a note
+        # (they refused, naming the checkpoint's train.device)
+        trained_on_gpu = torch.load(real_ckpt, weights_only=True)
+        trained_on_gpu["config"]["train"]["device"] = "cuda"
+        torch.save(trained_on_gpu, tmp_path / "gpu.pt")
+        result = run_vit("predict", image, "--ckpt", tmp_path / "gpu.pt", check=True)
+        assert ("vit: note: the checkpoint's run trained on train.device=cuda, which is not here; running on cpu "
+                "(choose with --device)") in result.stderr and result.stdout.startswith(f"{image}: ")
     one_line_error(run_vit("predict", image, "--ckpt", real_ckpt, "--device", "cuda:abc"), "'cuda:abc'")
     report = write(tmp_path / "notes.txt", "mine")
     one_line_error(run_vit("eval", "--ckpt", real_ckpt, "--report", report), "is a file")
@@ -810,6 +823,7 @@ def test_outputs_never_replace_inputs_and_bad_output_paths_are_one_line(tmp_path
     for args, option in [(("predict", "", "--ckpt", real_ckpt), "an image path is empty"),
                          (("predict", image, "--ckpt", real_ckpt, "--attention", ""), "--attention is empty"),
                          (("eval", "--ckpt", real_ckpt, "--report", ""), "--report is empty"),
+                         (("eval", "--ckpt", real_ckpt, "--data-root", ""), "--data-root is empty"),
                          (("export", "--ckpt", real_ckpt, "--out", ""), "--out is empty"),
                          (("train", "--config", REPO / "configs" / "smoke.yaml", "--run-dir", ""), "--run-dir is empty")]:
         one_line_error(run_vit(*args), option)

@@ -163,6 +163,9 @@ def test_eval_report(smoke_run, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert np.array(report["confusion"]).sum() == report["num_samples"] == 256
     assert len(report["per_class"]) == 10
+    # which checkpoint and split it is about (a later report into the folder replaces it)
+    assert {k: report[k] for k in ("checkpoint", "split", "dataset", "synthetic")} == {
+        "checkpoint": str(smoke_run / "best.pt"), "split": "test", "dataset": "synthetic", "synthetic": True}
     mistakes = report["most_confident_mistakes"]
     confusion = np.array(report["confusion"])
     assert len(mistakes) == min(16, confusion.sum() - np.trace(confusion)) > 0

@@ -281,11 +281,19 @@ def check_fit(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor],
     for key, value in state_dict.items():
         if value.shape != own[key].shape:
             raise VitError(f"{path}: tensor {tensor_name(key, names)} has shape {tuple(value.shape)}, {whose} "
-                           f"expects {tuple(own[key].shape)}" + (shape_advice(key) if described else ""))
+                           f"expects {tuple(own[key].shape)}"
+                           + (shape_advice(key, value.shape, own[key].shape) if described else ""))
 
 
-def shape_advice(key: str) -> str:
+def shape_advice(key: str, given: Sequence[int], expected: Sequence[int]) -> str:
     """Which config key gives a tensor's shape: '; set ... as the weights were trained' for a mismatch."""
+    if key == "patch_embedding.to_patch_embedding.weight" and len(given) == len(expected) == 2 \
+            and given[0] == expected[0] and 3 in (given[1] / expected[1], expected[1] / given[1]):
+        # (dim, channels x patch x patch): a factor of 3 is no other patch size's, so it is RGB against gray
+        rgb = given[1] > expected[1]
+        return (f"; the weights are for {'RGB' if rgb else 'grayscale'} images, the config's dataset is "
+                f"{'grayscale' if rgb else 'RGB'}: use them with a dataset of {'RGB' if rgb else 'grayscale'} "
+                f"images ({'cifar10, cifar100 or imagefolder' if rgb else 'fashion_mnist or mnist'})")
     if key.endswith("position_embedding"):
         keys = "data.image_size and model.patch_size (the patch grid) and model.dim"
     elif "to_patch_embedding" in key:
@@ -309,7 +317,12 @@ def missing_keys_advice(own: list[str], given: list[str]) -> str:
     if conv_stem(list(differ)):  # conv stems of other layer counts
         return "set model.stem_channels as the weights were trained"
     if any(key.startswith("encoder.blocks.") for key in differ):
-        return "set model.depth as the weights were trained"
+        def depth(keys: list[str]) -> int:
+            return len({key.split(".")[2] for key in keys if key.startswith("encoder.blocks.")})
+
+        if depth(own) != depth(given):
+            return f"set model.depth as the weights were trained ({depth(given)} blocks)"
+        return "their blocks hold other layers than vitcli's: weights of another ViT variant"
     return "check model.dim/depth/heads/patch_size"
 
 

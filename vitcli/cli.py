@@ -151,12 +151,20 @@ def check_device_there(device: Optional[str]) -> None:
 
 
 def checkpoint_device(device: Optional[str], config):
-    """eval / predict: --device, else the checkpoint's train.device; a device that is not there is one line
-    naming which of the two asked for it."""
+    """eval / predict: --device (one line where it is not there), else the checkpoint's train.device, else, where
+    that is not here (a run trained with --device cuda, used on a laptop), auto with a note."""
+    from vitcli.errors import VitError
     from vitcli.runtime import resolve_device
 
-    return resolve_device(device or config.train.device, f"--device {device}" if device else
-                          f"the checkpoint's train.device={config.train.device} (override it with --device)")
+    if device:
+        return resolve_device(device, f"--device {device}")
+    try:
+        return resolve_device(config.train.device)
+    except VitError:
+        dev = resolve_device("auto")
+        err(f"note: the checkpoint's run trained on train.device={config.train.device}, which is not here; running "
+            f"on {dev} (choose with --device)")
+        return dev
 
 
 def find_latest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -314,6 +322,7 @@ def eval_(
         path = _resolve_ckpt(ckpt)
         checkpoint = load_checkpoint(path)
         config = checkpoint["config"]
+        path_option(data_root, "--data-root")
         if data_root is not None and config.data.dataset == "synthetic":
             err("note: --data-root is not read: this checkpoint was trained on synthetic data, made in memory")
         elif data_root is not None:
@@ -330,7 +339,7 @@ def eval_(
         precision = resolve_precision(config.train.precision, dev)
         model = _inference_model(checkpoint, path, no_ema, dev, precision)
         try:
-            classes, n, batches = eval_batches(config, split, dev, batch_size or config.train.eval_batch_size)
+            classes, n, batches, whole = eval_batches(config, split, dev, batch_size or config.train.eval_batch_size)
         except DatasetNotFound as e:  # the checkpoint's data.root is from where it was trained
             debian = (" (Debian's dataset-fashion-mnist puts it in /usr/share/datasets/fashion-mnist)"
                       if config.data.dataset == "fashion_mnist" else "")
@@ -366,28 +375,28 @@ def eval_(
                            f"data.image_size, or on a device with more memory") from None
         result["tta_hflip"] = hflip
         result["batch_size"] = used
-        if report is not None:
-            from vitcli.visualize import eval_report
-
-            written = eval_report(classes, result, mistakes, report)
-            err(f"report written: {', '.join(str(p) for p in written)}")
-        result.pop("confusion")
         synthetic = config.data.dataset == "synthetic"
         scored = split_name(split, config.data.dataset, config.data_root)
+        about = {"checkpoint": str(path), "split": scored, "dataset": config.data.dataset,
+                 **({"synthetic": True} if synthetic else {})}
+        if report is not None:  # which checkpoint and split it scored, as --json says
+            from vitcli.visualize import eval_report
+
+            written = eval_report(classes, {**result, **about}, mistakes, report)
+            err(f"report written: {', '.join(str(p) for p in written)}")
+        result.pop("confusion")
         if json_:
-            typer.echo(json.dumps({**result, "checkpoint": str(path), "split": scored,
-                                   "dataset": config.data.dataset, **({"synthetic": True} if synthetic else {})}))
+            typer.echo(json.dumps({**result, **about}))
         else:
             tag = " [SYNTHETIC DATA]" if synthetic else ""
             mode = ", each with its mirror image (--tta)" if hflip else ""
             key = "max_train_samples" if split == "train" else "max_val_samples"
-            limit = getattr(config.data, key)
-            cut = (f" (limited by the run's data.{key}, not the whole split)"
-                   if limit is not None and result["num_samples"] == limit else "")
+            cut = f" (of the split's {whole}, limited by the run's data.{key})" if whole is not None else ""
             typer.echo(f"{path} on {config.data.dataset} {scored}{tag}: {result['num_samples']} "
                        f"image{'' if result['num_samples'] == 1 else 's'}{cut}{mode}")
             single = f"  (single view: top-1 {result['top1_single_view']:.4f})" if hflip else ""
-            typer.echo(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}{single}")
+            top = min(5, len(classes))  # (the top5 key of --json too: all classes where there are fewer)
+            typer.echo(f"top-1 {result['top1']:.4f}  top-{top} {result['top5']:.4f}  loss {result['loss']:.4f}{single}")
             width = max(len(c) for c in result["per_class"]) if result["per_class"] else 0
             for name, acc in result["per_class"].items():
                 typer.echo(f"  {name:<{width}}  {acc:.4f}")
@@ -446,8 +455,10 @@ def predict(
         # with a synthetic config (trained elsewhere)
         if config.data.dataset == "synthetic" and "converted_from" not in (checkpoint.get("metrics") or {}):
             err("note: this checkpoint was trained on SYNTHETIC data")
-        results, failures = [], 0
-        paths = expand_inputs(images)
+        paths, empty_folders = expand_inputs(images)
+        for problem in empty_folders:
+            err(f"error: {problem}")
+        results, failures = [], len(empty_folders)
         attention_paths = attention_outputs(attention, paths) if attention is not None else {}
         for image_path in paths:
             try:

@@ -19,7 +19,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +37,19 @@ SYNTHETIC_SIZES = {"train": 2048, "test": 512}
 
 @dataclass
 class ArrayDataset:
-    """A whole split in memory: images (N, C, H, W) uint8, labels (N,) int64."""
+    """A whole split in memory: images (N, C, H, W) uint8, labels (N,) int64; `whole`: the split's size before
+    data.max_*_samples took its first N (None: not limited)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    whole: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device) -> "ArrayDataset":
-        return ArrayDataset(self.images.to(device), self.labels.to(device), self.classes)
+        return ArrayDataset(self.images.to(device), self.labels.to(device), self.classes, self.whole)
 
 
 def is_in_memory(dataset: str) -> bool:
@@ -219,7 +221,7 @@ def load_array_dataset(config: Config, split: str) -> ArrayDataset:
             data = read(d.dataset, root, split)
     limit = d.max_train_samples if split == "train" else d.max_val_samples
     if limit is not None and limit < len(data):
-        data = ArrayDataset(data.images[:limit], data.labels[:limit], data.classes)
+        data = ArrayDataset(data.images[:limit], data.labels[:limit], data.classes, len(data))
     return data
 
 
@@ -288,7 +290,9 @@ def make_imagefolder(config: Config, split: str, train: bool):
         raise VitError(f"no images found in {root / split} for the classes {', '.join(empty)}: put images "
                        f"({', '.join(IMAGE_EXTENSIONS)}) in each class folder")
     limit = config.data.max_train_samples if split == "train" else config.data.max_val_samples  # the split's own
+    dataset.whole = None
     if limit is not None and limit < len(dataset.samples):  # ImageFolder lists class by class: a seeded sample
+        dataset.whole = len(dataset.samples)
         keep = torch.randperm(len(dataset.samples), generator=torch.Generator().manual_seed(config.train.seed))
         keep = keep[:limit].sort().values.tolist()
         dataset.samples = [dataset.samples[i] for i in keep]
@@ -385,9 +389,16 @@ def ignore_ctrl_c(worker_id: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class EvalData(NamedTuple):
+    classes: list[str]
+    count: int  # the images evaluated (all ranks)
+    batches: Callable[..., Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    whole: Optional[int]  # the split's size where data.max_val_samples (max_train_samples) left out some, else None
+
+
 def eval_batches(config: Config, split: str, device: torch.device, batch_size: int, rank: int = 0,
-                 world_size: int = 1):
-    """(classes, number of samples, iterator factory) for evaluation; each rank takes every world_size-th sample.
+                 world_size: int = 1) -> EvalData:
+    """Classes, number of samples, iterator factory for evaluation; each rank takes every world_size-th sample.
     The factory takes an optional batch size other than `batch_size` (a retry after running out of memory)."""
     if is_in_memory(config.data.dataset):
         data = load_array_dataset(config, split).to(device)
@@ -397,7 +408,7 @@ def eval_batches(config: Config, split: str, device: torch.device, batch_size: i
             for chunk in index.split(min(size or batch_size, max(len(index), 1))):  # (torch overflows past 2^63)
                 yield data.images[chunk], data.labels[chunk]
 
-        return data.classes, len(data), batches
+        return EvalData(data.classes, len(data), batches, data.whole)
     dataset = make_imagefolder(config, split, train=False)
     if len(dataset) == 0:
         raise VitError(f"no images found in {config.data_root / split_name(split, 'imagefolder', config.data_root)}")
@@ -416,7 +427,7 @@ def eval_batches(config: Config, split: str, device: torch.device, batch_size: i
         for images, labels in loaders[size]:
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
-    return dataset.classes, len(dataset), batches
+    return EvalData(dataset.classes, len(dataset), batches, dataset.whole)
 
 
 # ---------------------------------------------------------------------------------------------- augmentation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -48,8 +49,9 @@ def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise VitError(f"refused to load {path}: it holds more than tensors and plain data, so it may run code; "
                        f"save the model's state_dict() alone and pass that") from None
     except Exception as e:  # torn zip files and the like
+        reason = str(e).split(". This is an internal")[0]  # miniz's advice to file a bug is not for this case
         raise VitError(f"{path} is not a readable weights file (truncated or not a torch file: "
-                       f"{short(str(e)) or type(e).__name__})") from None
+                       f"{short(reason) or type(e).__name__}); use another copy of the weights file") from None
     checkpoint = isinstance(state, dict) and state.get("format") == FORMAT
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -141,20 +143,57 @@ def weights_flavor(state: dict[str, torch.Tensor]) -> tuple[Optional[str], str]:
     return None, ""
 
 
-def from_peer(state: dict[str, torch.Tensor], peer: str) -> dict[str, torch.Tensor]:
+def from_peer(state: dict[str, torch.Tensor], peer: str, source: str = "the weights") -> dict[str, torch.Tensor]:
     """A timm or torchvision ViT state dict in vitcli's names and layouts. The stride-p convolution of the patch
-    embedding becomes the equivalent Linear on (channel, row, column)-flattened patches."""
+    embedding becomes the equivalent Linear on (channel, row, column)-flattened patches. A ViT variant that
+    vitcli's model is not (check_variant) is one line naming `source`."""
     if peer == "vitcli":
         return dict(state)
     rules = {"timm": TIMM_RULES, "torchvision": TORCHVISION_RULES}.get(peer)
     if rules is None:
         raise VitError(f"unknown weights format '{peer}': use timm, torchvision or vitcli")
+    check_variant(state, peer, source)
     out = _rename(state, rules)
     weight = out.get("patch_embedding.to_patch_embedding.weight")
     if weight is not None and weight.ndim == 4:
         out["patch_embedding.to_patch_embedding.weight"] = weight.reshape(weight.shape[0], -1)
-    # identity layers some timm variants save (layer scale off, no fc_norm) hold nothing to convert
-    return {k: v for k, v in out.items() if not k.startswith(("fc_norm.", "head_drop."))}
+    return out
+
+
+def check_variant(state: dict[str, torch.Tensor], peer: str, source: str) -> None:
+    """timm's and torchvision's ViTs take options that vitcli's classic ViT does not have; weights of such a variant
+    are one line naming what it has (the shape or missing-tensor errors they gave pointed at config keys that could
+    not help)."""
+    keys = set(state)
+
+    def any_key(pattern: str) -> bool:
+        return any(re.search(pattern, key) for key in keys)
+
+    tokens = state["pos_embed"].shape[-2] if peer == "timm" and "pos_embed" in keys else None
+    found = {
+        "timm": [
+            (any_key(r"^fc_norm\."), "global average pooling (fc_norm: global_pool='avg')"),
+            (any_key(r"^blocks\.\d+\.ls[12]\."), "layer scale (init_values)"),
+            (any_key(r"^blocks\.\d+\.attn\.qkv\.weight$") and not any_key(r"^blocks\.\d+\.attn\.qkv\.bias$"),
+             "no query/key/value bias (qkv_bias=False)"),
+            (any_key(r"^blocks\.\d+\.attn\.[qk]_norm\."), "query/key normalisation (qk_norm=True)"),
+            ("pos_embed" in keys and "cls_token" not in keys, "no class token (class_token=False)"),
+            ("reg_token" in keys, "register tokens (reg_tokens)"),
+            ("dist_token" in keys, "a distillation token (DeiT's distilled models)"),
+            ("cls_token" in keys and tokens is not None and "dist_token" not in keys and "reg_token" not in keys
+             and math.isqrt(tokens) ** 2 == tokens, "no positional embedding for the class token (no_embed_class=True)"),
+            (any_key(r"^norm_pre\."), "a LayerNorm before the blocks (pre_norm=True)"),
+        ],
+        "torchvision": [
+            (any_key(r"^heads\.pre_logits\."), "a pre-logits layer (representation_size)"),
+            (any_key(r"^conv_proj\.conv_"), "a convolutional stem (conv_stem_configs)"),
+        ],
+    }.get(peer, [])
+    what = [name for present, name in found if present]
+    if what:
+        raise VitError(f"{source}: a {peer} ViT with {' and '.join(what)}, which vitcli's ViT does not have (a class "
+                       f"token with a positional embedding, query/key/value with biases, no layer scale: timm's and "
+                       f"torchvision's plain vit_* models); use weights of such a model")
 
 
 def file_names(state: dict[str, torch.Tensor], peer: str) -> dict[str, str]:
@@ -232,10 +271,17 @@ def export(model: torch.nn.Module, config, classes: list[str], fmt: str, out: Pa
         expected = model(x)
     # what a user of the file needs beside it: the class names and the input's preprocessing, resolved (the config's
     # data.mean / std / image_size may be null: the dataset's defaults)
+    if config.data.dataset == "imagefolder":  # as vit eval and vit predict see an image (data.imagefolder_eval_view)
+        from vitcli.data import eval_resize
+
+        view = {"resize_short_side": eval_resize(size), "center_crop": size}
+        how = (f"the image's short side resized to resize_short_side ({eval_resize(size)}, bilinear with "
+               f"antialiasing), then its centre image_size x image_size")
+    else:
+        view, how = {"resize": size}, "the image resized to image_size x image_size (bilinear)"
     info = {"format": "vitcli", "config": config.to_dict(), "classes": classes, "preprocessing": {
-        "input": "float32 N x C x H x W: the image resized to image_size (image folders: resized and centre-cropped), "
-                 "pixel values / 255, minus mean, divided by std, per channel",
-        "image_size": size, "channels": channels, "mean": config.mean, "std": config.std}}
+        "input": f"float32 N x C x H x W: {how}, pixel values / 255, minus mean, divided by std, per channel",
+        "image_size": size, "channels": channels, **view, "mean": config.mean, "std": config.std}}
     # safetensors and ONNX hold text values: each a JSON text (the format's name as it is)
     metadata = {key: value if isinstance(value, str) else json.dumps(value) for key, value in info.items()}
     if fmt == "safetensors":
@@ -326,9 +372,11 @@ def convert(weights: Path, from_: str, cfg, classes: Optional[str]) -> tuple[dic
     elif flavor is not None and flavor != from_:
         raise VitError(f"{weights} holds {flavor} weights ('{key}'), not {from_}'s; use --from {flavor}")
     peer = "vitcli" if flavor == "vitcli" else from_
-    state, file_keys = from_peer(raw, peer), file_names(raw, peer)
+    state, file_keys = from_peer(raw, peer, str(weights)), file_names(raw, peer)
     if "head.weight" not in state:
-        raise VitError(f"{weights}: no classification head (head.weight) in the state dict")
+        raise VitError(f"{weights}: no classification head (head.weight) in the state dict, so no classes to "
+                       f"predict (a backbone: timm's num_classes=0); fine-tune from it instead: vit train --config "
+                       f"CONFIG --set model.init_from={weights} --set model.init_format={peer}")
     num_classes = state["head.weight"].shape[0]
     names = [name.strip() for name in classes.split(",")] if classes else default_classes(cfg, num_classes)
     if classes and (not all(names) or len(set(names)) < len(names)):
@@ -388,7 +436,7 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
             raise VitError(f"model.init_from {source} holds {flavor} weights ('{key}'); set "
                            f"model.init_format={flavor}")
         peer = "vitcli" if "vitcli" in (fmt, flavor) else fmt
-        state, names = from_peer(state, peer), file_names(state, peer)
+        state, names = from_peer(state, peer, f"model.init_from {source}"), file_names(state, peer)
     elif fmt == "vitcli":
         ckpt = load_checkpoint(source, not_vitcli_advice="; for timm or torchvision weights set "
                                                          "model.init_format=timm (or torchvision)")
@@ -396,7 +444,7 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
         check_heads(ckpt["config"].model.heads, config.model.heads, f"model.init_from {source} was trained with")
     else:
         raw = read_state_dict(source)
-        state, names = from_peer(raw, fmt), file_names(raw, fmt)
+        state, names = from_peer(raw, fmt, f"model.init_from {source}"), file_names(raw, fmt)
     check_finite(state, f"model.init_from {source}")
     load_pretrained(model, {k: v.float() for k, v in state.items()}, source,
                     log=lambda m: print(f"vit: init_from: {m}", file=sys.stderr) if verbose else None, names=names)

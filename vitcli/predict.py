@@ -23,6 +23,8 @@ def open_image(path: str | Path):
         if path.exists():  # a FIFO, a device (/dev/null): there, but nothing to decode
             raise VitError(f"{path} is not a regular file; give an image file")
         raise VitError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise VitError(f"{path} is empty (0 bytes: a copy or download that did not finish?); give an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -85,10 +87,13 @@ def _files_under(folder: Path) -> list[Path]:
     return files
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """Files as given; folders replaced by the images they hold (sorted), hidden folders and files (.git, .venv)
-    and vit's own attention pictures left out. An empty path ('' would be the current folder) is refused."""
+    and vit's own attention pictures left out. An empty path ('' would be the current folder) is refused. Returns
+    the paths and a problem for each folder without images, which are the one error where nothing else was given
+    (as a missing file, such a folder among others leaves the rest to be predicted)."""
     paths: list[Path] = []
+    empty: list[str] = []
     for item in inputs:
         if not item.strip():
             raise VitError(f"an image path is empty ('{item}'); give image files or folders")
@@ -97,11 +102,13 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             found = sorted(p for p in _files_under(path) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                            and not is_attention_picture(p))
             if not found:
-                raise VitError(f"no images in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
+                empty.append(f"no images in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)
         else:
             paths.append(path)
-    return paths
+    if empty and not paths:
+        raise VitError("; ".join(empty))
+    return paths, empty
 
 
 def view_box(config, width: int, height: int) -> tuple[float, float, float, float]:

@@ -73,15 +73,17 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     def load_data():
         train = TrainBatches(config, device, dist_info.rank, dist_info.world_size)
         val = eval_batches(config, "val", device, config.train.eval_batch_size, dist_info.rank, dist_info.world_size)
-        if val[0] != train.classes:  # image folders: each split numbers its own class folders
+        if val.classes != train.classes:  # image folders: each split numbers its own class folders
             where = config.data_root
-            missing, extra = sorted(set(train.classes) - set(val[0])), sorted(set(val[0]) - set(train.classes))
+            missing = sorted(set(train.classes) - set(val.classes))
+            extra = sorted(set(val.classes) - set(train.classes))
             raise VitError(f"{where}: the val split's class folders differ from train's (in train only: "
                            f"{missing or 'none'}; in val only: {extra or 'none'}); give val/ the same class folders "
                            f"as train/, so that each label means the same class in both")
         return train, val
 
-    train_data, (_, num_val, val_batches) = rank0_first(dist_info, load_data)
+    train_data, val_data = rank0_first(dist_info, load_data)
+    num_val, val_batches = val_data.count, val_data.batches
     classes = train_data.classes
     preprocess = Preprocess(config, device, train=True, rank=dist_info.rank, world_size=dist_info.world_size)
     preprocess.num_classes = len(classes)
