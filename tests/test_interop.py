@@ -251,7 +251,7 @@ def test_weights_of_another_stem_or_depth_name_the_key_to_set():
         assert needle in str(caught.value), caught.value
 
 
-def test_variants_channels_and_backbones_are_named(tmp_path):
+def test_variants_channels_and_backbones_are_named(tmp_path, capsys):
     """Weights vitcli's ViT cannot take said which config key to set, and no key could help: timm's and
     torchvision's options vitcli's model lacks are named, RGB weights on a grayscale recipe are called so, a
     backbone without a head is pointed to fine-tuning; a torn file gets no advice to file a bug with torch."""
@@ -294,6 +294,15 @@ def test_variants_channels_and_backbones_are_named(tmp_path):
             "with a dataset of RGB images (cifar10, cifar100 or imagefolder)", gray)
     refused(Timm(**{**plain, "num_classes": 0}), "timm", "no classification head (head.weight) in the state dict, "
             "so no classes to predict (a backbone: timm's num_classes=0); fine-tune from it instead")
+    # the head count is nowhere in a state dict: a note where it is not timm's 64 per head (dim 64: 1 head)
+    wide = {**plain, "embed_dim": 64, "mlp_ratio": 2.0}
+    torch.save(Timm(**wide).state_dict(), tmp_path / "w64.pth")
+    for heads, noted in ((1, False), (2, True)):
+        cfg = build_config({"data": {"dataset": "synthetic", "image_size": s["size"]},
+                            "model": {"patch_size": s["patch"], "dim": 64, "depth": s["depth"], "heads": heads}})
+        convert(tmp_path / "w64.pth", "timm", cfg, None)
+        assert ("cannot say how many heads it was trained with; model.heads is 2, where timm's and torchvision's "
+                "ViTs of dim 64 have 1 (64 per head)" in capsys.readouterr().err) == noted
     torn = tmp_path / "torn.pth"
     torch.save(Timm(**plain).state_dict(), torn)
     torn.write_bytes(torn.read_bytes()[:20000])

@@ -387,10 +387,21 @@ def convert(weights: Path, from_: str, cfg, classes: Optional[str]) -> tuple[dic
     check_model_fits(cfg, torch.device("cpu"), training=False)
     model = build_model(cfg, num_classes)
     load_weights(model, {k: v.float() for k, v in state.items()}, weights, file_keys)
+    if peer != "vitcli":
+        heads_note(cfg.model.dim, cfg.model.heads, str(weights))
     checkpoint = make_checkpoint(config=cfg, classes=names, model=model, ema=None, optimizer=None, scaler=None,
                                  epoch=0, step=0, global_step=0, best_top1=-1.0, epoch_stats={},
                                  metrics={"converted_from": f"{from_}:{weights}"})
     return checkpoint, sum(v.numel() for v in state.values()), "vitcli" if flavor == "vitcli" else from_
+
+
+def heads_note(dim: int, heads: int, source: str) -> None:
+    """A state dict does not record its head count, and weights split into other heads give other predictions
+    without an error: a note where the config's model.heads is not timm's and torchvision's 64 dimensions per head."""
+    if dim % 64 == 0 and heads != dim // 64:
+        print(f"vit: note: {source} cannot say how many heads it was trained with; model.heads is {heads}, where "
+              f"timm's and torchvision's ViTs of dim {dim} have {dim // 64} (64 per head): a wrong count gives wrong "
+              f"predictions without an error", file=sys.stderr)
 
 
 def default_classes(cfg, num_classes: int) -> list[str]:
@@ -428,6 +439,7 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
     """model.init_from: start from a vitcli checkpoint or a timm / torchvision state dict."""
     source, fmt = check_init_from(config), config.model.init_format
     names = None  # the file's own tensor names, for its errors
+    peer = fmt  # whose names the tensors have
     if source.endswith(".safetensors"):  # timm's, torchvision's or vitcli's own (vit export --format safetensors)
         check_exported_heads(source, config.model.heads)
         state = read_state_dict(source)
@@ -446,5 +458,7 @@ def init_weights(model: torch.nn.Module, config: Config, verbose: bool) -> None:
         raw = read_state_dict(source)
         state, names = from_peer(raw, fmt, f"model.init_from {source}"), file_names(raw, fmt)
     check_finite(state, f"model.init_from {source}")
+    if peer != "vitcli" and verbose:  # a peer's state dict, which holds no head count
+        heads_note(config.model.dim, config.model.heads, f"model.init_from {source}")
     load_pretrained(model, {k: v.float() for k, v in state.items()}, source,
                     log=lambda m: print(f"vit: init_from: {m}", file=sys.stderr) if verbose else None, names=names)
