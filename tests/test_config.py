@@ -41,6 +41,11 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     ({"train": {"epochs": 0}}, "train.epochs must be positive"),
     ({"train": {"batch_size": -1}}, "train.batch_size must be positive"),
     ({"train": {"eval_every": 0}}, "train.eval_every must be >= 1, got 0"),
+    ({"train": {"grad_accum_steps": 0}}, r"train.grad_accum_steps must be positive \(1 runs the batch at once\), got 0$"),
+    ({"train": {"grad_accum_steps": 129}}, r"train.grad_accum_steps 129 is more micro-batches than the 128 images of "
+                                           r"a batch \(train.batch_size\); set it at most 128$"),
+    ({"train": {"grad_accum_steps": 4, "batch_size": 4}, "model": {"stem": "conv", "patch_size": 32}},
+     "leaves one image of one patch in a micro-batch: the conv stem's BatchNorm needs more than one value"),
     ({"data": {"dataset": "imagenet21k"}}, "data.dataset must be one of"),
     ({"train": {"precision": "fp8"}}, "train.precision must be one of"),
     # the choices once, and a near miss suggested (the choices were listed twice, a second time after "; choices:")

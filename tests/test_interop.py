@@ -276,7 +276,7 @@ def test_variants_channels_and_backbones_are_named(tmp_path, capsys):
         assert needle in str(caught.value), caught.value
         return str(caught.value)
 
-    for options, what in ((dict(global_pool="avg"), "global average pooling (fc_norm: global_pool='avg')"),
+    for options, what in ((dict(global_pool="avg"), "a LayerNorm before the head (fc_norm: global_pool='avg'"),
                           (dict(init_values=1e-5), "layer scale (init_values)"),
                           (dict(qkv_bias=False), "no query/key/value bias (qkv_bias=False)"),
                           (dict(no_embed_class=True), "no positional embedding for the class token"),
@@ -290,8 +290,8 @@ def test_variants_channels_and_backbones_are_named(tmp_path, capsys):
     gray = build_config({"data": {"dataset": "fashion_mnist", "image_size": s["size"]},
                          "model": {"patch_size": s["patch"], "dim": s["dim"], "depth": s["depth"],
                                    "heads": s["heads"], "mlp_ratio": s["mlp"] / s["dim"]}})
-    refused(Timm(**plain), "timm", "the weights are for RGB images, the config's dataset is grayscale: use them "
-            "with a dataset of RGB images (cifar10, cifar100 or imagefolder)", gray)
+    refused(Timm(**plain), "timm", "3x more values per patch: weights for RGB images on a grayscale dataset (use a "
+            "dataset of RGB images: cifar10, cifar100 or imagefolder), or of another model.patch_size", gray)
     refused(Timm(**{**plain, "num_classes": 0}), "timm", "no classification head (head.weight) in the state dict, "
             "so no classes to predict (a backbone: timm's num_classes=0); fine-tune from it instead")
     # the head count is nowhere in a state dict: a note where it is not timm's 64 per head (dim 64: 1 head)

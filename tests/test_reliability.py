@@ -1033,7 +1033,7 @@ def test_an_evaluation_out_of_memory_retries_smaller_and_a_training_step_is_one_
                  "--set", "data.max_train_samples=64", "--run-dir", tmp_path / "step")
     one_line_error(result, "out of memory (tried to allocate", "in the training step at train.batch_size 64",
                    "(4097 tokens per image)", "no checkpoint had been saved",
-                   "set train.grad_accum_steps=2 (the same batch in micro-batches of half the memory)")
+                   "set train.grad_accum_steps=2 (the same batch in micro-batches of up to 32 images)")
     # and that advice trains the same batch of 64 (as two of 32: 32 at once fit in this limit, 64 do not)
     result = vit("train", "--config", REPO / "configs" / "smoke.yaml", *big, "--set", "train.batch_size=64",
                  "--set", "data.max_train_samples=64", "--set", "data.max_val_samples=1", "--set", "train.epochs=1",

@@ -60,6 +60,11 @@ def test_compile_mode_choice():
     assert resolve_compile_mode("default", CUDA) == "default"
     assert resolve_compile_mode("reduce-overhead", CUDA, world_size=2) == "default"
     assert resolve_compile_mode("max-autotune", CUDA, world_size=4) == "max-autotune-no-cudagraphs"
+    # micro-batches: a replay would free the gradients the next micro-batch adds to (torch raises there)
+    assert resolve_compile_mode("auto", CUDA, micro_batches=2) == "default"
+    assert resolve_compile_mode("reduce-overhead", CUDA, micro_batches=2) == "default"
+    assert resolve_compile_mode("max-autotune", CUDA, micro_batches=4) == "max-autotune-no-cudagraphs"
+    assert resolve_compile_mode("auto", CUDA, micro_batches=1) == "reduce-overhead"
     assert [evaluation_compile_mode(m) for m in ("reduce-overhead", "max-autotune", "default",
                                                  "max-autotune-no-cudagraphs")] == [
         "default", "max-autotune-no-cudagraphs", "default", "max-autotune-no-cudagraphs"]

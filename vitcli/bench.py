@@ -56,7 +56,8 @@ class Workload:
         optimizer = make_optimizer(model, config, device)
         ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        self.compile_mode = mode = resolve_compile_mode(config.train.compile_mode, device)
+        self.compile_mode = mode = resolve_compile_mode(config.train.compile_mode, device,
+                                                        micro_batches=config.train.grad_accum_steps)
         self.step_fn = TrainStep(model, optimizer, config, device, precision, ema, scaler,
                                  forward=Forward(model, config.train.compile, mode=mode))
         self.eval_forward = Forward(model, config.train.compile, "evaluating",  # as `vit train` evaluates

@@ -289,11 +289,13 @@ def shape_advice(key: str, given: Sequence[int], expected: Sequence[int]) -> str
     """Which config key gives a tensor's shape: '; set ... as the weights were trained' for a mismatch."""
     if key == "patch_embedding.to_patch_embedding.weight" and len(given) == len(expected) == 2 \
             and given[0] == expected[0] and 3 in (given[1] / expected[1], expected[1] / given[1]):
-        # (dim, channels x patch x patch): a factor of 3 is no other patch size's, so it is RGB against gray
+        # (dim, channels x patch x patch): 3 times the values per patch is RGB against gray at one patch size
+        # (or, rarely, gray at a 3x larger patch against RGB: both are said)
         rgb = given[1] > expected[1]
-        return (f"; the weights are for {'RGB' if rgb else 'grayscale'} images, the config's dataset is "
-                f"{'grayscale' if rgb else 'RGB'}: use them with a dataset of {'RGB' if rgb else 'grayscale'} "
-                f"images ({'cifar10, cifar100 or imagefolder' if rgb else 'fashion_mnist or mnist'})")
+        return (f"; 3x {'more' if rgb else 'fewer'} values per patch: weights for {'RGB' if rgb else 'grayscale'} "
+                f"images on a {'grayscale' if rgb else 'RGB'} dataset (use a dataset of "
+                f"{'RGB images: cifar10, cifar100 or imagefolder' if rgb else 'grayscale images: fashion_mnist or mnist'}"
+                f"), or of another model.patch_size")
     if key.endswith("position_embedding"):
         keys = "data.image_size and model.patch_size (the patch grid) and model.dim"
     elif "to_patch_embedding" in key:

@@ -172,7 +172,7 @@ def check_variant(state: dict[str, torch.Tensor], peer: str, source: str) -> Non
     tokens = state["pos_embed"].shape[-2] if peer == "timm" and "pos_embed" in keys else None
     found = {
         "timm": [
-            (any_key(r"^fc_norm\."), "global average pooling (fc_norm: global_pool='avg')"),
+            (any_key(r"^fc_norm\."), "a LayerNorm before the head (fc_norm: global_pool='avg', or fc_norm=True)"),
             (any_key(r"^blocks\.\d+\.ls[12]\."), "layer scale (init_values)"),
             (any_key(r"^blocks\.\d+\.attn\.qkv\.weight$") and not any_key(r"^blocks\.\d+\.attn\.qkv\.bias$"),
              "no query/key/value bias (qkv_bias=False)"),
@@ -181,7 +181,8 @@ def check_variant(state: dict[str, torch.Tensor], peer: str, source: str) -> Non
             ("reg_token" in keys, "register tokens (reg_tokens)"),
             ("dist_token" in keys, "a distillation token (DeiT's distilled models)"),
             ("cls_token" in keys and tokens is not None and "dist_token" not in keys and "reg_token" not in keys
-             and math.isqrt(tokens) ** 2 == tokens, "no positional embedding for the class token (no_embed_class=True)"),
+             and math.isqrt(tokens) ** 2 == tokens,
+             "no positional embedding for the class token (no_embed_class=True; or a non-square patch grid)"),
             (any_key(r"^norm_pre\."), "a LayerNorm before the blocks (pre_norm=True)"),
         ],
         "torchvision": [

@@ -148,15 +148,19 @@ def resolve_attention(name: str, device: torch.device, precision: str) -> str:
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
-def resolve_compile_mode(name: str, device: torch.device, world_size: int = 1) -> str:
+def resolve_compile_mode(name: str, device: torch.device, world_size: int = 1, micro_batches: int = 1) -> str:
     """torch.compile's mode for the training step. `auto`: CUDA graphs (reduce-overhead) on a GPU in one process,
     where a small model's step is bound by kernel launches (on an H200: fashion_mnist.yaml 15214 against 7118
     img/s, cifar10.yaml 9597 against 5682; README "On a GPU"); torch's default elsewhere (a CPU has no graphs to
     replay). Under DDP (world_size > 1) no mode replays graphs: unmeasured here, and torch has open issues with CUDA
-    graphs beside DistributedDataParallel's hooks; `reduce-overhead` and `max-autotune` become their modes without."""
+    graphs beside DistributedDataParallel's hooks; nor with micro-batches (train.grad_accum_steps): each replay
+    frees the last one's outputs, among them the gradients the next micro-batch adds to (torch raises "accessing
+    gradient tensor output of CUDAGraphs that has been overwritten"). `reduce-overhead` and `max-autotune` become
+    their modes without."""
+    graphs = world_size == 1 and micro_batches == 1
     if name == "auto":
-        return "reduce-overhead" if device.type == "cuda" and world_size == 1 else "default"
-    return evaluation_compile_mode(name) if world_size > 1 else name
+        return "reduce-overhead" if device.type == "cuda" and graphs else "default"
+    return name if graphs else evaluation_compile_mode(name)
 
 
 def evaluation_compile_mode(mode: str) -> str:

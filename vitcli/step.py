@@ -87,8 +87,7 @@ class TrainStep:
                 with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
                     part_loss, part_logits = self._backward(xs, ts, len(xs) / len(x))
                 losses.append(part_loss * (len(xs) / len(x)))
-                # a CUDA graph replay may reuse the last one's output memory: copied before the next
-                outputs.append(part_logits.clone() if self.forward.graphs else part_logits)
+                outputs.append(part_logits)  # (never CUDA graphs' outputs: resolve_compile_mode)
             loss, logits = torch.stack(losses).sum(), torch.cat(outputs)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -166,7 +165,8 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, doing: str = "training"
             cpp_extension.addFilter(_not_the_cuda_runtime_note)
     # static graphs, even where dynamo has seen this model code at another batch size first (the evaluation after
     # the training; a resumed run that evaluates before it trains; other models in a benchmark's process): the
-    # training step's batches all have one size, and the evaluation pads its last, shorter batch (fixed_batch)
+    # training step's batches all have one size (micro-batches two, each its graph, where train.grad_accum_steps
+    # does not divide the batch), and the evaluation pads its last, shorter batch (fixed_batch)
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 

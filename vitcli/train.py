@@ -129,13 +129,16 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     if dist_info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    compile_mode = resolve_compile_mode(config.train.compile_mode, device, dist_info.world_size)
+    compile_mode = resolve_compile_mode(config.train.compile_mode, device, dist_info.world_size,
+                                        config.train.grad_accum_steps)
     note = unread_keys_note(config)
     if main and note:
         print(note, file=sys.stderr)
     if main and config.train.compile and config.train.compile_mode not in ("auto", compile_mode):
-        print(f"vit: train.compile_mode {config.train.compile_mode} replays CUDA graphs, which vit does not use under "
-              f"torchrun / --nproc; compiling with {compile_mode}", file=sys.stderr)
+        where = ("under torchrun / --nproc" if dist_info.enabled else
+                 "with micro-batches (train.grad_accum_steps: a replay frees the gradients the next one adds to)")
+        print(f"vit: train.compile_mode {config.train.compile_mode} replays CUDA graphs, which vit does not use "
+              f"{where}; compiling with {compile_mode}", file=sys.stderr)
     step_fn = TrainStep(model, optimizer, config, device, precision, ema, scaler,
                         forward=Forward(train_model, config.train.compile, mode=compile_mode))
     eval_model = ema.module if ema is not None else model
@@ -270,19 +273,20 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             graphs = ("; or train without CUDA graphs, which keep a memory pool of their own: "
                       + (f"{resume_command(['train.compile_mode'])} " if saved_step is not None else "")
                       + "--set train.compile_mode=default")
-        accum = config.train.grad_accum_steps
-        micro = train_data.local_batch_size // accum
-        at = f"train.batch_size {config.train.batch_size}" + (f" in {accum} micro-batches of {micro}" if accum > 1
-                                                              else "")
-        more = min(2 * accum, train_data.local_batch_size)
+        local, accum = train_data.local_batch_size, config.train.grad_accum_steps
+        micro = -(-local // accum)  # the largest micro-batch
+        at = f"train.batch_size {config.train.batch_size}" + (f" in {accum} micro-batches of up to {micro}"
+                                                              if accum > 1 else "")
+        more = min(2 * accum, local)
+        smaller = f"micro-batches of up to {-(-local // more)} images"
         if micro <= 1:
             how = "lower data.image_size or the model size in a new run"
         elif saved_step is not None:  # the same batch, in more passes: the run goes on
-            how = (f"continue it in micro-batches of half the memory: {resume_command(['train.grad_accum_steps'])} "
+            how = (f"continue it in {smaller}: {resume_command(['train.grad_accum_steps'])} "
                    f"--set train.grad_accum_steps={more}")
         else:
-            how = (f"set train.grad_accum_steps={more} (the same batch in micro-batches of half the memory), or "
-                   f"lower train.batch_size, data.image_size or the model size")
+            how = (f"set train.grad_accum_steps={more} (the same batch in {smaller}), or lower train.batch_size, "
+                   f"data.image_size or the model size")
         return f"in the training step at {at} ({tokens} tokens per image) on {device}; {kept()}; {how}{graphs}"
 
     def resume_command(leave_out: Sequence[str] = ()) -> str:
