@@ -312,6 +312,16 @@ def test_imagefolder(imagefolder_dir, tmp_path):
     b = torch.load(skipped / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+    # a class folder renamed before a resume: refused (output 0 went on to learn "square" without a word)
+    for split in ("train", "val", "test"):
+        (imagefolder_dir / split / "circle").rename(imagefolder_dir / split / "zcircle")
+    resumed = run_vit("train", "--resume", skipped / "last.pt", "--set", "train.epochs=3", cwd=imagefolder_dir.parent)
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert (f"the training data's classes in {imagefolder_dir} (3: square, stripe, zcircle) are not the "
+            f"checkpoint's (3: circle, square, stripe): its outputs would change meaning") in resumed.stderr
+    assert [json.loads(line).get("epoch") for line in (skipped / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2, None]
+
 
 def test_printed_commands_start_vit_as_the_user_did(smoke_run):
     """The resume command a refused run directory prints: `vit` where that is the vit on PATH, else the path the

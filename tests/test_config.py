@@ -24,6 +24,8 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
     assert build_config({}, ["train.lr=3e-4"]).train.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string
     assert config.image_size == 28 and config.mean == [0.2860]
+    # CIFAR shrunk to 16: its crop is cut at 32, where padding 20 leaves image in every crop (it was refused)
+    assert build_config({"data": {"image_size": 16, "crop_padding": 20}}).crop_padding == 20
 
 
 @pytest.mark.parametrize("raw,message", [
@@ -79,7 +81,10 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     # above lr, the "decay" climbed to it (min_lr 1: the rate rose to ~1 and the run diverged without a word)
     ({"train": {"lr": 0.003, "min_lr": 1}}, "train.min_lr 1 is above train.lr 0.003: the cosine schedule would raise"),
     # a crop from an image padded by more than its size may hold none of it (100000 ran out of memory in the step)
-    ({"data": {"crop_padding": 32}}, "data.crop_padding 32 must be less than the image size 32"),
+    ({"data": {"crop_padding": 32}}, "data.crop_padding 32 must be less than the 32x32 images it pads"),
+    # CIFAR upsampled to 64: the crop is cut at 32 (40 was accepted, and 204 of 500 crops held no image pixel)
+    ({"data": {"crop_padding": 40, "image_size": 64}}, r"40 must be less than the 32x32 images it pads \(the crop is "
+                                                       r"cut before the resize to data.image_size"),
     # keys that YAML reads as numbers, booleans or null (1:, true:, null:): one line, not difflib's TypeError
     ({"train": {1: 2}}, "a key in section 'train' must be text, got 1; valid keys: batch_size"),
     ({True: 1}, r"a section name must be text \(data, model, train or name\), got True"),

@@ -297,3 +297,26 @@ def test_an_image_folder_of_one_class_is_refused(tmp_path):
         imagefolder_classes(tmp_path, "train")
     (tmp_path / "train" / "dog").mkdir()
     assert imagefolder_classes(tmp_path, "train") == ["cat", "dog"]
+
+
+def test_labels_outside_the_classes_are_one_line(tmp_path, cifar10_dir):
+    """EMNIST letters (labels 1-26) under MNIST's name, or a CIFAR batches.meta naming fewer classes than the
+    labels use, stopped the first step with the loss's IndexError traceback (a device-side assert on CUDA)."""
+    import pickle
+
+    import numpy as np
+
+    from conftest import class_images, write_idx
+
+    images, _ = class_images(64, 1, 28, seed=0)
+    write_idx(tmp_path / "letters", "train", images, np.arange(64) % 26 + 1)
+    config = build_config({"data": {"dataset": "mnist", "root": str(tmp_path / "letters")}})
+    with pytest.raises(VitError, match=r"train-labels-idx1-ubyte.gz: labels run from 1 to 26, but the dataset has 10 "
+                                       r"classes \(0 to 9\); the idx files of MNIST and Fashion-MNIST hold 10"):
+        load_array_dataset(config, "train")
+    meta = cifar10_dir / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(pickle.dumps({"label_names": ["airplane", "automobile", "bird"]}))
+    config = build_config({"data": {"dataset": "cifar10", "root": str(cifar10_dir)}})
+    with pytest.raises(VitError, match=r"test_batch: labels run from 0 to 9, but the dataset has 3 classes .*its "
+                                       r"batches.meta names 3"):
+        load_array_dataset(config, "test")

@@ -402,6 +402,8 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
     d, m, t = config.data, config.model, config.train
     channels = DATASET_DEFAULTS[d.dataset]["channels"]
     device_ok = device_name_ok(t.device)
+    stored = (config.image_size if d.dataset in ("synthetic", "imagefolder")  # the size of the images as held
+              else DATASET_DEFAULTS[d.dataset]["image_size"])
     checks = [
         (config.image_size > 0, "data.image_size", f"must be positive, got {config.image_size}"),
         (m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}"),
@@ -461,8 +463,10 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
         (d.crop_padding is None or d.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {d.crop_padding}"),
         # padded by its size or more, a random crop can hold no pixel of the image (and the padded batch may not fit
         # in memory: 100000 asked for 7 TB)
-        (d.crop_padding is None or d.crop_padding < config.image_size, "data.crop_padding",
-         f"{d.crop_padding} must be less than the image size {config.image_size} (4 for 32x32 images is usual)"),
+        # the crop is cut from the images as stored (CIFAR's 32x32, MNIST's 28x28), before any resize to image_size
+        (d.crop_padding is None or d.crop_padding < stored, "data.crop_padding",
+         f"{d.crop_padding} must be less than the {stored}x{stored} images it pads (the crop is cut before the resize "
+         f"to data.image_size; 4 for 32x32 images is usual)"),
         (0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2^32), got {t.seed}"),
         (0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]"),
         (d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha", "must be >= 0"),

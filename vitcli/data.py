@@ -153,7 +153,16 @@ def load_idx_dataset(dataset: str, root: Path, split: str) -> ArrayDataset:
         raise VitError(f"{paths[1]}: labels {tuple(labels.shape)} do not match the {len(images)} images of "
                        f"{paths[0]}; put the original files back")
     classes = FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else MNIST_CLASSES
+    check_labels(labels, classes, paths[1], "the idx files of MNIST and Fashion-MNIST hold 10 classes, 0-9")
     return ArrayDataset(images.unsqueeze(1).contiguous(), labels.long(), classes)
+
+
+def check_labels(labels: torch.Tensor, classes: list[str], path: Path, advice: str) -> None:
+    """Labels outside 0..classes-1 (EMNIST letters under MNIST's name, a batches.meta of fewer names): one line,
+    not a traceback from the loss at the first step (a device-side assert on CUDA)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
+        raise VitError(f"{path}: labels run from {int(labels.min())} to {int(labels.max())}, but the dataset has "
+                       f"{len(classes)} classes (0 to {len(classes) - 1}); {advice}")
 
 
 def load_cifar(dataset: str, root: Path, split: str) -> ArrayDataset:
@@ -184,6 +193,8 @@ def load_cifar(dataset: str, root: Path, split: str) -> ArrayDataset:
         images.append(torch.as_tensor(batch["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
         labels.append(torch.as_tensor(batch[label_key], dtype=torch.long))
     classes = list(unpickle(folder / meta)[names_key])
+    check_labels(torch.cat(labels), classes, folder / files[0] if len(files) == 1 else folder,
+                 f"its {meta} names {len(classes)}: put the dataset's original files back")
     return ArrayDataset(torch.cat(images), torch.cat(labels), classes)
 
 

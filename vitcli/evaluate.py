@@ -19,22 +19,36 @@ def mirror_average(logits: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor
     return torch.logsumexp(both, dim=0) - math.log(2)
 
 
+def listed_classes(names: list[str]) -> str:
+    """'3: cat, dog, fox', the first five of many."""
+    return f"{len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+
+
+def unicode_note(a: list[str], b: list[str]) -> str:
+    """Where two lists of folder names differ only in their Unicode form (macOS writes é as e + accent): said so,
+    since both print alike."""
+    import unicodedata
+
+    def nfc(names: list[str]) -> list[str]:
+        return sorted(unicodedata.normalize("NFC", name) for name in names)
+
+    return (" (the same names in other Unicode forms, such as macOS's decomposed é: rename the folders so that "
+            "they match byte for byte)") if a != b and nfc(a) == nfc(b) else ""
+
+
 def check_same_classes(classes: list[str], trained: list[str], config, split: str) -> None:
     """`vit eval` on another dataset than the checkpoint's (another --data-root): one line listing both."""
     if classes == trained:
         return
-
-    def listed(names: list[str]) -> str:
-        return f"{len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
-
     from vitcli.data import split_name
 
     where = "" if config.data.dataset == "synthetic" else f" in {config.data_root}"
-    read_test = config.data.dataset == "imagefolder" and split_name(split, "imagefolder", config.data_root) == "test"
+    scored = split_name(split, config.data.dataset, config.data_root)
+    read_test = config.data.dataset == "imagefolder" and scored == "test"
     val = " or --split val (its test/ folder was read)" if read_test else ""
-    raise VitError(f"the {split} split's classes{where} ({listed(classes)}) are not the checkpoint's "
-                   f"({listed(trained)}); evaluate it on the data it was trained for (--data-root DIR: the folder "
-                   f"of that dataset){val}")
+    raise VitError(f"the {scored} split's classes{where} ({listed_classes(classes)}) are not the checkpoint's "
+                   f"({listed_classes(trained)}){unicode_note(classes, trained)}; evaluate it on the data it was "
+                   f"trained for (--data-root DIR: the folder of that dataset){val}")
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint, rng_st
 from vitcli.config import Config, unread_keys_note
 from vitcli.data import Preprocess, TrainBatches, eval_batches
 from vitcli.errors import Interrupted, OtherRankFailed, VitError, out_of_memory, vit_program
-from vitcli.evaluate import evaluate, largest_batch_that_fits
+from vitcli.evaluate import evaluate, largest_batch_that_fits, listed_classes, unicode_note
 from vitcli.interop import init_weights
 from vitcli.metrics import MetricsWriter, closed_on_error, log_pictures
 from vitcli.model import build_model
@@ -78,13 +78,21 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             missing = sorted(set(train.classes) - set(val.classes))
             extra = sorted(set(val.classes) - set(train.classes))
             raise VitError(f"{where}: the val split's class folders differ from train's (in train only: "
-                           f"{missing or 'none'}; in val only: {extra or 'none'}); give val/ the same class folders "
-                           f"as train/, so that each label means the same class in both")
+                           f"{missing or 'none'}; in val only: {extra or 'none'})"
+                           f"{unicode_note(train.classes, val.classes)}; give val/ the same class folders as "
+                           f"train/, so that each label means the same class in both")
         return train, val
 
     train_data, val_data = rank0_first(dist_info, load_data)
     num_val, val_batches = val_data.count, val_data.batches
     classes = train_data.classes
+    if ckpt is not None and classes != ckpt["classes"]:  # renamed, added or removed class folders: each output
+        # would go on to learn another class (or the head would not fit)
+        raise VitError(f"--resume {resume}: the training data's classes in {config.data_root} "
+                       f"({listed_classes(classes)}) are not the checkpoint's ({listed_classes(ckpt['classes'])})"
+                       f"{unicode_note(classes, ckpt['classes'])}: its outputs would change meaning; resume with the "
+                       f"data it trained on (its class folders as they were), or start a new run "
+                       f"(--set model.init_from={resume} to start from its weights)")
     preprocess = Preprocess(config, device, train=True, rank=dist_info.rank, world_size=dist_info.world_size)
     preprocess.num_classes = len(classes)
     eval_preprocess = Preprocess(config, device, train=False)
