@@ -295,7 +295,7 @@ def test_imagefolder(imagefolder_dir, tmp_path):
             write_png(other / split / name / "0.png", size=32, mode="RGB")
     wrong = run_vit("eval", "--ckpt", run_dir / "best.pt", "--data-root", other)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "Traceback" not in wrong.stderr, wrong.stderr
-    assert (f"the test split's classes in {other} (2: cat, dog) are not the checkpoint's (3: circle, square, "
+    assert (f"the val split's classes in {other} (2: cat, dog) are not the checkpoint's (3: circle, square, "  # read
             f"stripe); evaluate it on the data it was trained for (--data-root DIR") in wrong.stderr, wrong.stderr
     # the default top-k (5) shows all of 3 classes without a note about a --top-k the user did not give
     assert {p["label"] for p in out[0]["predictions"]} == {"circle", "square", "stripe"}

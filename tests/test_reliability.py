@@ -860,8 +860,29 @@ def test_a_corrupt_image_in_an_image_folder_is_one_line(imagefolder_dir, tmp_pat
                      "--set", "model.patch_size=8", "--set", "model.dim=32", "--set", "model.depth=1",
                      "--set", "model.heads=2", "--set", "data.num_workers=1", "--set", "train.batch_size=72",
                      "--set", "train.epochs=1")
-    one_line_error(result, "broken.png: not an image")
+    one_line_error(result, "broken.png: not an image", "no checkpoint had been saved",
+                   "fix or remove the file and start the run again")
     assert "Original Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
+    # in val/: in the first evaluation batch, which the run reads before it starts (the images whose attention
+    # TensorBoard shows), it stops before anything is written; past it, met by an evaluation, the epoch's
+    # training is kept (it was lost) and the printed command goes on once the file is gone
+    broken = (imagefolder_dir / "train" / "circle" / "broken.png").rename(imagefolder_dir / "val" / "circle" / "x.png")
+    args = ["train", "--config", REPO / "configs" / "imagefolder.yaml", "--run-dir", tmp_path / "run2",
+            "--set", f"data.root={imagefolder_dir}", "--set", "data.image_size=32", "--set", "model.patch_size=8",
+            "--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "data.num_workers=1",
+            "--set", "train.batch_size=72", "--set", "train.epochs=1"]
+    one_line_error(run_vit(*args), "x.png: not an image", "(in the validation images); fix or remove the file and "
+                   "run the command again")
+    assert not (tmp_path / "run2").exists()
+    result = run_vit(*args, "--set", "train.eval_batch_size=8")  # x.png: the 9th of circle, in the second batch
+    one_line_error(result, "x.png: not an image", "(while evaluating epoch 1); last.pt (global step 1) is kept in",
+                   "fix or remove the file, then continue: ")
+    broken.unlink()
+    command = shlex.split(result.stderr.split("then continue: ", 1)[1].strip())
+    assert command[1:3] == ["train", "--resume"], command
+    run_vit(*command[1:], check=True)
+    rows = [json.loads(line) for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in rows] == [1, None] and "val_top1" in rows[0]
 
 
 def test_a_write_stopped_half_way_leaves_the_old_file_and_no_temporary_one(tmp_path):

@@ -81,7 +81,7 @@ def leave_process_group() -> None:
 
 def run_command(body: Callable[[], int | None]) -> None:
     """Runs a command body: user errors become one line and a non-zero exit; --debug shows the traceback."""
-    from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory
+    from vitcli.errors import Interrupted, OtherRankFailed, VitError, is_rank_zero, out_of_memory, own_line
 
     gc.disable()  # for the start-up's imports; vitcli.runtime.settle() turns collection on when the work starts
     try:
@@ -97,10 +97,7 @@ def run_command(body: Callable[[], int | None]) -> None:
     except VitError as e:
         if STATE["debug"]:
             traceback.print_exc()
-        message = str(e)
-        if "Original Traceback" in message:  # raised in a DataLoader worker, which wraps it: keep its own line
-            message = message.strip().splitlines()[-1].split("VitError: ", 1)[-1]
-        err(f"error: {message}")
+        err(f"error: {own_line(e)}")
         raise typer.Exit(2)
     except (RuntimeError, MemoryError, TypeError) as e:  # running out of memory is a size the user chose; anything
         # else is our bug

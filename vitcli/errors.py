@@ -18,6 +18,19 @@ class DatasetNotFound(VitError):
         self.what = what or message
 
 
+class BadData(VitError):
+    """An image or file of the dataset that could not be read in the middle of a run: training keeps what it had
+    done and says how to go on once the file is fixed (vitcli.train)."""
+
+
+def own_line(error: VitError) -> str:
+    """A VitError's message; raised in a DataLoader worker, torch wraps it in the worker's traceback: its own line."""
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1].split("VitError: ", 1)[-1]
+    return message
+
+
 class OtherRankFailed(Exception):
     """Under torchrun: rank 0 hit a VitError and says so in one line; the other ranks stop without a word."""
 

@@ -10,14 +10,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from vitcli.checkpoint import atomic_save, load_weights, make_checkpoint, rng_state, set_rng_state
 from vitcli.config import Config, unread_keys_note
 from vitcli.data import Preprocess, TrainBatches, eval_batches
-from vitcli.errors import Interrupted, OtherRankFailed, VitError, out_of_memory, vit_program
+from vitcli.errors import BadData, Interrupted, OtherRankFailed, VitError, out_of_memory, own_line, vit_program
 from vitcli.evaluate import evaluate, largest_batch_that_fits, listed_classes, unicode_note
 from vitcli.interop import init_weights
 from vitcli.metrics import MetricsWriter, closed_on_error, log_pictures
@@ -36,6 +36,22 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def read_or_say(batches: Iterable) -> Iterator:
+    """The batches, where reading one fails on a file of the dataset (a truncated image, a link to nothing): BadData,
+    which the run answers by keeping its work and saying how to go on."""
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except BadData:
+            raise
+        except VitError as e:
+            raise BadData(own_line(e)) from None
+        yield item
 
 
 @contextlib.contextmanager
@@ -85,6 +101,14 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
 
     train_data, val_data = rank0_first(dist_info, load_data)
     num_val, val_batches = val_data.count, val_data.batches
+    watch = None  # a fixed set of validation images whose attention TensorBoard shows as it forms
+    if main:  # (the first evaluation batch: a file of it that cannot be read stops the run before anything is written)
+        try:
+            watch = next(iter(read_or_say(val_batches())))
+        except BadData as e:
+            raise VitError(f"{e} (in the validation images); fix or remove the file and run the command again") \
+                from None
+        watch = (watch[0][:8], watch[1][:8])
     classes = train_data.classes
     if ckpt is not None and classes != ckpt["classes"]:  # renamed, added or removed class folders: each output
         # would go on to learn another class (or the head would not fit)
@@ -237,10 +261,6 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
     from tqdm import tqdm
 
     first_epoch = epoch
-    watch = None  # a fixed set of validation images whose attention TensorBoard shows as it forms
-    if main:
-        watch = next(iter(val_batches()))
-        watch = (watch[0][:8], watch[1][:8])
     attention_every = max(1, config.train.epochs // 5)
     drawn_at: Optional[int] = ckpt.get("attention_drawn_at") if ckpt is not None else None  # the epoch whose
     # attention maps TensorBoard last got (a resumed run keeps their spacing)
@@ -315,6 +335,12 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         command = resume_command(["train.lr", "train.min_lr"] + ["train.grad_clip"] * bool(clip))
         return f"continue from it with a lower train.lr: {' '.join([command, *lower, *clip])}"
 
+    def go_on_advice() -> str:
+        """After a dataset file could not be read."""
+        if saved_step is None:
+            return "fix or remove the file and start the run again"
+        return f"fix or remove the file, then continue: {resume_command()}"
+
     def stop_without_workers(done: int) -> None:
         """The stop killed DataLoader workers: save the `done` steps of this epoch and stop. Under torchrun the
         ranks could not agree on that step: the run keeps its last checkpoint."""
@@ -337,8 +363,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             stopping = False
             done = start_step  # steps of this epoch finished
             try:  # the bar is closed before any message, so an error never lands on its line
-                for step, (images, labels) in enumerate(until_stopped(train_data.epoch(epoch, start_step), stop),
-                                                        start=start_step):
+                for step, (images, labels) in enumerate(read_or_say(until_stopped(train_data.epoch(epoch, start_step),
+                                                                                  stop)), start=start_step):
                     t_data = time.perf_counter() - t_ready
                     x, targets = preprocess(images, labels, global_step)
                     if main and step == start_step and epoch == first_epoch and ckpt is None:  # once per run
@@ -384,6 +410,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                     t_ready = time.perf_counter()
             except WorkersStopped:  # the stop killed the DataLoader workers while this rank waited for a batch
                 stop_without_workers(done)
+            except BadData as e:  # the steps of this epoch since the last save are redone on resume
+                raise VitError(f"{e}; {kept()}; {go_on_advice()}") from None
             finally:
                 bar.close()
 
@@ -393,7 +421,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             short_of_memory = None
 
             def run_evaluation(size: int) -> dict[str, Any]:
-                return evaluate(eval_model, lambda: until_stopped(val_batches(size), stop), eval_preprocess, classes,
+                return evaluate(eval_model, lambda: read_or_say(until_stopped(val_batches(size), stop)),
+                                eval_preprocess, classes,
                                 device, precision, dist_info, forward=eval_forward, hflip=config.train.eval_hflip,
                                 fixed_batch=eval_forward.running_compiled)
 
@@ -405,6 +434,10 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                     val = largest_batch_that_fits(run_evaluation, eval_size, smaller_evaluation_batch)[0]
             except WorkersStopped:  # in the evaluation's: the epoch's training is kept, not evaluated
                 stop_without_workers(train_data.steps_per_epoch)
+            except BadData as e:  # a validation image: the epoch's training is kept (one process), as after a stop
+                if not dist_info.enabled:
+                    save("last.pt", epoch, train_data.steps_per_epoch, last_metrics)
+                raise VitError(f"{e} (while evaluating epoch {epoch + 1}); {kept()}; {go_on_advice()}") from None
             except (RuntimeError, MemoryError) as e:  # out of memory: as after a stop, the epoch's training is
                 # kept (one process: under torchrun the ranks cannot agree on it)
                 if out_of_memory(e) is None or dist_info.enabled:
