@@ -16,6 +16,7 @@ import pickle
 import random
 import signal
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from vitcli.augment import trivial_augment
 from vitcli.config import DATASET_DEFAULTS, Config
-from vitcli.errors import DatasetNotFound, VitError, short
+from vitcli.errors import DatasetNotFound, VitError, is_rank_zero, short
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -154,6 +155,13 @@ def load_idx_dataset(dataset: str, root: Path, split: str) -> ArrayDataset:
                        f"{paths[0]}; put the original files back")
     classes = FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else MNIST_CLASSES
     check_labels(labels, classes, paths[1], "the idx files of MNIST and Fashion-MNIST hold 10 classes, 0-9")
+    if split == "train" and len(images) >= 1000 and is_rank_zero():  # both ship as the same four file names
+        mean, other = images.float().mean().item() / 255, "mnist" if dataset == "fashion_mnist" else "fashion_mnist"
+        own, theirs = (DATASET_DEFAULTS[name]["mean"][0] for name in (dataset, other))
+        if abs(mean - theirs) < abs(mean - own) / 3:
+            print(f"vit: note: the images in {paths[0].parent} have a mean of {mean:.3f}, {other}'s ({theirs}) "
+                  f"rather than {dataset}'s ({own}): are they {other}? If so, set data.dataset={other} (its class "
+                  f"names, normalization and flips)", file=sys.stderr)
     return ArrayDataset(images.unsqueeze(1).contiguous(), labels.long(), classes)
 
 
@@ -270,9 +278,8 @@ def eval_resize(size: int) -> int:
 
 
 def make_imagefolder(config: Config, split: str, train: bool):
-    """torchvision ImageFolder yielding uint8 tensors of the model's size; augmentation (random resized crop,
-    flip) happens in the DataLoader workers."""
-    import torchvision
+    """An image folder's split as ImageFiles yielding uint8 tensors of the model's size; augmentation (random
+    resized crop, flip) happens in the DataLoader workers."""
     from torchvision.transforms import v2
 
     root = config.data_root
@@ -284,31 +291,33 @@ def make_imagefolder(config: Config, split: str, train: bool):
                                 *([v2.RandomHorizontalFlip()] if config.hflip else [])])
     else:
         transform = imagefolder_eval_view(size)
-    def is_image(path: str) -> bool:  # not hidden files (macOS's ._x.png) or files in hidden folders either
-        return path.lower().endswith(IMAGE_EXTENSIONS) and not hidden(Path(path).relative_to(root / split))
-
-    # a plain ImageFolder (DataLoader workers started by spawn pickle it), less the classes torchvision's
-    # find_classes takes from hidden folders (.ipynb_checkpoints)
-    dataset = torchvision.datasets.ImageFolder(str(root / split), transform=transform, loader=_load_rgb,
-                                               is_valid_file=is_image, allow_empty=True)
-    index = {dataset.class_to_idx[name]: i for i, name in enumerate(classes)}
-    dataset.samples = [(path, index[target]) for path, target in dataset.samples if target in index]
-    dataset.targets = [target for _, target in dataset.samples]
-    dataset.imgs = dataset.samples
-    dataset.classes, dataset.class_to_idx = classes, {name: i for i, name in enumerate(classes)}
+    # each class folder's files, through symlinked folders as torchvision's ImageFolder reads them, but each real
+    # folder once and never the split or another class folder again: a link to its parent made ImageFolder list
+    # every other class's images under this one (or loop for ever)
+    folder = root / split
+    avoid = {os.path.realpath(folder)} | {os.path.realpath(folder / name) for name in classes}
+    samples, skipped = [], {}
+    for target, name in enumerate(classes):
+        for path in sorted(files_under(folder / name, avoid), key=lambda p: (str(p.parent), p.name)):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                samples.append((str(path), target))
+            elif path.suffix.lower() in picture_suffixes():
+                skipped[path.suffix] = skipped.get(path.suffix, 0) + 1
+    if skipped and is_rank_zero():  # PIL reads them, but they are not read: a class may be left with few images
+        listed = ", ".join(f"{n} {suffix}" for suffix, n in sorted(skipped.items()))
+        print(f"vit: note: {folder}: {listed} file{'s' if sum(skipped.values()) > 1 else ''} not read (the image "
+              f"types read: {', '.join(IMAGE_EXTENSIONS)}); convert or rename them to use them", file=sys.stderr)
+    dataset = ImageFiles(samples, classes, transform)
     empty = sorted(set(classes) - {classes[target] for target in dataset.targets})
     if empty:
         raise VitError(f"no images found in {root / split} for the classes {', '.join(empty)}: put images "
                        f"({', '.join(IMAGE_EXTENSIONS)}) in each class folder")
     limit = config.data.max_train_samples if split == "train" else config.data.max_val_samples  # the split's own
-    dataset.whole = None
-    if limit is not None and limit < len(dataset.samples):  # ImageFolder lists class by class: a seeded sample
-        dataset.whole = len(dataset.samples)
+    if limit is not None and limit < len(dataset.samples):  # listed class by class: a seeded sample
+        whole = len(dataset.samples)
         keep = torch.randperm(len(dataset.samples), generator=torch.Generator().manual_seed(config.train.seed))
-        keep = keep[:limit].sort().values.tolist()
-        dataset.samples = [dataset.samples[i] for i in keep]
-        dataset.targets = [dataset.targets[i] for i in keep]
-        dataset.imgs = dataset.samples
+        dataset = ImageFiles([dataset.samples[i] for i in keep[:limit].sort().values.tolist()], classes, transform)
+        dataset.whole = whole
     return dataset
 
 
@@ -316,6 +325,46 @@ def _load_rgb(path: str):
     from vitcli.predict import convert_image, open_image
 
     return convert_image(open_image(path), "RGB")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(path, class index) samples read as torchvision's ImageFolder reads them ((image, target) items, `samples`,
+    `targets`, `classes`): module-level, so that DataLoader workers started by spawn can unpickle it."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.targets = [target for _, target in samples]
+        self.class_to_idx = {name: i for i, name in enumerate(classes)}
+        self.whole: Optional[int] = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        return self.transform(_load_rgb(path)), target
+
+
+def files_under(folder: Path, avoid: set[str] = frozenset()) -> list[Path]:
+    """The files below a folder, hidden ones and those in hidden folders left out, through symlinked folders, each
+    real folder once (a link to a parent does not loop); `avoid`: real paths of folders not to go into."""
+    files, seen = [], set(avoid)
+    for where, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(where)
+        if real in seen and where != os.fspath(folder):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files.extend(Path(where) / name for name in names if not name.startswith("."))
+    return files
+
+
+def picture_suffixes() -> set[str]:
+    """Suffixes PIL can open (.jfif, .jpe, .heic with a plugin, ...)."""
+    from PIL import Image
+
+    return set(Image.registered_extensions())
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -377,8 +426,10 @@ class TrainBatches:
         self.num_samples = n
         self.steps_per_epoch = n // self.batch_size
         if self.steps_per_epoch == 0:
-            raise VitError(f"train.batch_size {self.batch_size} is larger than the training set ({n} images); "
-                           f"lower train.batch_size")
+            limit = config.data.max_train_samples
+            cut = f" after data.max_train_samples {limit}" if limit is not None and limit == n else ""
+            raise VitError(f"train.batch_size {self.batch_size} is larger than the training set ({n} images{cut}); "
+                           f"lower train.batch_size" + (" or raise data.max_train_samples" if cut else ""))
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.in_memory:

@@ -72,26 +72,13 @@ def is_attention_picture(path: Path) -> bool:
     return carries_mark(path, ATTENTION_MARK)
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """The files below a folder, hidden ones and those in hidden folders left out, through symlinked folders as
-    training's image folders are read (each real folder once, so a link to a parent does not loop)."""
-    files, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files.extend(Path(root) / name for name in names if not name.startswith("."))
-    return files
-
-
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """Files as given; folders replaced by the images they hold (sorted), hidden folders and files (.git, .venv)
     and vit's own attention pictures left out. An empty path ('' would be the current folder) is refused. Returns
     the paths and a problem for each folder without images, which are the one error where nothing else was given
     (as a missing file, such a folder among others leaves the rest to be predicted)."""
+    from vitcli.data import files_under
+
     paths: list[Path] = []
     empty: list[str] = []
     for item in inputs:
@@ -99,7 +86,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
             raise VitError(f"an image path is empty ('{item}'); give image files or folders")
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in _files_under(path) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            found = sorted(p for p in files_under(path) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                            and not is_attention_picture(p))
             if not found:
                 empty.append(f"no images in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})")

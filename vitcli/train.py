@@ -491,8 +491,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             if main and val is not None:
                 flips = (f" with test-time flips (single view {val['top1_single_view']:.4f})"
                          if "top1_single_view" in val else "")
-                print(f"vit: epoch {epoch + 1}: val top-1 {val['top1']:.4f}{flips}, top-5 {val['top5']:.4f}, "
-                      f"loss {val['loss']:.4f}{' (best)' if is_best else ''}", file=sys.stderr)
+                print(f"vit: epoch {epoch + 1}: val top-1 {val['top1']:.4f}{flips}, top-{min(5, len(classes))} "
+                      f"{val['top5']:.4f}, loss {val['loss']:.4f}{' (best)' if is_best else ''}", file=sys.stderr)
             elif main:
                 print(f"vit: epoch {epoch + 1}: train loss {last_metrics['train_loss']:.4f} (not evaluated: "
                       f"train.eval_every is {config.train.eval_every})", file=sys.stderr)
