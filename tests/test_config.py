@@ -26,6 +26,8 @@ def test_ints_are_accepted_for_floats_and_resolved_values():
     assert config.image_size == 28 and config.mean == [0.2860]
     # CIFAR shrunk to 16: its crop is cut at 32, where padding 20 leaves image in every crop (it was refused)
     assert build_config({"data": {"image_size": 16, "crop_padding": 20}}).crop_padding == 20
+    # a checkpoint of a version that checked it against image_size still loads
+    assert build_config({"data": {"image_size": 64, "crop_padding": 40}}, saved=True).crop_padding == 40
 
 
 @pytest.mark.parametrize("raw,message", [

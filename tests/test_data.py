@@ -268,8 +268,8 @@ def test_an_image_folder_dataset_skips_hidden_entries_and_pickles(imagefolder_di
 
 def test_image_folder_links_are_followed_once_and_other_types_noted(imagefolder_dir, capsys):
     """A link inside a class folder to its parent made torchvision's ImageFolder list every other class's images
-    under that class (2952 samples for 72, most mislabelled), and two such links never finished listing; a
-    symlinked subfolder elsewhere is still read. Pictures PIL could open under a suffix not read (.jfif) are noted:
+    under that class (2952 samples for 72, most mislabelled), and two such links never finished listing; links to
+    the dataset's root or to another split are not followed either; a symlinked subfolder elsewhere is still read. Pictures PIL could open under a suffix not read (.jfif) are noted:
     a class was left with 2 images without a word."""
     import shutil
 
@@ -283,6 +283,8 @@ def test_image_folder_links_are_followed_once_and_other_types_noted(imagefolder_
     extra.mkdir()
     write_png(extra / "e.png", size=32, mode="RGB")
     (train / "stripe" / "linked").symlink_to(extra)
+    (train / "stripe" / "root").symlink_to("../..")  # the dataset itself: val/ and test/ would leak in
+    (train / "stripe" / "val").symlink_to(imagefolder_dir / "val" / "stripe")
     for i in range(3):
         shutil.move(train / "stripe" / f"{i}.png", train / "stripe" / f"{i}.jfif")
     (train / "stripe" / "notes.txt").write_text("not a picture, not noted")
@@ -293,6 +295,10 @@ def test_image_folder_links_are_followed_once_and_other_types_noted(imagefolder_
     assert all(Path(path).parent.name == dataset.classes[target] or Path(path).name == "e.png"
                for path, target in dataset.samples)
     assert f"vit: note: {train}: 3 .jfif files not read (the image types read: .png, " in capsys.readouterr().err
+    # a class folder that is a link to another: its images would be two classes at once
+    (train / "kitty").symlink_to(train / "circle")
+    with pytest.raises(VitError, match=f"{train / 'kitty'} and {train / 'circle'} are the same folder"):
+        make_imagefolder(config, "train", train=False)
 
 
 def test_an_image_folders_test_split_is_its_test_folder_of_classes(tmp_path):

@@ -464,7 +464,8 @@ def validate(config: Config, source: str = "config", origins: Optional[dict[str,
         # padded by its size or more, a random crop can hold no pixel of the image (and the padded batch may not fit
         # in memory: 100000 asked for 7 TB)
         # the crop is cut from the images as stored (CIFAR's 32x32, MNIST's 28x28), before any resize to image_size
-        (d.crop_padding is None or d.crop_padding < stored, "data.crop_padding",
+        (saved or d.crop_padding is None or d.crop_padding < stored, "data.crop_padding",  # (saved: a checkpoint of
+         # a version that checked it against image_size, whose run is what it is)
          f"{d.crop_padding} must be less than the {stored}x{stored} images it pads (the crop is cut before the resize "
          f"to data.image_size; 4 for 32x32 images is usual)"),
         (0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2^32), got {t.seed}"),

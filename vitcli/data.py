@@ -156,7 +156,8 @@ def load_idx_dataset(dataset: str, root: Path, split: str) -> ArrayDataset:
     classes = FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else MNIST_CLASSES
     check_labels(labels, classes, paths[1], "the idx files of MNIST and Fashion-MNIST hold 10 classes, 0-9")
     if split == "train" and len(images) >= 1000 and is_rank_zero():  # both ship as the same four file names
-        mean, other = images.float().mean().item() / 255, "mnist" if dataset == "fashion_mnist" else "fashion_mnist"
+        mean = images.sum(dtype=torch.int64).item() / images.numel() / 255
+        other = "mnist" if dataset == "fashion_mnist" else "fashion_mnist"
         own, theirs = (DATASET_DEFAULTS[name]["mean"][0] for name in (dataset, other))
         if abs(mean - theirs) < abs(mean - own) / 3:
             print(f"vit: note: the images in {paths[0].parent} have a mean of {mean:.3f}, {other}'s ({theirs}) "
@@ -257,6 +258,12 @@ def imagefolder_classes(root: Path, split: str) -> list[str]:
         raise DatasetNotFound(f"{what}; set data.root to the folder holding them (--set data.root=DIR; a relative "
                               f"one is read from where vit runs)", what)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(Path(p.name)))
+    real: dict[str, str] = {}
+    for name in classes:  # a class folder linked to another: the same images under two labels
+        same = real.setdefault(os.path.realpath(folder / name), name)
+        if same != name:
+            raise VitError(f"{folder / name} and {folder / same} are the same folder (a link): its images would be "
+                           f"two classes at once; remove the link, or make it a folder of its own")
     if not classes:
         raise VitError(f"no class folders in {folder}: put each class's images in {folder}/<class>/")
     if len(classes) == 1 and split == "train":  # it trained to "top-1 1.0000", which means nothing
@@ -292,17 +299,23 @@ def make_imagefolder(config: Config, split: str, train: bool):
     else:
         transform = imagefolder_eval_view(size)
     # each class folder's files, through symlinked folders as torchvision's ImageFolder reads them, but each real
-    # folder once and never the split or another class folder again: a link to its parent made ImageFolder list
-    # every other class's images under this one (or loop for ever)
+    # folder once, and through a link nothing else of the dataset (data.root): a link to a parent made ImageFolder
+    # list every other class's images (and the other splits') under this one, or loop for ever
     folder = root / split
-    avoid = {os.path.realpath(folder)} | {os.path.realpath(folder / name) for name in classes}
+    dataset_root = os.path.realpath(root)
     samples, skipped = [], {}
     for target, name in enumerate(classes):
-        for path in sorted(files_under(folder / name, avoid), key=lambda p: (str(p.parent), p.name)):
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                samples.append((str(path), target))
-            elif path.suffix.lower() in picture_suffixes():
-                skipped[path.suffix] = skipped.get(path.suffix, 0) + 1
+        own = os.path.realpath(folder / name)
+
+        def elsewhere(real: str) -> bool:  # in the dataset but outside this class folder, or above the dataset
+            return (within(real, dataset_root) and not within(real, own)) or within(dataset_root, real)
+
+        for path in files_under(folder / name, elsewhere):
+            suffix = os.path.splitext(path)[1].lower()
+            if suffix in IMAGE_EXTENSIONS:
+                samples.append((path, target))
+            elif suffix in OTHER_PICTURES:
+                skipped[suffix] = skipped.get(suffix, 0) + 1
     if skipped and is_rank_zero():  # PIL reads them, but they are not read: a class may be left with few images
         listed = ", ".join(f"{n} {suffix}" for suffix, n in sorted(skipped.items()))
         print(f"vit: note: {folder}: {listed} file{'s' if sum(skipped.values()) > 1 else ''} not read (the image "
@@ -345,26 +358,31 @@ class ImageFiles(torch.utils.data.Dataset):
         return self.transform(_load_rgb(path)), target
 
 
-def files_under(folder: Path, avoid: set[str] = frozenset()) -> list[Path]:
-    """The files below a folder, hidden ones and those in hidden folders left out, through symlinked folders, each
-    real folder once (a link to a parent does not loop); `avoid`: real paths of folders not to go into."""
-    files, seen = [], set(avoid)
-    for where, dirs, names in os.walk(folder, followlinks=True):
+def files_under(folder: str | Path, skip: Callable[[str], bool] = lambda real: False) -> list[str]:
+    """The files below a folder in torchvision's ImageFolder order (folders, then names, sorted as text), hidden
+    ones and those in hidden folders left out, through symlinked folders, each real folder once (a link to a parent
+    does not loop); `skip(realpath)`: folders below the top one not to go into."""
+    found, seen, top = [], set(), os.fspath(folder)
+    for where, dirs, names in os.walk(top, followlinks=True):
         real = os.path.realpath(where)
-        if real in seen and where != os.fspath(folder):
+        if where != top and (real in seen or skip(real)):
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files.extend(Path(where) / name for name in names if not name.startswith("."))
-    return files
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # which of two links to one folder is read
+        found.extend((where, name) for name in names if not name.startswith("."))
+    return [os.path.join(where, name) for where, name in sorted(found)]
 
 
-def picture_suffixes() -> set[str]:
-    """Suffixes PIL can open (.jfif, .jpe, .heic with a plugin, ...)."""
-    from PIL import Image
+def within(path: str, folder: str) -> bool:
+    """A real path is `folder` or below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
-    return set(Image.registered_extensions())
+
+# pictures PIL opens under suffixes an image folder does not read (PIL's list also holds formats it only writes,
+# .pdf, .h5, ...): counted in a note, since a class may be left with few images
+OTHER_PICTURES = (".jfif", ".jpe", ".jp2", ".j2k", ".apng", ".avif", ".heic", ".heif", ".ico", ".tga", ".pbm",
+                  ".pnm", ".pcx", ".dib", ".qoi", ".sgi", ".dds")
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -86,8 +86,8 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
             raise VitError(f"an image path is empty ('{item}'); give image files or folders")
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in files_under(path) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                           and not is_attention_picture(p))
+            found = sorted(p for p in map(Path, files_under(path)) if p.suffix.lower() in IMAGE_SUFFIXES
+                           and p.is_file() and not is_attention_picture(p))
             if not found:
                 empty.append(f"no images in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)

@@ -97,18 +97,20 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
                            f"{missing or 'none'}; in val only: {extra or 'none'})"
                            f"{unicode_note(train.classes, val.classes)}; give val/ the same class folders as "
                            f"train/, so that each label means the same class in both")
-        return train, val
+        # a fixed set of validation images whose attention TensorBoard shows as it forms: the first evaluation
+        # batch, so a file of it that cannot be read stops the run before anything is written
+        watch = None
+        if main:
+            try:
+                watch = next(iter(read_or_say(val.batches())))
+            except BadData as e:
+                raise VitError(f"{e} (in the validation images); fix or remove the file and run the command "
+                               f"again") from None
+            watch = (watch[0][:8], watch[1][:8])
+        return train, val, watch
 
-    train_data, val_data = rank0_first(dist_info, load_data)
+    train_data, val_data, watch = rank0_first(dist_info, load_data)
     num_val, val_batches = val_data.count, val_data.batches
-    watch = None  # a fixed set of validation images whose attention TensorBoard shows as it forms
-    if main:  # (the first evaluation batch: a file of it that cannot be read stops the run before anything is written)
-        try:
-            watch = next(iter(read_or_say(val_batches())))
-        except BadData as e:
-            raise VitError(f"{e} (in the validation images); fix or remove the file and run the command again") \
-                from None
-        watch = (watch[0][:8], watch[1][:8])
     classes = train_data.classes
     if ckpt is not None and classes != ckpt["classes"]:  # renamed, added or removed class folders: each output
         # would go on to learn another class (or the head would not fit)
@@ -335,10 +337,14 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
         command = resume_command(["train.lr", "train.min_lr"] + ["train.grad_clip"] * bool(clip))
         return f"continue from it with a lower train.lr: {' '.join([command, *lower, *clip])}"
 
-    def go_on_advice() -> str:
-        """After a dataset file could not be read."""
+    def go_on_advice(training: bool) -> str:
+        """After a dataset file could not be read. A training image is to be replaced, not removed: one image fewer
+        makes the resumed epoch's order (and a max_train_samples subset) another from the saved step on."""
         if saved_step is None:
             return "fix or remove the file and start the run again"
+        if training:
+            return (f"replace the file with a readable copy of the image (removing it changes the order a resumed "
+                    f"epoch sees), then continue: {resume_command()}")
         return f"fix or remove the file, then continue: {resume_command()}"
 
     def stop_without_workers(done: int) -> None:
@@ -411,7 +417,7 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             except WorkersStopped:  # the stop killed the DataLoader workers while this rank waited for a batch
                 stop_without_workers(done)
             except BadData as e:  # the steps of this epoch since the last save are redone on resume
-                raise VitError(f"{e}; {kept()}; {go_on_advice()}") from None
+                raise VitError(f"{e}; {kept()}; {go_on_advice(training=True)}") from None
             finally:
                 bar.close()
 
@@ -437,7 +443,8 @@ def fit(config: Config, run_dir: Optional[Path] = None, resume: Optional[Path] =
             except BadData as e:  # a validation image: the epoch's training is kept (one process), as after a stop
                 if not dist_info.enabled:
                     save("last.pt", epoch, train_data.steps_per_epoch, last_metrics)
-                raise VitError(f"{e} (while evaluating epoch {epoch + 1}); {kept()}; {go_on_advice()}") from None
+                raise VitError(f"{e} (while evaluating epoch {epoch + 1}); {kept()}; {go_on_advice(training=False)}") \
+                    from None
             except (RuntimeError, MemoryError) as e:  # out of memory: as after a stop, the epoch's training is
                 # kept (one process: under torchrun the ranks cannot agree on it)
                 if out_of_memory(e) is None or dist_info.enabled:
