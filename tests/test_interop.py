@@ -365,6 +365,13 @@ def test_torchscript_and_safetensors_exports(converted, tmp_path):
     # written as asked, with a note where the name says another format
     odd = run_vit("export", "--ckpt", converted, "--format", "safetensors", "--out", tmp_path / "m.onnx", check=True)
     assert "is a safetensors file, although its name ends in .onnx" in odd.stderr, odd.stderr
+    # or a checkpoint's suffix, or none: a note too (given back as --ckpt it was "not written by torch.save")
+    odd = run_vit("export", "--ckpt", converted, "--format", "safetensors", "--out", tmp_path / "m.pt", check=True)
+    assert ("is a safetensors file, although its name ends in .pt (a checkpoint's); rename it to *.safetensors"
+            in odd.stderr), odd.stderr
+    for named in ("m.pt", "m.onnx"):  # told by its content
+        with pytest.raises(VitError, match=f"{named} is an exported safetensors model \\(vit export\\), not a "):
+            load_checkpoint(tmp_path / named)
     # --out DIR/ (made if need be) or an existing folder: the checkpoint's name with the format's suffix in it
     for folder in (f"{tmp_path / 'exports'}/", tmp_path / "exports"):
         (tmp_path / "exports" / f"{converted.stem}.safetensors").unlink(missing_ok=True)

@@ -209,6 +209,17 @@ def check_torch_zip(path: Path, torchscript: str, fix: str) -> None:
                        f"{fix}")
 
 
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file by its start: the length of its JSON header (8 bytes, little-endian), then the header's
+    '{', and no longer than the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
 def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str = "best.pt") -> dict[str, Any]:
     """Loads with weights_only=True: tensors and plain data only, so a crafted file cannot run code. `example`: the
     file to suggest when `path` is a run directory."""
@@ -219,7 +230,8 @@ def load_checkpoint(path: str | Path, not_vitcli_advice: str = "", example: str 
         raise VitError(not_a_file(path, "checkpoint", example, "*.pt"))
     if path.stat().st_size == 0:
         raise VitError(f"checkpoint {path} is empty (0 bytes); use another checkpoint, e.g. the run's best.pt")
-    exported = {".onnx": "ONNX", ".safetensors": "safetensors"}.get(path.suffix.lower())
+    exported = "safetensors" if is_safetensors(path) else {".onnx": "ONNX", ".safetensors": "safetensors"}.get(
+        path.suffix.lower())  # by its content where it can be told (an export named m.pt, or m.onnx)
     if exported and not zipfile.is_zipfile(path):  # (a safetensors header can begin with torch's pickle byte)
         raise VitError(f"{path} is an exported {exported} model (vit export), not a checkpoint; pass the best.pt or "
                        f"last.pt it was exported from"

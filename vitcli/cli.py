@@ -596,10 +596,15 @@ def export(
         model = model_from_checkpoint(checkpoint, path, use_ema=not no_ema)
         diff = run_export(model, checkpoint["config"], checkpoint["classes"], format_, target)
         err(f"wrote {target} (max |logit difference| vs PyTorch {diff:.1e})")
-        named = {suffix: fmt for fmt, suffix in EXPORT_SUFFIXES.items()}.get(target.suffix.lower(), format_)
+        suffix, expected = target.suffix.lower(), EXPORT_SUFFIXES[format_]
+        named = {suffix: fmt for fmt, suffix in EXPORT_SUFFIXES.items()}.get(suffix, format_)
         if named != format_:
             err(f"note: {target} is a {format_} file, although its name ends in {target.suffix} ({named}'s); "
                 f"rename it, or export with --format {named}")
+        elif suffix != expected and not (format_ == "torchscript" and suffix in (".pt", ".pth")):  # (jit's custom)
+            ends = f"ends in {target.suffix}" + (" (a checkpoint's)" if suffix in (".pt", ".pth", ".ckpt") else "")
+            err(f"note: {target} is a {format_} file, although its name {ends if suffix else 'has no suffix'}; "
+                f"rename it to *{expected}, which tools (and vit's own messages) read as {format_}")
         return 0
 
     run_command(body)
