@@ -245,11 +245,6 @@ def load_array_dataset(config: Config, split: str) -> ArrayDataset:
     return data
 
 
-def hidden(path: Path) -> bool:
-    """A relative path with a hidden part (.git, .ipynb_checkpoints, macOS's ._name files): not data."""
-    return any(part.startswith(".") for part in path.parts)
-
-
 def imagefolder_classes(root: Path, split: str) -> list[str]:
     folder = root / split
     if not folder.is_dir():
@@ -257,7 +252,7 @@ def imagefolder_classes(root: Path, split: str) -> list[str]:
                 f"{root}/val/<class>/*")
         raise DatasetNotFound(f"{what}; set data.root to the folder holding them (--set data.root=DIR; a relative "
                               f"one is read from where vit runs)", what)
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not hidden(Path(p.name)))
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))  # (.ipynb_...)
     real: dict[str, str] = {}
     for name in classes:  # a class folder linked to another: the same images under two labels
         same = real.setdefault(os.path.realpath(folder / name), name)
@@ -347,7 +342,6 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform):
         self.samples, self.classes, self.transform = samples, classes, transform
         self.targets = [target for _, target in samples]
-        self.class_to_idx = {name: i for i, name in enumerate(classes)}
         self.whole: Optional[int] = None
 
     def __len__(self) -> int:

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from vitcli.data import IMAGE_EXTENSIONS, Preprocess, eval_resize, files_under, imagefolder_eval_view
 from vitcli.errors import VitError, names_a_folder
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # what an image folder reads, predict reads
 
 
 def open_image(path: str | Path):
@@ -77,8 +78,6 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     and vit's own attention pictures left out. An empty path ('' would be the current folder) is refused. Returns
     the paths and a problem for each folder without images, which are the one error where nothing else was given
     (as a missing file, such a folder among others leaves the rest to be predicted)."""
-    from vitcli.data import files_under
-
     paths: list[Path] = []
     empty: list[str] = []
     for item in inputs:
@@ -103,8 +102,6 @@ def view_box(config, width: int, height: int) -> tuple[float, float, float, floa
     centre crop of image folders (as image_to_tensor cuts it), the whole image otherwise."""
     if config.data.dataset != "imagefolder":
         return 0.0, 0.0, float(width), float(height)
-    from vitcli.data import eval_resize
-
     # where `vitcli.data.imagefolder_eval_view` cuts it, in torchvision's arithmetic: the short side resized to
     # size/0.875 (the long one truncated), then the centre size x size (offsets rounded)
     size, short = config.image_size, eval_resize(config.image_size)
@@ -129,8 +126,6 @@ def image_to_tensor(image, config) -> torch.Tensor:
     image = convert_image(image, "L" if channels == 1 else "RGB")
     size = config.image_size
     if config.data.dataset == "imagefolder":  # exactly as `vit eval` sees its images
-        from vitcli.data import imagefolder_eval_view
-
         return imagefolder_eval_view(size)(image)
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
@@ -144,7 +139,6 @@ def image_to_tensor(image, config) -> torch.Tensor:
 def predict(model, config, classes: list[str], images: torch.Tensor, device: torch.device, precision: str,
             top_k: int, hflip: bool = False) -> list[list[dict[str, Any]]]:
     """Top-k predictions, best first, for a uint8 batch (B, C, H, W); `hflip`: averaged with each mirror's."""
-    from vitcli.data import Preprocess
     from vitcli.evaluate import mirror_average
     from vitcli.runtime import autocast
 
@@ -216,7 +210,6 @@ def write_attention(model, config, tensor, device, mode: str, out: Path, origina
     import numpy as np
     import torch.nn.functional as F
 
-    from vitcli.data import Preprocess
     from vitcli.visualize import ATTENTION_MARK, attention_maps, overlay_figure, save_figure
 
     x, _ = Preprocess(config, device, train=False)(tensor[None].to(device), None)
